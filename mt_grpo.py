@@ -1,0 +1,187 @@
+"""MT-GRPO advantages and policy loss, by hand (Zeng et al., arXiv 2505.11821).
+
+A rollout is two model turns: turn 1 reasons and calls the search tool, the environment
+answers with a <result>, turn 2 answers. Each rollout gets a turn-level reward R_T (did the
+tool run, did the result contain the answer) and an outcome reward R_O (is the answer right,
+is the format right). The G rollouts of one prompt form a group; every advantage below is a
+reward normalised within its group (GRPO). The three methods differ in who gets what:
+
+    GRPO-OR   every model token gets  A_O  = norm(R_O)         outcome only, trajectory level
+    GRPO-MR   every model token gets  A_MR = norm(R_T + R_O)   merged, still trajectory level
+    MT-GRPO   turn-1 tokens get A_T + lam*A_O (paper) or A_O + lam*A_T (seed code),
+              turn-2 tokens get A_O                             turn-level credit assignment
+
+The loss is GRPO's PPO-clip objective per token, with an optional k3 KL penalty.
+Only torch: nothing here knows about text, tokenizers or search.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+METHODS = ("mt_grpo", "grpo_or", "grpo_mr")
+CONVENTIONS = ("seed", "paper")  # which advantage lam multiplies on turn 1, see turn_advantages
+AGGREGATIONS = ("token", "sequence")
+STD_EPS = 1e-4  # the seed's epsilon in (R - mean) / (std + eps)
+
+
+def check_method(method: str) -> str:
+    """Return `method` if it is one of METHODS, else raise ValueError naming the valid ones."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; valid methods are {', '.join(METHODS)}")
+    return method
+
+
+def _groups(R: Tensor, G: int) -> Tensor:
+    """View the reward vector R (N,) as (N/G, G): row j holds the rollouts i with i // G == j."""
+    if R.dim() != 1:
+        raise ValueError(f"expected a reward vector of shape (N,), got shape {tuple(R.shape)}")
+    N = R.shape[0]
+    if G < 2:
+        raise ValueError(f"group size G must be >= 2 to compare rollouts of one prompt, got G={G}")
+    if N == 0 or N % G != 0:
+        raise ValueError(f"N={N} rollouts do not split into whole groups of G={G} (need N % G == 0, N > 0)")
+    return R.reshape(N // G, G)
+
+
+def flat_groups(R: Tensor, G: int) -> Tensor:
+    """(N/G,) bool: True for groups whose G rewards are all equal (zero variance, no signal)."""
+    R_g = _groups(R, G)
+    return (R_g == R_g[:, :1]).all(dim=1)
+
+
+def group_normalise(R: Tensor, G: int) -> Tensor:
+    """GRPO's group-relative advantage (Shao et al. 2024, sec. 4.1.2; the MT-GRPO paper's norm):
+
+        A_i = (R_i - mean_G(R)) / (std_G(R) + 1e-4),   std with Bessel's correction (the seed's).
+
+    Groups whose rewards are all equal get exactly 0: in floating point mean(R) need not equal
+    R_i (e.g. 21 x 1.9 in float32), and (R_i - mean) / (tiny std + 1e-4) is then ~1e-3, not 0.
+    """
+    R = R if R.is_floating_point() else R.to(torch.get_default_dtype())
+    R_g = _groups(R, G)
+    A = (R_g - R_g.mean(dim=1, keepdim=True)) / (R_g.std(dim=1, keepdim=True) + STD_EPS)
+    A = torch.where(flat_groups(R, G)[:, None], torch.zeros_like(A), A)
+    return A.reshape(-1)
+
+
+def turn_advantages(R_T: Tensor, R_O: Tensor, G: int, method: str = "mt_grpo", *, lam: float = 1.0,
+                    convention: str = "seed", has_result: Tensor | None = None) -> Tensor:
+    """Per-turn advantages, shape (N, K) with K = 2: column k-1 is the advantage of model turn k.
+
+    With A_T = norm(R_T), A_O = norm(R_O), A_MR = norm(R_T + R_O), each over groups of G:
+      grpo_or:  (A_O, A_O)          grpo_mr:  (A_MR, A_MR)
+      mt_grpo:  (A_T + lam*A_O, A_O)  if convention == "paper"  (the paper's MT-GRPO advantage)
+                (A_O + lam*A_T, A_O)  if convention == "seed"   (the seed code: turn 1 gets
+                                      A_O on every token plus lam*A_T before the result)
+      The two agree at lam = 1, the paper's setting.
+    MT-GRPO rows with has_result False (no <result> came back, so "turn 1" is undefined) fall
+    back to (A_MR, A_MR) as in the seed. has_result is ignored by the trajectory-level methods.
+    All three normalisations run over the whole group, rollouts without a result included (seed).
+
+    R_T is (N,), the turn-level reward of turn 1. A K-turn version (DESIGN.md "Beyond two
+    turns") would accept R_T of shape (N, K-1); it is not implemented, so that raises for now.
+    """
+    check_method(method)
+    if convention not in CONVENTIONS:
+        raise ValueError(f"unknown convention {convention!r}; valid conventions are {', '.join(CONVENTIONS)}")
+    if R_T.dim() != 1:
+        raise ValueError("R_T must have shape (N,): only K = 2 turns are implemented")
+    if R_T.shape != R_O.shape:
+        raise ValueError(f"R_T {tuple(R_T.shape)} and R_O {tuple(R_O.shape)} must have the same shape")
+    A_O = group_normalise(R_O, G)
+    A_MR = group_normalise(R_T + R_O, G)
+    if method == "grpo_or":
+        return torch.stack([A_O, A_O], dim=1)
+    if method == "grpo_mr":
+        return torch.stack([A_MR, A_MR], dim=1)
+    A_T = group_normalise(R_T, G)
+    turn1 = A_T + lam * A_O if convention == "paper" else A_O + lam * A_T
+    A = torch.stack([turn1, A_O], dim=1)
+    if has_result is not None:
+        if has_result.shape != R_O.shape:
+            raise ValueError(f"has_result must have shape {tuple(R_O.shape)}, got {tuple(has_result.shape)}")
+        A = torch.where(has_result.bool()[:, None], A, A_MR[:, None].expand_as(A))
+    return A
+
+
+def loss_mask(turn_idx: Tensor) -> Tensor:
+    """(N, T) bool: True on the model's own tokens (turn index >= 1), the only ones trained on."""
+    return turn_idx > 0
+
+
+def token_advantages(A: Tensor, turn_idx: Tensor) -> tuple[Tensor, Tensor]:
+    """Spread per-turn advantages A (N, K) over tokens; returns (A_tok (N, T), mask (N, T)).
+
+    turn_idx (N, T) ints: 0 = prompt, environment (<result>) or padding token: advantage 0 and
+    masked out; k >= 1 = a token the model wrote in turn k: A[:, k-1]. Turns beyond K share the
+    last column, the outcome advantage A_O, as every token after the first result does in the seed.
+    A bool mask also works as turn_idx: every True token then counts as turn 1.
+    """
+    if A.dim() != 2 or turn_idx.dim() != 2 or A.shape[0] != turn_idx.shape[0]:
+        raise ValueError(f"need A (N, K) and turn_idx (N, T), got {tuple(A.shape)} and {tuple(turn_idx.shape)}")
+    turn_idx = turn_idx.long()
+    if (turn_idx < 0).any():
+        raise ValueError("turn indices must be >= 0")
+    mask = loss_mask(turn_idx)
+    col = turn_idx.clamp(min=1, max=A.shape[1]) - 1
+    A_tok = torch.where(mask, A.gather(1, col), A.new_zeros(()))
+    return A_tok, mask
+
+
+def policy_loss(logp_new: Tensor, logp_old: Tensor, logp_ref: Tensor | None, A_tok: Tensor,
+                turn_idx: Tensor, *, eps: float = 0.2, beta: float = 0.0,
+                aggregation: str = "token") -> tuple[Tensor, dict[str, float]]:
+    """GRPO's clipped surrogate per token (PPO, Schulman et al. 2017, eq. 7; GRPO eq. 3):
+
+        ratio_t = exp(logp_new_t - logp_old_t)
+        loss_t  = -min(ratio_t * A_t, clip(ratio_t, 1-eps, 1+eps) * A_t) + beta * KL_t
+        KL_t    = exp(logp_ref_t - logp_new_t) - (logp_ref_t - logp_new_t) - 1   (k3, GRPO eq. 4)
+
+    All tensors are (N, T) over the same tokens; turn_idx (or a bool mask) selects the model's
+    tokens (> 0). aggregation "token" (the seed's): sum of loss_t over the batch's unmasked
+    tokens / their count, so every token weighs the same. "sequence" (GRPO paper): mean over
+    each rollout's tokens, then over rollouts (a rollout with no tokens counts as 0, like TRL).
+    Returns the loss and diagnostics as python floats: clip_frac (share of tokens whose gradient
+    the clip removed), kl (mean KL_t; only if beta > 0), adv_mean/turn{k} (token-weighted).
+    """
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"unknown aggregation {aggregation!r}; valid ones are {', '.join(AGGREGATIONS)}")
+    if beta > 0 and logp_ref is None:
+        raise ValueError("beta > 0 needs logp_ref (log-probs of the reference policy)")
+    turn_idx = turn_idx.long()
+    mask = loss_mask(turn_idx)
+    m = mask.to(logp_new.dtype)
+
+    ratio = torch.exp(logp_new - logp_old)
+    clipped = torch.clamp(ratio, 1 - eps, 1 + eps)
+    loss_t = -torch.min(ratio * A_tok, clipped * A_tok)
+    if beta > 0:
+        d = logp_ref - logp_new
+        KL_t = torch.exp(d) - d - 1
+        loss_t = loss_t + beta * KL_t
+
+    if aggregation == "token":
+        loss = (loss_t * m).sum() / m.sum().clamp(min=1)
+    else:
+        loss = ((loss_t * m).sum(dim=1) / m.sum(dim=1).clamp(min=1)).mean()
+
+    with torch.no_grad():
+        n = m.sum().clamp(min=1)
+        # the min() picks the clipped term, whose gradient is 0, exactly in these two cases
+        is_clipped = ((ratio > 1 + eps) & (A_tok > 0)) | ((ratio < 1 - eps) & (A_tok < 0))
+        stats = {"clip_frac": ((is_clipped & mask).sum() / n).item()}
+        if beta > 0:
+            stats["kl"] = ((KL_t * m).sum() / n).item()
+        for k in turn_idx.unique().tolist():
+            if k > 0:
+                stats[f"adv_mean/turn{k}"] = A_tok[turn_idx == k].mean().item()
+    return loss, stats
+
+
+def collapse_stats(R_T: Tensor, R_O: Tensor, G: int) -> dict[str, float]:
+    """Share of groups with zero reward variance, per reward level. Such a group gives that
+    reward's advantage 0 for all its rollouts: a share near 1 means that signal has collapsed
+    (e.g. the policy stopped calling the tool, so R_T is 0 everywhere)."""
+    return {"zero_var_share/turn": flat_groups(R_T, G).float().mean().item(),
+            "zero_var_share/outcome": flat_groups(R_O, G).float().mean().item()}
