@@ -51,6 +51,28 @@ def load_corpus(corpus_path: str | Path) -> list[dict]:
     return rows
 
 
+def top_k(scores: np.ndarray, k: int) -> np.ndarray:
+    """Row ids of the ``k`` highest positive scores, best first; a tie goes to the lower row id.
+
+    Why not ``np.argpartition`` (what bm25s's ``retrieve`` uses)? Most of a corpus shares no word
+    with the query, so most scores are exactly 0, and numpy's partition slows down badly on so
+    many ties: ~30 ms for 286k scores, against ~1 ms to compute them. A few ``argmax`` passes
+    (each a fast linear scan) cost ~0.04 ms each, so we take the best, blank it, and repeat.
+    For a large ``k`` we sort the positive scores instead. Both give the same order.
+    """
+    if k <= 16:
+        scores, best = scores.copy(), []
+        for _ in range(min(k, len(scores))):
+            i = int(np.argmax(scores))  # the first (lowest) row among equal maxima
+            if not scores[i] > 0:
+                break
+            best.append(i)
+            scores[i] = -np.inf
+        return np.array(best, dtype=np.int64)
+    rows = np.flatnonzero(scores > 0)
+    return rows[np.lexsort((rows, -scores[rows]))][:k]  # by score descending, then row ascending
+
+
 class Index:
     """A searchable corpus. ``search(query, k)`` -> ``[{"id", "title", "text", "score"}, ...]`` best first."""
 
@@ -67,13 +89,13 @@ class Index:
         if not terms or k < 1:
             return []
         k = min(k, len(self.passages))
-        if self.engine == "bm25s":
-            ids, scores = self.model.retrieve([terms], k=k, show_progress=False, n_threads=1)
-            ids, scores = ids[0], scores[0]
+        if self.engine == "bm25s":  # the same scores as model.retrieve(), about 30x faster (see top_k)
+            all_scores = self.model.get_scores_from_ids(self.model.get_tokens_ids(terms))
+            ids = top_k(all_scores, k)
         else:
             all_scores = self.model.get_scores(terms)
             ids = np.argsort(-all_scores, kind="stable")[:k]
-            scores = all_scores[ids]
+        scores = all_scores[ids]
         hits = []
         for i, s in zip(ids, scores):
             if s <= 0:  # no query word occurs in it: not a hit
