@@ -1,0 +1,335 @@
+"""The search environment: multi-turn rollouts of a policy that may call ``wiki_search``.
+
+One episode. The prompt is the chat-templated system prompt (+ one worked example) and the
+question, ending with the assistant header. Then, turn by turn:
+
+  1. the model writes a turn; it stops at ``</tool>`` or ``</answer>``, at its end-of-turn token
+     (``<|im_end|>``, SmolLM2's EOS) or after ``max_turn_tokens``;
+  2. the environment looks at that turn (``rewards.parse``):
+     - an ``<answer>``                               -> the episode ends;
+     - ``max_tool_calls`` calls were already made     -> it ends too (this was the "one more turn");
+     - a ``<tool>`` call                              -> it runs the search and replies, as a user
+       message, ``<result>\\n...\\n</result>`` (failures read ``Error: ...`` and the episode goes on);
+     - neither (the seed's rule)                      -> it replies with a plain ``Error: ...``
+       format reminder, *not* wrapped in ``<result>``, and the turn does not count as a tool call;
+  3. if the reply plus one more model token would not fit in ``max_completion_tokens``, the episode
+     ends with ``truncated=True`` and the reply is dropped (as it also does when the budget cuts a
+     model turn short).
+
+Token-exactness. ``completion_ids`` are the ids the policy sampled, with the environment's text
+appended *as ids*, wrapped in the chat template's role markers; nothing is ever re-tokenised from
+decoded text, because re-tokenising can change token boundaries and silently corrupt log-probs.
+A model turn's message is the decode of its ids (less a trailing end-of-turn token). When an episode
+ends the environment appends the template's close (``<|im_end|>\\n``), so ``decode(completion_ids)``
+is exactly the chat template's rendering of ``messages`` after the prompt, truncated or not.
+``turn_idx`` marks every id: 0 = environment, k = the model's k-th turn.
+"""
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass
+
+import torch
+
+import rewards
+
+STOP = ["</tool>", "</answer>"]
+TOOL_NAME = "wiki_search"
+NO_TOOL_REPLY = ("Error: no tool call and no answer found. Write either a JSON tool command in "
+                 "<tool> tags or your final answer in <answer> tags.")  # the seed's rule, our wording
+
+SYSTEM_PROMPT = """You answer questions with the help of one tool:
+
+wiki_search(query: str) -> the Wikipedia passages that best match the query.
+Call it with a JSON command inside <tool> tags, for example:
+<tool>{"name": "wiki_search", "args": {"query": "Bram Stoker novels"}}</tool>
+
+Go through these steps once, in this order:
+1. Think about the question inside <reasoning> tags.
+2. Call the tool with a JSON command inside <tool> tags: "name" is the tool, "args" its arguments.
+3. Read the tool's output, which comes back inside <result> tags.
+4. Think about the output inside <reasoning> tags.
+5. Give your final answer inside <answer> tags.
+
+Important:
+- Call the tool only once, even if its output does not help; then answer from it and from what you know.
+- Only use the tool and the argument described above, in exactly this JSON format.
+- Think about the tool's output before you answer.
+- Answer with just the name, word or number asked for."""
+
+# One worked exchange shown as prior chat turns: small models copy a format far better than they follow it.
+FEW_SHOT = [
+    {"role": "user", "content": "Who wrote the novel Dracula?"},
+    {"role": "assistant", "content": "<reasoning>\nI need the author of the novel Dracula. I will search for it.\n"
+                                     "</reasoning>\n<tool>{\"name\": \"wiki_search\", \"args\": {\"query\": \"Dracula novel author\"}}</tool>"},
+    {"role": "user", "content": "<result>\nDracula\nDracula is an 1897 Gothic horror novel by the Irish author Bram Stoker.\n</result>"},
+    {"role": "assistant", "content": "<reasoning>\nThe passage says Dracula was written by Bram Stoker.\n</reasoning>\n"
+                                     "<answer>Bram Stoker</answer>"},
+]
+
+
+@dataclass
+class EnvConfig:
+    max_tool_calls: int = 2            # the seed's max_steps: at most this many tool calls, then one more turn
+    max_turn_tokens: int = 256         # new tokens per model turn
+    max_completion_tokens: int = 1024  # model + environment tokens of one episode; past it -> truncated
+    top_k: int = 1                     # passages returned by the search tool
+    result_max_tokens: int = 200       # token budget of the text inside <result>...</result>
+    temperature: float = 1.0
+    top_p: float = 1.0
+    few_shot: bool = True              # one worked exchange as prior chat turns
+
+
+@dataclass
+class Trajectory:
+    prompt_ids: list[int]
+    completion_ids: list[int]          # model and environment tokens after the prompt
+    turn_idx: list[int]                # per completion id: 0 = environment, k = model turn k
+    messages: list[dict]               # {"role": "assistant"|"user", "content"} after the prompt
+    tool_calls: list[str | None]       # per assistant turn: the raw <tool> content or None
+    results: list[str]                 # the environment replies' inner text, in order
+    truncated: bool = False
+
+    @property
+    def has_result(self) -> bool:
+        """A ``<result>`` came back for a tool call (the seed's test for MT-GRPO's turn split)."""
+        return any(m["role"] == "user" and m["content"].startswith("<result>") for m in self.messages)
+
+
+# ----------------------------------------------------------------------------- tokens
+def _decode(tokenizer, ids) -> str:
+    # Keep special tokens and spacing exactly: the decode must reproduce the conversation text.
+    return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
+def _encode(tokenizer, text: str, plain: bool = False) -> list[int]:
+    # plain=True: "<|im_end|>" written inside a passage or an echoed tool name stays ordinary text,
+    # so environment content can never inject a role marker or an EOS token.
+    return tokenizer(text, add_special_tokens=False, split_special_tokens=plain)["input_ids"]
+
+
+@dataclass(frozen=True)
+class _Markers:
+    close: tuple        # after a model message: "<|im_end|>\n"; close[0] is the end-of-turn token
+    user_open: tuple    # "<|im_start|>user\n"
+    model_open: tuple   # after the user content: "<|im_end|>\n<|im_start|>assistant\n"
+
+
+@functools.lru_cache(maxsize=8)
+def _markers(tokenizer) -> _Markers:
+    """Role markers read off the tokenizer's own chat template (rendered around sentinel texts),
+    so the environment's ids are exactly what the template would produce."""
+    conv = [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"},
+            {"role": "assistant", "content": "@MODEL@"}]
+    render = functools.partial(tokenizer.apply_chat_template, tokenize=False)
+    close = render(conv).split("@MODEL@", 1)[1]
+    between, after = render(conv + [{"role": "user", "content": "@ENV@"}],
+                            add_generation_prompt=True).split("@MODEL@", 1)[1].split("@ENV@", 1)
+    close_ids = _encode(tokenizer, close)
+    if not between.startswith(close) or not close_ids:
+        raise ValueError("unsupported chat template: a model message must close the same way before a user message and at the end")
+    return _Markers(tuple(close_ids), tuple(_encode(tokenizer, between[len(close):])), tuple(_encode(tokenizer, after)))
+
+
+def end_ids(tokenizer) -> set[int]:
+    """Ids that end a model turn: the template's end-of-turn token and the tokenizer's EOS."""
+    return {_markers(tokenizer).close[0], tokenizer.eos_token_id} - {None}
+
+
+def cut_turn(ids, tokenizer, stop: list[str], max_new_tokens: int) -> list[int]:
+    """A turn's ids, cut right after the first end-of-turn token or the token that completes a stop
+    string (that token may overhang, e.g. '>.'), and to ``max_new_tokens``. Padding goes with the cut."""
+    ids, ends = list(ids)[:max(max_new_tokens, 0)], end_ids(tokenizer)
+    ids = next((ids[:i + 1] for i, t in enumerate(ids) if t in ends), ids)
+    body = ids[:-1] if ids and ids[-1] in ends else ids
+    if not any(s in _decode(tokenizer, body) for s in stop):
+        return ids
+    lo, hi = 1, len(body)  # smallest prefix that contains a stop string (containment only grows)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if any(s in _decode(tokenizer, body[:mid]) for s in stop) else (mid + 1, hi)
+    return body[:lo]
+
+
+# ----------------------------------------------------------------------------- prompt and tool
+def build_prompt(tokenizer, question: str, cfg: EnvConfig) -> list[int]:
+    messages = [{"role": "system", "content": SYSTEM_PROMPT}] + (FEW_SHOT if cfg.few_shot else [])
+    text = tokenizer.apply_chat_template(messages + [{"role": "user", "content": str(question)}],
+                                         tokenize=False, add_generation_prompt=True)
+    return _encode(tokenizer, text)
+
+
+def call_tool(tool_text: str | None, searcher, cfg: EnvConfig, tokenizer) -> str:
+    """Run one JSON tool command; returns the text to put inside ``<result>``. Never raises:
+    the command is model output, so every failure is an ``Error: ...`` text the model can read."""
+    text = _run_tool(tool_text, searcher, cfg.top_k)
+    ids = _encode(tokenizer, text, plain=True)
+    if len(ids) > cfg.result_max_tokens:  # cut with the tokenizer; drop a half-cut character
+        text = _decode(tokenizer, ids[:cfg.result_max_tokens]).rstrip("\ufffd")
+    return text
+
+
+def _run_tool(tool_text, searcher, k: int) -> str:
+    if tool_text is None:
+        return "Error: no tool command found between <tool> and </tool>."
+    try:
+        command = json.loads(tool_text)
+    except (ValueError, RecursionError):  # bad JSON, 5,000-digit numbers, 100,000 nested brackets
+        return "Error: the tool command is not valid JSON."
+    if not isinstance(command, dict):
+        return "Error: the tool command must be a JSON object."
+    name = command.get("name")
+    if name is None:
+        return "Error: the tool command must give the tool's \"name\"."
+    if name != TOOL_NAME:  # echo at most 40 characters of the model's text
+        return f"Error: unknown tool {str(name)[:40]!r}; the only tool is {TOOL_NAME}."
+    args = command.get("args", {})
+    if not isinstance(args, dict) or not isinstance(args.get("query"), str) or not args["query"].strip():
+        return f"Error: {TOOL_NAME} needs \"args\": {{\"query\": \"...\"}} with a non-empty text query."
+    if set(args) != {"query"}:  # the seed called tool(**args): extra arguments were an error there too
+        return f"Error: {TOOL_NAME} takes only the argument \"query\"."
+    try:
+        hits = searcher.search(args["query"], k)
+    except Exception as e:  # a broken index must not kill a training run
+        return f"Error: the search failed ({type(e).__name__})."
+    if not hits:
+        return "No relevant passage found."  # the seed's empty answer, not an error
+    text = "\n\n".join(f"{h.get('title', '')}\n{h.get('text', '')}".strip() for h in hits)
+    return text or "Error: the search returned empty passages."
+
+
+# ----------------------------------------------------------------------------- rollout
+def _step(traj: Trajectory, new: list[int], tokenizer, searcher, cfg: EnvConfig) -> bool:
+    """Append one model turn and the environment's reaction; returns whether the episode goes on."""
+    m = _markers(tokenizer)
+    ends_turn = bool(new) and new[-1] == m.close[0]
+    text = _decode(tokenizer, new[:-1] if ends_turn else new)
+    n_calls = sum(c is not None for c in traj.tool_calls)
+    turn = sum(msg["role"] == "assistant" for msg in traj.messages) + 1
+    traj.completion_ids += new
+    traj.turn_idx += [turn] * len(new)
+    traj.messages.append({"role": "assistant", "content": text})
+    parsed = rewards.parse(text)
+    traj.tool_calls.append(parsed["tool"])
+    close = list(m.close[1:] if ends_turn else m.close)  # the model's EOS already wrote "<|im_end|>"
+
+    stopped = bool(new) and (new[-1] in end_ids(tokenizer) or any(s in text for s in STOP))
+    out_of_room = len(traj.completion_ids) + len(m.close) >= cfg.max_completion_tokens
+    reply = None
+    if out_of_room and not stopped:
+        traj.truncated = True  # the budget, not the model, ended this turn
+    elif parsed["answer"] is not None or n_calls >= cfg.max_tool_calls:
+        pass  # answered, or this was the one turn allowed after the last tool call
+    elif parsed["tool"] is not None:
+        reply = "<result>\n" + call_tool(parsed["tool"], searcher, cfg, tokenizer) + "\n</result>"
+    else:
+        reply = NO_TOOL_REPLY
+    if reply is not None:
+        reply_ids = _encode(tokenizer, reply, plain=True)
+        # The message is what the ids say: a vocabulary without some byte tokens drops characters.
+        reply = _decode(tokenizer, reply_ids)
+        env = close + list(m.user_open) + reply_ids + list(m.model_open)
+        # The reply must leave room for one more model token and the final close, else we stop here.
+        if len(traj.completion_ids) + len(env) + 1 + len(m.close) <= cfg.max_completion_tokens:
+            traj.completion_ids += env
+            traj.turn_idx += [0] * len(env)
+            traj.messages.append({"role": "user", "content": reply})
+            traj.results.append(reply[len("<result>\n"):-len("\n</result>")] if reply.startswith("<result>") else reply)
+            return True
+        traj.truncated = True
+    traj.completion_ids += close
+    traj.turn_idx += [0] * len(close)
+    return False
+
+
+def rollout(policy, tokenizer, questions: list[str], G: int, searcher, cfg: EnvConfig) -> list[Trajectory]:
+    """G episodes per question, run in lock-step: each round, one ``policy.generate`` call over the
+    episodes still live (in episode order), then the environment's step for each. Returns
+    ``len(questions) * G`` trajectories, question-major: ``[i*G:(i+1)*G]`` belong to ``questions[i]``."""
+    close_len = len(_markers(tokenizer).close)
+    if cfg.max_completion_tokens <= close_len + 1 or cfg.max_turn_tokens < 1 or G < 1:
+        raise ValueError(f"need max_completion_tokens > {close_len + 1}, max_turn_tokens >= 1 and G >= 1")
+    trajs = [Trajectory(prompt, [], [], [], [], []) for prompt in
+             (build_prompt(tokenizer, q, cfg) for q in questions) for _ in range(G)]
+    live = list(trajs)
+    while live:
+        # Room for this turn: the budget minus what is used and the final close.
+        limits = [min(cfg.max_turn_tokens, cfg.max_completion_tokens - len(t.completion_ids) - close_len) for t in live]
+        outs = policy.generate([t.prompt_ids + t.completion_ids for t in live], max(limits),
+                               cfg.temperature, cfg.top_p, STOP)
+        if len(outs) != len(live):
+            raise RuntimeError(f"policy returned {len(outs)} rows for {len(live)} live episodes")
+        # cut_turn again: the environment trusts no policy about stops and budgets.
+        live = [t for t, out, limit in zip(live, outs, limits)
+                if _step(t, cut_turn(out, tokenizer, STOP, limit), tokenizer, searcher, cfg)]
+    return trajs
+
+
+# ----------------------------------------------------------------------------- policies
+class HFPolicy:
+    """Batched sampling with ``transformers`` ``generate`` (KV cache within a turn; each turn
+    re-reads its context). Rows are left-padded; ``pad == eos`` for SmolLM2, so each row is cut by
+    ``cut_turn`` afterwards. ``seed`` gives a private, reproducible random stream."""
+
+    def __init__(self, model, tokenizer, seed: int | None = None):
+        self.model, self.tokenizer, self.seed, self.calls = model, tokenizer, seed, 0
+
+    @torch.no_grad()
+    def generate(self, batch, max_new_tokens, temperature, top_p, stop) -> list[list[int]]:
+        device, width = self.model.device, max(len(row) for row in batch)
+        ends = sorted(end_ids(self.tokenizer))
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else ends[0]
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, row in enumerate(batch):
+            ids[i, width - len(row):], mask[i, width - len(row):] = torch.tensor(row), 1
+        # Sample from the model's own distribution: override what a checkpoint's generation_config may
+        # add (Qwen2.5-Instruct: top_k 20, repetition_penalty 1.05), or the ids would be off-policy.
+        sampling = (dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0
+                    else dict(do_sample=False, temperature=None, top_p=None, top_k=None))
+        sampling.update(repetition_penalty=1.0)
+        devices = [device] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices, enabled=self.seed is not None):
+            if self.seed is not None:  # one derived seed per call: reproducible, never touches global RNG
+                torch.manual_seed(self.seed * 100_003 + self.calls)
+            out = self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                      max_new_tokens=max_new_tokens, stop_strings=list(stop) or None,
+                                      tokenizer=self.tokenizer, eos_token_id=ends, pad_token_id=pad,
+                                      use_cache=True, **sampling)
+        self.calls += 1
+        return [cut_turn(row, self.tokenizer, stop, max_new_tokens) for row in out[:, width:].tolist()]
+
+
+class ScriptedPolicy:
+    """Writes given texts instead of sampling (tests). ``turns[r]`` are the texts of episode ``r``,
+    turn by turn, where episodes are numbered as ``rollout`` returns them (question-major:
+    ``r = i*G + g``). Each text is tokenised and cut like a sampled turn (stop strings, end-of-turn
+    token, ``max_new_tokens``); ``<|im_end|>`` in a text is the EOS token, and a script that has
+    run out writes just that token.
+    Rows are matched to episodes by their context (the ids an episode was last given plus what it
+    wrote is a prefix of its next row), so finished episodes may drop out of the batch. Use one
+    ScriptedPolicy per rollout."""
+
+    def __init__(self, tokenizer, turns: list[list[str]]):
+        self.tokenizer, self.turns = tokenizer, [list(t) for t in turns]
+        self.context: list[list[int]] = [[] for _ in turns]
+        self.done = [0] * len(turns)  # turns written per episode
+
+    def generate(self, batch, max_new_tokens, temperature, top_p, stop) -> list[list[int]]:
+        outs, r = [], 0
+        for row in batch:
+            while r < len(self.context) and row[:len(self.context[r])] != self.context[r]:
+                r += 1  # episode r has finished: its context is not a prefix of this row
+            if r == len(self.context):
+                raise ValueError("a batch row matches no scripted episode (one ScriptedPolicy per rollout)")
+            script = self.turns[r]
+            if self.done[r] < len(script):
+                ids = _encode(self.tokenizer, script[self.done[r]])
+            else:
+                ids = [_markers(self.tokenizer).close[0]]
+            ids = cut_turn(ids, self.tokenizer, stop, max_new_tokens)
+            self.context[r], self.done[r] = list(row) + ids, self.done[r] + 1
+            outs.append(ids)
+            r += 1
+        return outs

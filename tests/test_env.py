@@ -1,0 +1,445 @@
+"""Tests for env.py: the multi-turn search environment and its token-exact trajectories.
+
+The checks everything else builds on (``check_trajectory``):
+  - ``completion_ids`` and ``turn_idx`` have the same length; environment ids are turn 0, the ids of
+    the model's k-th turn are turn k and decode to the k-th assistant message;
+  - ``decode(prompt_ids + completion_ids)`` is exactly the chat template's rendering of
+    system + few-shot + question + ``messages`` (so the ids were never re-tokenised);
+  - the completion fits ``max_completion_tokens``.
+Scripted policies make the model turns known in advance; a tiny random Llama makes them sampled.
+"""
+import math
+import os
+import random
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import env  # noqa: E402
+import rewards  # noqa: E402
+from env import EnvConfig, HFPolicy, ScriptedPolicy, rollout  # noqa: E402
+
+# ----------------------------------------------------------------------------- fixtures
+# tok (real SmolLM2 tokenizer), tiny_model (random 2-layer Llama), passages, searcher (a FakeSearcher
+# over those passages, recording its queries) and fake_searcher (the class) come from conftest.py.
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny models gain nothing from threads, and on a shared 2-core machine two torch threads
+    fighting other processes made generation ~9x slower. Restored after this module."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tool(query):
+    return '{"name": "wiki_search", "args": {"query": "%s"}}' % query
+
+
+def call(query, reasoning="Let me search."):
+    return f"<reasoning>{reasoning}</reasoning>\n<tool>{tool(query)}</tool>"
+
+
+def answer(text):
+    return f"<reasoning>Found it.</reasoning>\n<answer>{text}</answer>"
+
+
+def enc(tok, text):
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def prompt_messages(question, cfg):
+    return ([{"role": "system", "content": env.SYSTEM_PROMPT}] + (env.FEW_SHOT if cfg.few_shot else [])
+            + [{"role": "user", "content": question}])
+
+
+def check_trajectory(t, tok, question, cfg):
+    """The invariants every trajectory must satisfy (see the module docstring)."""
+    assert len(t.completion_ids) == len(t.turn_idx)
+    assert len(t.completion_ids) <= cfg.max_completion_tokens
+    model_msgs = [m["content"] for m in t.messages if m["role"] == "assistant"]
+    assert len(t.tool_calls) == len(model_msgs)
+    assert t.tool_calls == [rewards.parse(c)["tool"] for c in model_msgs]
+    assert [m["role"] for m in t.messages][::2] == ["assistant"] * len(model_msgs)  # they alternate
+    assert len(t.results) == sum(m["role"] == "user" for m in t.messages)
+    # Model turns are numbered 1..K in order, each contiguous, and decode to their message.
+    nonzero = [k for k in t.turn_idx if k]
+    assert nonzero == sorted(nonzero) and set(nonzero) <= set(range(1, len(model_msgs) + 1))
+    for k, content in enumerate(model_msgs, 1):
+        ids = [i for i, turn in zip(t.completion_ids, t.turn_idx) if turn == k]
+        pos = [p for p, turn in enumerate(t.turn_idx) if turn == k]
+        assert pos == list(range(pos[0], pos[0] + len(pos))) if pos else content == ""
+        if ids and ids[-1] == tok.eos_token_id:
+            ids = ids[:-1]
+        assert env._decode(tok, ids) == content
+    # The whole text is the chat template's rendering: nothing was re-tokenised.
+    msgs = prompt_messages(question, cfg)
+    prompt_text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    full_text = tok.apply_chat_template(msgs + t.messages, tokenize=False)
+    assert env._decode(tok, t.prompt_ids) == prompt_text
+    assert env._decode(tok, t.completion_ids) == full_text[len(prompt_text):]
+
+
+# ----------------------------------------------------------------------------- prompt and protocol
+def test_prompt_is_the_chat_template_with_few_shot(tok, passages, fake_searcher):
+    for few_shot in (True, False):
+        cfg = EnvConfig(few_shot=few_shot)
+        ids = env.build_prompt(tok, "Who painted the Mona Lisa?", cfg)
+        msgs = prompt_messages("Who painted the Mona Lisa?", cfg)
+        assert env._decode(tok, ids) == tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        assert env._decode(tok, ids).endswith("<|im_start|>assistant\n")
+        assert ("Dracula" in env._decode(tok, ids)) == few_shot
+    # The system prompt is the seed's protocol: one tool, a JSON example, the five steps.
+    for needle in ("wiki_search", '"args": {"query":', "<reasoning>", "<tool>", "<result>", "<answer>"):
+        assert needle in env.SYSTEM_PROMPT
+    # The worked example follows the protocol it teaches: the env's own result layout, full format score.
+    assert env.FEW_SHOT[2]["content"] == "<result>\n" + env.call_tool(tool("Dracula novel author"), fake_searcher(
+        passages[:1]), EnvConfig(), tok) + "\n</result>"
+    assert rewards.format_reward(env.FEW_SHOT[1:]) == pytest.approx(0.2)
+
+
+def test_scripted_episode_gives_exactly_the_expected_ids(tok, searcher, passages):
+    """Two tool calls and an answer: the ids are the scripted tokens plus the environment's text,
+    each tokenised on its own, with the template's role markers; turn_idx as specified."""
+    turns = [call("Dracula author"), call("Bram Stoker novelist", "Check his name."), answer("Bram Stoker")]
+    cfg = EnvConfig(top_k=1)
+    (t,) = rollout(ScriptedPolicy(tok, [turns]), tok, ["Who wrote Dracula?"], 1, searcher, cfg)
+    r1 = "Dracula\n" + passages[0]["text"]
+    r2 = "Bram Stoker\n" + passages[3]["text"]
+    reply = "<|im_end|>\n<|im_start|>user\n<result>\n{}\n</result><|im_end|>\n<|im_start|>assistant\n"
+    pieces = [(enc(tok, turns[0]), 1), (enc(tok, reply.format(r1)), 0), (enc(tok, turns[1]), 2),
+              (enc(tok, reply.format(r2)), 0), (enc(tok, turns[2]), 3), (enc(tok, "<|im_end|>\n"), 0)]
+    assert t.prompt_ids == enc(tok, tok.apply_chat_template(prompt_messages("Who wrote Dracula?", cfg),
+                                                            tokenize=False, add_generation_prompt=True))
+    assert t.completion_ids == [i for ids, _ in pieces for i in ids]
+    assert t.turn_idx == [k for ids, k in pieces for _ in ids]
+    assert t.messages == [{"role": "assistant", "content": turns[0]}, {"role": "user", "content": f"<result>\n{r1}\n</result>"},
+                          {"role": "assistant", "content": turns[1]}, {"role": "user", "content": f"<result>\n{r2}\n</result>"},
+                          {"role": "assistant", "content": turns[2]}]
+    assert t.tool_calls == [tool("Dracula author"), tool("Bram Stoker novelist"), None]
+    assert t.results == [r1, r2] and t.has_result and not t.truncated
+    assert searcher.queries == ["Dracula author", "Bram Stoker novelist"]
+    check_trajectory(t, tok, "Who wrote Dracula?", cfg)
+    scores = rewards.compute([t.messages], [["Bram Stoker"]])
+    assert scores["exact_match"] == [1.0] and scores["search_answer"] == [0.5] and scores["tool_execution"] == [0.2]
+
+
+def test_model_eos_is_a_model_token_and_env_adds_only_the_rest(tok, searcher):
+    """A turn that ends on <|im_end|> (SmolLM2's EOS) keeps that id as turn k; the env continues with "\\n"."""
+    turns = ["I am not sure.<|im_end|>", answer("Paris") + "<|im_end|>"]
+    (t,) = rollout(ScriptedPolicy(tok, [turns]), tok, ["Capital of France?"], 1, searcher, EnvConfig())
+    first = enc(tok, "I am not sure.<|im_end|>")
+    assert first[-1] == tok.eos_token_id == 2
+    assert t.completion_ids[:len(first)] == first and t.turn_idx[:len(first)] == [1] * len(first)
+    assert t.completion_ids[len(first)] == enc(tok, "\n")[0] and t.turn_idx[len(first)] == 0
+    assert t.messages[0]["content"] == "I am not sure."
+    # The answer turn stopped on "</answer>", so the closing "<|im_end|>\n" is the environment's ...
+    assert t.completion_ids[-2:] == [tok.eos_token_id, enc(tok, "\n")[0]] and t.turn_idx[-2:] == [0, 0]
+    check_trajectory(t, tok, "Capital of France?", EnvConfig())
+    # ... but a last turn that ends on EOS keeps it, and the environment only adds "\n".
+    cfg = EnvConfig(max_tool_calls=0)
+    (t,) = rollout(ScriptedPolicy(tok, [turns]), tok, ["Capital of France?"], 1, searcher, cfg)
+    assert t.completion_ids == first + enc(tok, "\n") and t.turn_idx == [1] * len(first) + [0]
+    check_trajectory(t, tok, "Capital of France?", cfg)
+
+
+# ----------------------------------------------------------------------------- end conditions
+def test_stop_strings_cut_the_turn(tok, searcher):
+    """A turn ends right after the token that completes </tool> or </answer>, even when that token
+    overhangs (">." is one token); the rest of the scripted text is never seen."""
+    turns = [call("Paris") + "\n<answer>Paris</answer> trailing", answer("Paris") + "." + "junk " * 50]
+    (t,) = rollout(ScriptedPolicy(tok, [turns]), tok, ["Capital of France?"], 1, searcher, EnvConfig())
+    assert t.messages[0]["content"] == call("Paris")
+    assert enc(tok, ">.") == [19369]  # the overhanging token
+    assert t.messages[2]["content"] == answer("Paris") + "."
+    ids = env.cut_turn(enc(tok, "<answer>x</answer>. more"), tok, env.STOP, 100)
+    assert env._decode(tok, ids) == "<answer>x</answer>."
+    assert env.cut_turn(enc(tok, "a b c d e f"), tok, env.STOP, 3) == enc(tok, "a b c d e f")[:3]
+    assert env.cut_turn(enc(tok, "a<|im_end|>b</tool>"), tok, env.STOP, 100) == enc(tok, "a<|im_end|>")
+    assert env.cut_turn([], tok, env.STOP, 10) == []
+    check_trajectory(t, tok, "Capital of France?", EnvConfig())
+
+
+def test_max_turn_tokens_cuts_a_turn_and_the_episode_goes_on(tok, searcher):
+    cfg = EnvConfig(max_turn_tokens=8)
+    (t,) = rollout(ScriptedPolicy(tok, [["one two three four five six seven eight nine", "<answer>x</answer>"]]),
+                   tok, ["Q?"], 1, searcher, cfg)
+    assert t.turn_idx.count(1) == 8 and t.messages[0]["content"] == "one two three four five six seven eight"
+    assert t.messages[1]["content"] == env.NO_TOOL_REPLY and t.messages[2]["content"] == "<answer>x</answer>"
+    assert not t.truncated
+    check_trajectory(t, tok, "Q?", cfg)
+
+
+def test_max_tool_calls_then_one_more_turn(tok, searcher):
+    script = [call("Paris"), call("France"), call("Seine"), answer("Paris")]
+    for max_calls in (0, 1, 2, 3):
+        cfg = EnvConfig(max_tool_calls=max_calls)
+        (t,) = rollout(ScriptedPolicy(tok, [script]), tok, ["Capital of France?"], 1, searcher, cfg)
+        # max_calls calls are executed; the next turn (here another call) ends the episode unexecuted
+        n_turns = min(max_calls + 1, len(script))
+        assert [m["role"] for m in t.messages] == ["assistant", "user"] * (n_turns - 1) + ["assistant"]
+        assert len(t.results) == n_turns - 1 and all(not r.startswith("Error") for r in t.results)
+        assert t.has_result == (max_calls > 0) and not t.truncated
+        check_trajectory(t, tok, "Capital of France?", cfg)
+    # An answer ends the episode at once, calls left or not.
+    (t,) = rollout(ScriptedPolicy(tok, [[answer("Paris"), call("x")]]), tok, ["Q?"], 1, searcher, EnvConfig())
+    assert len(t.messages) == 1
+
+
+def test_turn_with_neither_tool_nor_answer_follows_the_seed(tok, searcher):
+    """Seed (ToolEnv.env_response): a plain 'Error: ...' user message, no <result> wrapper, the
+    episode goes on and the turn is not a tool call (max_steps counts parsed tool calls only)."""
+    cfg = EnvConfig(max_tool_calls=1)
+    script = ["<reasoning>Hmm.</reasoning>", "<tool>unclosed", call("Paris"), answer("Paris")]
+    (t,) = rollout(ScriptedPolicy(tok, [script]), tok, ["Capital of France?"], 1, searcher, cfg)
+    assert [m["content"] for m in t.messages[1:4:2]] == [env.NO_TOOL_REPLY] * 2
+    assert env.NO_TOOL_REPLY.startswith("Error:") and not t.messages[1]["content"].startswith("<result>")
+    assert t.messages[5]["content"].startswith("<result>\nParis") and t.messages[6]["content"] == answer("Paris")
+    assert t.tool_calls == [None, None, tool("Paris"), None] and t.has_result
+    assert rewards.tool_execution(t.messages) == pytest.approx(0.2)  # the format errors are not tool calls
+    check_trajectory(t, tok, "Capital of France?", cfg)
+    (t2,) = rollout(ScriptedPolicy(tok, [["no tags", answer("x")]]), tok, ["Q?"], 1, searcher, cfg)
+    assert not t2.has_result  # MT-GRPO's fallback case: no <result> ever came back
+
+
+def test_truncation_keeps_the_budget_and_the_invariants(tok, searcher):
+    long_turn = "word " * 300
+    for budget in (4, 5, 17, 40, 41, 64, 100, 300):
+        cfg = EnvConfig(max_completion_tokens=budget, max_turn_tokens=64)
+        (t,) = rollout(ScriptedPolicy(tok, [[long_turn] * 10]), tok, ["Q?"], 1, searcher, cfg)
+        assert t.truncated and len(t.completion_ids) <= budget
+        assert env._decode(tok, t.completion_ids).endswith("<|im_end|>\n")  # closed even when truncated
+        check_trajectory(t, tok, "Q?", cfg)
+    # The tool reply does not fit: the episode stops after the call, without the reply.
+    turn = call("Paris")
+    cfg = EnvConfig(max_completion_tokens=len(enc(tok, turn)) + 10)
+    (t,) = rollout(ScriptedPolicy(tok, [[turn, answer("Paris")]]), tok, ["Q?"], 1, searcher, cfg)
+    assert t.truncated and len(t.messages) == 1 and t.results == [] and not t.has_result
+    check_trajectory(t, tok, "Q?", cfg)
+    # An answer that just fits (with the final "<|im_end|>\n") is not truncated.
+    turn = answer("Paris")
+    cfg = EnvConfig(max_completion_tokens=len(enc(tok, turn)) + 2)
+    (t,) = rollout(ScriptedPolicy(tok, [[turn]]), tok, ["Q?"], 1, searcher, cfg)
+    assert not t.truncated and t.messages[0]["content"] == turn and len(t.completion_ids) == cfg.max_completion_tokens
+    with pytest.raises(ValueError):
+        rollout(ScriptedPolicy(tok, [[turn]]), tok, ["Q?"], 1, searcher, EnvConfig(max_completion_tokens=3))
+
+
+# ----------------------------------------------------------------------------- the tool
+@pytest.mark.parametrize("tool_text, expected", [
+    ("{not json", "Error: the tool command is not valid JSON"),
+    ('["wiki_search"]', "Error: the tool command must be a JSON object"),
+    ('{"args": {"query": "Paris"}}', "Error: the tool command must give"),
+    ('{"name": "google", "args": {"query": "Paris"}}', "Error: unknown tool 'google'"),
+    ('{"name": "wiki_search"}', "Error: wiki_search needs"),
+    ('{"name": "wiki_search", "args": "Paris"}', "Error: wiki_search needs"),
+    ('{"name": "wiki_search", "args": {"q": "Paris"}}', "Error: wiki_search needs"),
+    ('{"name": "wiki_search", "args": {"query": 42}}', "Error: wiki_search needs"),
+    ('{"name": "wiki_search", "args": {"query": "  "}}', "Error: wiki_search needs"),
+    ('{"name": "wiki_search", "args": {"query": "Paris", "k": 5}}', "Error: wiki_search takes only"),
+    ("[" * 100_000, "Error: the tool command is not valid JSON"),
+    ('{"name": "wiki_search", "args": {"query": "zzz qqq"}}', "No relevant passage found."),
+    (None, "Error: no tool command"),
+])
+def test_call_tool_failures_are_error_texts(tok, searcher, tool_text, expected):
+    assert env.call_tool(tool_text, searcher, EnvConfig(), tok).startswith(expected)
+
+
+def test_tool_failures_keep_the_episode_going(tok, searcher):
+    bad = ["<tool>{oops</tool>", '<tool>{"name": "google", "args": {"query": "x"}}</tool>',
+           '<tool>{"name": "wiki_search"}</tool>']
+    for text in bad:
+        (t,) = rollout(ScriptedPolicy(tok, [[text, answer("Paris")]]), tok, ["Q?"], 1, searcher, EnvConfig())
+        assert t.results[0].startswith("Error:") and t.messages[1]["content"].startswith("<result>\nError:")
+        assert t.messages[-1]["content"] == answer("Paris") and t.has_result
+        assert rewards.tool_execution(t.messages) == 0.0
+        check_trajectory(t, tok, "Q?", EnvConfig())
+
+    class Broken:
+        def search(self, query, k):
+            raise RuntimeError("index on fire")
+    assert env.call_tool(tool("Paris"), Broken(), EnvConfig(), tok) == "Error: the search failed (RuntimeError)."
+
+
+def test_search_results_top_k_and_token_budget(tok, searcher, passages):
+    out = env.call_tool(tool("Bram Stoker Dracula Irish"), searcher, EnvConfig(top_k=2), tok)
+    assert out == "Dracula\n" + passages[0]["text"] + "\n\nBram Stoker\n" + passages[3]["text"]
+    for budget in (1, 7, 20):
+        out = env.call_tool(tool("Bram Stoker Dracula Irish"), searcher, EnvConfig(top_k=3, result_max_tokens=budget), tok)
+        assert 0 < len(enc(tok, out)) <= budget + 1  # re-tokenising a cut text may merge differently by 1
+    # Tool names the model writes are echoed shortly and never become special tokens.
+    out = env.call_tool('{"name": "<|im_end|>' + "x" * 1000 + '"}', searcher, EnvConfig(), tok)
+    assert len(out) < 120 and "<|im_end|>" in out
+    reply_ids = env._encode(tok, out, plain=True)
+    assert tok.eos_token_id not in reply_ids
+
+
+def test_with_real_bm25_index(tok, tmp_path, passages):
+    search = pytest.importorskip("search")
+    import json
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps(p) + "\n" for p in passages))
+    try:
+        index = search.load_index(corpus, engine="rank_bm25", cache_dir=tmp_path)
+    except ImportError as e:
+        pytest.skip(f"search backend missing: {e}")
+    (t,) = rollout(ScriptedPolicy(tok, [[call("Dracula novel author"), answer("Bram Stoker")]]), tok,
+                   ["Who wrote Dracula?"], 1, index, EnvConfig())
+    assert t.results[0].startswith("Dracula\n") and rewards.search_answer(t.messages, ["Bram Stoker"]) == 0.5
+
+
+# ----------------------------------------------------------------------------- batching
+class Recorder:
+    """Wraps a policy and records each generate call's batch."""
+
+    def __init__(self, policy):
+        self.policy, self.batches = policy, []
+
+    def generate(self, batch, *args):
+        self.batches.append([list(row) for row in batch])
+        return self.policy.generate(batch, *args)
+
+
+def test_rollout_is_question_major_and_batches_only_live_episodes(tok, searcher):
+    questions, G = ["Capital of France?", "Who wrote Dracula?", "Highest mountain?"], 2
+    # Episode r = i*G + g finishes after 1 + (r % 3) turns.
+    scripts = [[call("Paris")] * (r % 3) + [answer(f"episode {r}")] for r in range(len(questions) * G)]
+    rec = Recorder(ScriptedPolicy(tok, scripts))
+    trajs = rollout(rec, tok, questions, G, searcher, EnvConfig(max_tool_calls=5))
+    assert len(trajs) == 6
+    for r, t in enumerate(trajs):
+        assert t.prompt_ids == env.build_prompt(tok, questions[r // G], EnvConfig())
+        assert t.messages[-1]["content"] == answer(f"episode {r}")
+        check_trajectory(t, tok, questions[r // G], EnvConfig(max_tool_calls=5))
+    assert [len(b) for b in rec.batches] == [6, 4, 2]  # finished episodes are not sent again
+    live_last = [r for r in range(6) if r % 3 == 2]
+    assert rec.batches[2] == [trajs[r].prompt_ids + trajs[r].completion_ids[:-len(enc(tok, answer(f"episode {r}") + "<|im_end|>\n"))]
+                              for r in live_last]
+
+
+# ----------------------------------------------------------------------------- sampled (tiny model)
+def test_sampled_rollouts_keep_the_invariants(tok, tiny_model, searcher):
+    questions = ["Who wrote Dracula?", "What is the capital of France?"]
+    for cfg in (EnvConfig(max_turn_tokens=16, max_completion_tokens=120),
+                EnvConfig(max_turn_tokens=4, max_completion_tokens=60, few_shot=False, temperature=0.0)):
+        rec = Recorder(HFPolicy(tiny_model, tok, seed=1))
+        trajs = rollout(rec, tok, questions, 3, searcher, cfg)
+        assert len(trajs) == 6
+        for i, t in enumerate(trajs):
+            check_trajectory(t, tok, questions[i // 3], cfg)
+        assert rec.batches[0] == [t.prompt_ids for t in trajs]
+        assert all(len(b) <= 6 for b in rec.batches)
+    # Same seed, same rollouts; another seed, other rollouts.
+    cfg = EnvConfig(max_turn_tokens=8, max_completion_tokens=50)
+    a = rollout(HFPolicy(tiny_model, tok, seed=7), tok, questions, 2, searcher, cfg)
+    b = rollout(HFPolicy(tiny_model, tok, seed=7), tok, questions, 2, searcher, cfg)
+    c = rollout(HFPolicy(tiny_model, tok, seed=8), tok, questions, 2, searcher, cfg)
+    assert [t.completion_ids for t in a] == [t.completion_ids for t in b] != [t.completion_ids for t in c]
+
+
+def bigram_model(tok, chain):
+    """A Llama that deterministically writes next[token] after token: the layers are zeroed (the
+    residual stream is the embedding), each source token gets its own basis vector and the lm-head
+    row of its successor points at it. Lets generate() produce stop strings and EOS on demand."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=4)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        model.model.norm.weight.fill_(1.0)
+        for j, (src, dst) in enumerate(chain.items()):
+            model.model.embed_tokens.weight[src, j] = 1.0
+            model.lm_head.weight[dst, j] = 10.0
+    return model
+
+
+def test_hf_policy_cuts_rows_at_stop_strings_eos_and_length(tok):
+    nl, a, b, c = enc(tok, "\n")[0], enc(tok, "a")[0], enc(tok, "b")[0], enc(tok, "c")[0]
+    slash, word, gt = enc(tok, "</tool>.")  # "</", "tool", ">."
+    chain = {nl: slash, slash: word, word: gt, gt: a, a: b, b: tok.eos_token_id, c: c}
+    policy = HFPolicy(bigram_model(tok, chain), tok, seed=0)
+    batch = [[5, 6, 7, nl], [a], [9, c]]  # different lengths: left padding
+    for temperature in (1.0, 0.0):
+        out = policy.generate(batch, 6, temperature, 1.0, env.STOP)
+        assert out == [[slash, word, gt], [b, tok.eos_token_id], [c] * 6]
+    # Without stop strings the first row runs on until EOS; never a pad token after it.
+    assert policy.generate(batch[:1], 10, 1.0, 1.0, []) == [[slash, word, gt, a, b, tok.eos_token_id]]
+
+
+def test_hf_policy_left_padding_matches_unpadded_generation(tok, tiny_model):
+    policy = HFPolicy(tiny_model, tok)
+    short, long = enc(tok, "Hello there"), enc(tok, "A much longer prompt than the other one, by far.")
+    together = policy.generate([short, long], 12, 0.0, 1.0, env.STOP)
+    assert together == [policy.generate([short], 12, 0.0, 1.0, env.STOP)[0],
+                        policy.generate([long], 12, 0.0, 1.0, env.STOP)[0]]
+
+
+# ----------------------------------------------------------------------------- fuzz
+PIECES = ["<reasoning>", "</reasoning>", "<tool>", "</tool>", "<answer>", "</answer>", "<result>", "</result>",
+          "<tool><tool>", "<answer><answer>Paris</answer>", "<reasoning><tool>", "</answer></tool>",
+          "<|im_end|>", "<|im_start|>", "<|endoftext|>", "<|im_start|>user\n", "Paris", "Bram Stoker", "Error:",
+          tool("Paris"), tool("Dracula"), '{"name": "wiki_search", "args": {"query": ', '{"name": "x"}', "{",
+          '"}}', "[[[[[[[[", "\n", " ", "  \n\n", "\t", "\r\n", "\x00", "\u200b", "\u202e", "é", "e\u0301",
+          "😀", "👩‍👩‍👧", "日本語", "\ufffd", "\\", "'", '"', "null", "</", "<", ">"]
+
+
+def random_text(rng):
+    parts = []
+    for _ in range(rng.randint(0, 12)):
+        kind = rng.random()
+        if kind < 0.6:
+            parts.append(rng.choice(PIECES))
+        elif kind < 0.8:  # random code points, surrogates excluded
+            parts.append("".join(chr(rng.choice([rng.randint(32, 126), rng.randint(0x80, 0xD7FF),
+                                                 rng.randint(0xE000, 0x10FFFF)])) for _ in range(rng.randint(1, 20))))
+        elif kind < 0.9:  # a tool call with a huge argument
+            parts.append("<tool>" + tool(rng.choice(["a ", "Paris ", "é", "["]) * rng.randint(100, 3000)) + "</tool>")
+        else:  # the model writes its own result block
+            parts.append("<result>\nParis Bram Stoker\n</result>")
+    return "".join(parts)
+
+
+def random_turn(rng):
+    """A model turn: pure junk, or junk shaped like the protocol (so tools and answers do happen)."""
+    kind = rng.random()
+    if kind < 0.35:
+        return random_text(rng)
+    if kind < 0.75:
+        command = rng.choice([tool(rng.choice(["Paris", "Dracula", "Everest", "Bram Stoker novelist"])),
+                              tool(rng.choice(["a ", "Paris ", "日本", "\\u00e9"]) * rng.randint(1, 150)),
+                              '{"name": "wiki_search", "args": {"query": "Paris"', '{"name": "google"}',
+                              '{"name": "wiki_search", "args": {"q": "x"}}', "[" * rng.randint(1, 200), random_text(rng)])
+        return f"<reasoning>{rng.choice(['Search.', random_text(rng)])}</reasoning>\n<tool>{command}</tool>{random_text(rng)}"
+    if kind < 0.9:
+        return f"<reasoning>{rng.choice(['So.', random_text(rng)])}</reasoning>\n<answer>{rng.choice(['Paris', ' paris ', random_text(rng)])}</answer>"
+    return "<result>\nParis\n</result>\n<answer>Paris</answer>"
+
+
+def test_fuzz_rollouts_never_raise_and_rewards_stay_in_range(tok, searcher):
+    rng, n = random.Random(1234), 0
+    aliases = ["Paris", "Bram Stoker"]
+    while n < 1000:
+        cfg = EnvConfig(max_tool_calls=rng.randint(0, 3), max_turn_tokens=rng.choice([1, 8, 64, 256, 256, 256]),
+                        max_completion_tokens=rng.choice([8, 60, 300, 1024, 1024]), top_k=rng.randint(1, 3),
+                        result_max_tokens=rng.choice([1, 20, 200]), few_shot=rng.random() < 0.5)
+        # Questions are data, not model output: ASCII pieces only (this vocabulary cannot encode
+        # code points past U+3FFFF, so such a prompt would not decode back to its text).
+        questions, G = ["".join(rng.choices(PIECES[:30], k=rng.randint(1, 8))) for _ in range(5)], 5
+        scripts = [[random_turn(rng) for _ in range(rng.randint(0, 5))] + [answer("Paris")] * rng.randint(0, 1)
+                   for _ in range(len(questions) * G)]
+        trajs = rollout(ScriptedPolicy(tok, scripts), tok, questions, G, searcher, cfg)
+        scores = rewards.compute([t.messages for t in trajs], [aliases] * len(trajs))
+        for name, values in scores.items():
+            assert all(math.isfinite(v) and -1e-9 <= v <= rewards.REWARD_MAX[name] + 1e-9 for v in values), name
+        for i, t in enumerate(trajs):
+            check_trajectory(t, tok, questions[i // G], cfg)
+        for script in scripts:  # the tool itself, without the token limits of a turn
+            for text in script:
+                out = env.call_tool(rewards.parse(text)["tool"], searcher, cfg, tok)
+                assert isinstance(out, str) and out
+        n += len(trajs)
