@@ -22,7 +22,9 @@ decoded text, because re-tokenising can change token boundaries and silently cor
 A model turn's message is the decode of its ids (less a trailing end-of-turn token). When an episode
 ends the environment appends the template's close (``<|im_end|>\\n``), so ``decode(completion_ids)``
 is exactly the chat template's rendering of ``messages`` after the prompt, truncated or not.
-``turn_idx`` marks every id: 0 = environment, k = the model's k-th turn.
+``turn_idx`` marks every id: 0 = environment, k = the model's k-th turn, where turn k is what the
+model writes after k-1 tool results (the seed's split at the first ``<result>``): a message answered
+by a format reminder, not a result, keeps the turn number it had.
 """
 from __future__ import annotations
 
@@ -206,7 +208,9 @@ def _step(traj: Trajectory, new: list[int], tokenizer, searcher, cfg: EnvConfig)
     ends_turn = bool(new) and new[-1] == m.close[0]
     text = _decode(tokenizer, new[:-1] if ends_turn else new)
     n_calls = sum(c is not None for c in traj.tool_calls)
-    turn = sum(msg["role"] == "assistant" for msg in traj.messages) + 1
+    # MT-GRPO's turn k is everything the model writes after k-1 tool results (the seed splits at the
+    # first <result>); a turn answered with a format reminder instead of a result does not start a new one.
+    turn = sum(msg["role"] == "user" and msg["content"].startswith("<result>") for msg in traj.messages) + 1
     traj.completion_ids += new
     traj.turn_idx += [turn] * len(new)
     traj.messages.append({"role": "assistant", "content": text})

@@ -65,16 +65,35 @@ def check_trajectory(t, tok, question, cfg):
     assert t.tool_calls == [rewards.parse(c)["tool"] for c in model_msgs]
     assert [m["role"] for m in t.messages][::2] == ["assistant"] * len(model_msgs)  # they alternate
     assert len(t.results) == sum(m["role"] == "user" for m in t.messages)
-    # Model turns are numbered 1..K in order, each contiguous, and decode to their message.
+    # Model turn k is what the model writes after k-1 tool results (the seed's split at the first
+    # <result>): turns are non-decreasing, and each assistant message is one contiguous run of ids
+    # that decodes to it, numbered 1 + the <result> replies before it.
     nonzero = [k for k in t.turn_idx if k]
-    assert nonzero == sorted(nonzero) and set(nonzero) <= set(range(1, len(model_msgs) + 1))
-    for k, content in enumerate(model_msgs, 1):
-        ids = [i for i, turn in zip(t.completion_ids, t.turn_idx) if turn == k]
-        pos = [p for p, turn in enumerate(t.turn_idx) if turn == k]
-        assert pos == list(range(pos[0], pos[0] + len(pos))) if pos else content == ""
+    assert nonzero == sorted(nonzero)
+    runs, p = [], 0
+    while p < len(t.turn_idx):
+        if t.turn_idx[p] == 0:
+            p += 1
+            continue
+        q = p
+        while q < len(t.turn_idx) and t.turn_idx[q] == t.turn_idx[p] and (q == p or t.turn_idx[q - 1] != 0):
+            q += 1
+        runs.append((t.turn_idx[p], t.completion_ids[p:q]))
+        p = q
+    n_results = 0
+    for m in t.messages:
+        if m["role"] == "user":
+            n_results += m["content"].startswith("<result>")
+            continue
+        k, ids = runs[0] if runs else (None, [])
         if ids and ids[-1] == tok.eos_token_id:
             ids = ids[:-1]
-        assert env._decode(tok, ids) == content
+        if m["content"] == "" and (not runs or env._decode(tok, ids) != ""):
+            continue  # a turn of zero ids (its budget was used up) has no run of its own
+        runs.pop(0)
+        assert k == 1 + n_results
+        assert env._decode(tok, ids) == m["content"]
+    assert not runs
     # The whole text is the chat template's rendering: nothing was re-tokenised.
     msgs = prompt_messages(question, cfg)
     prompt_text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
@@ -167,8 +186,11 @@ def test_max_turn_tokens_cuts_a_turn_and_the_episode_goes_on(tok, searcher):
     cfg = EnvConfig(max_turn_tokens=8)
     (t,) = rollout(ScriptedPolicy(tok, [["one two three four five six seven eight nine", "<answer>x</answer>"]]),
                    tok, ["Q?"], 1, searcher, cfg)
-    assert t.turn_idx.count(1) == 8 and t.messages[0]["content"] == "one two three four five six seven eight"
+    assert t.turn_idx[:8] == [1] * 8 and t.turn_idx[8] == 0
+    assert t.messages[0]["content"] == "one two three four five six seven eight"
     assert t.messages[1]["content"] == env.NO_TOOL_REPLY and t.messages[2]["content"] == "<answer>x</answer>"
+    # no <result> came between the two messages, so the answer is still turn 1 (the seed's split)
+    assert set(t.turn_idx) == {0, 1}
     assert not t.truncated
     check_trajectory(t, tok, "Q?", cfg)
 
