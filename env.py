@@ -41,24 +41,14 @@ TOOL_NAME = "wiki_search"
 NO_TOOL_REPLY = ("Error: no tool call and no answer found. Write either a JSON tool command in "
                  "<tool> tags or your final answer in <answer> tags.")  # the seed's rule, our wording
 
-SYSTEM_PROMPT = """You answer questions with the help of one tool:
-
-wiki_search(query: str) -> the Wikipedia passages that best match the query.
-Call it with a JSON command inside <tool> tags, for example:
+SYSTEM_PROMPT = """Answer the question with the help of one tool, wiki_search(query), which returns the
+Wikipedia passages that best match the query. Steps:
+1. Think inside <reasoning> tags.
+2. Call the tool once, with a JSON command inside <tool> tags, e.g.
 <tool>{"name": "wiki_search", "args": {"query": "Bram Stoker novels"}}</tool>
-
-Go through these steps once, in this order:
-1. Think about the question inside <reasoning> tags.
-2. Call the tool with a JSON command inside <tool> tags: "name" is the tool, "args" its arguments.
-3. Read the tool's output, which comes back inside <result> tags.
+3. Its output comes back inside <result> tags.
 4. Think about the output inside <reasoning> tags.
-5. Give your final answer inside <answer> tags.
-
-Important:
-- Call the tool only once, even if its output does not help; then answer from it and from what you know.
-- Only use the tool and the argument described above, in exactly this JSON format.
-- Think about the tool's output before you answer.
-- Answer with just the name, word or number asked for."""
+5. Give just the name, word or number asked for inside <answer> tags."""
 
 # One worked exchange shown as prior chat turns: small models copy a format far better than they follow it.
 FEW_SHOT = [

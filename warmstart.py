@@ -1,0 +1,66 @@
+"""Cold start: a short supervised warm-up on demonstrations of the protocol, before RL.
+
+RL can only reinforce what the policy already does sometimes. SmolLM2-135M-Instruct wrote a
+well-formed tool call 0 times in 8 from a one-shot example in the system prompt (3/8 with the
+example as a prior chat exchange), so most groups would start with no signal at all. DeepSeek-R1
+and most agentic RL recipes fix this with a small supervised "cold start" on demonstrations;
+we do the same, briefly, and let RL do the rest.
+
+A demonstration is an episode played through the real environment by a scripted policy: turn 1
+reasons and searches with the question as the query, the environment answers with the real search
+result, turn 2 copies the answer. Because it is produced by ``env.rollout``, its token ids, turn
+indices and chat markers are exactly those the RL loop trains on. We keep only demonstrations whose
+search result really contains the answer (a demonstration must never teach guessing) and train on
+the model's own tokens (turn index > 0) with the usual next-token loss.
+"""
+from __future__ import annotations
+
+import json
+import random
+
+import torch
+
+import env
+import rewards
+from policy import pack, token_logprobs
+
+
+def demonstration_turns(question: dict) -> list[str]:
+    """The two turns a demonstrator writes for one question (the answer is the dataset's)."""
+    call = json.dumps({"name": "wiki_search", "args": {"query": question["question"]}})
+    return [f"<reasoning>\nI need to look this up, so I will search for the question.\n</reasoning>\n"
+            f"<tool>\n{call}\n</tool>",
+            f"<reasoning>\nThe search result gives the answer.\n</reasoning>\n"
+            f"<answer>\n{question['answer']}\n</answer>"]
+
+
+def demonstrations(tokenizer, index, questions: list[dict], env_cfg: env.EnvConfig) -> list[env.Trajectory]:
+    """Scripted episodes through the real environment, kept only where the result holds the answer."""
+    policy = env.ScriptedPolicy(tokenizer, [demonstration_turns(q) for q in questions])
+    trajectories = env.rollout(policy, tokenizer, [q["question"] for q in questions], 1, index, env_cfg)
+    scores = rewards.compute([t.messages for t in trajectories], [q["aliases"] for q in questions])
+    return [t for t, found in zip(trajectories, scores["search_answer"]) if found > 0 and not t.truncated]
+
+
+def run(model, tokenizer, index, questions: list[dict], env_cfg: env.EnvConfig, steps: int,
+        lr: float = 5e-5, batch: int = 8, seed: int = 0, bf16: bool = True) -> dict:
+    """``steps`` AdamW steps of next-token loss on demonstrations; returns first and last loss."""
+    pool = random.Random(seed).sample(questions, min(len(questions), 2 * steps * batch))
+    demos = demonstrations(tokenizer, index, pool, env_cfg)
+    if not demos:
+        raise ValueError("warm start: no demonstration found its answer by search; use --warmstart-steps 0")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    losses = []
+    for s in range(steps):
+        chunk = [demos[(s * batch + i) % len(demos)] for i in range(batch)]
+        ids, attn, turn = pack(chunk, tokenizer.pad_token_id)
+        logp = token_logprobs(model, ids, attn, turn, bf16)
+        mask = turn[:, 1:] > 0
+        loss = -(logp * mask).sum() / mask.sum()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return {"first_loss": losses[0], "last_loss": losses[-1], "demonstrations": len(demos)}
