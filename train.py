@@ -57,7 +57,7 @@ class Config:
     adam_betas: tuple = (0.9, 0.99) # (paper)
     weight_decay: float = 0.0
     max_grad_norm: float = 0.1      # (paper: 0.1)
-    micro_batch: int = 8            # rollouts per forward/backward; gradients are accumulated
+    micro_batch: int = 4            # rollouts per forward/backward; gradients are accumulated (memory)
     bf16: bool = True               # bf16 autocast (paper: bf16); on CPU ~3x faster than fp32
     gradient_checkpointing: bool = False  # (paper: on; saves memory on 7B, costs time on a 135M CPU run)
     # --- environment -------------------------------------------------------------------------
@@ -84,7 +84,7 @@ class Config:
 PRESETS = {
     "cpu": {},
     "real": {"questions": "../shared/data/triviaqa/questions.jsonl", "corpus": "../shared/data/wiki/passages.jsonl.gz",
-             "top_k": 3, "result_max_tokens": 160, "max_completion_tokens": 480},
+             "top_k": 3, "result_max_tokens": 128, "max_completion_tokens": 320, "max_steps": 10},
     "paper": {"model": "Qwen/Qwen2.5-7B", "questions": "triviaqa", "G": 21, "batch_size": 336, "lr": 1e-6,
               "warmup_steps": 20, "mu": 2, "max_steps": 300, "max_turn_tokens": 512, "max_completion_tokens": 1024,
               "warmstart_steps": 0, "few_shot": False, "micro_batch": 12, "gradient_checkpointing": True,
@@ -114,6 +114,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError("--micro-batch, --mu and --max-steps must be >= 1")
     if cfg.report_to not in ("none", "wandb", "tensorboard"):
         raise ConfigError("--report-to must be none, wandb or tensorboard")
+    if cfg.questions == "triviaqa" and cfg.corpus is None:
+        raise ConfigError("TriviaQA needs a Wikipedia corpus: pass --corpus PATH (JSONL of id, title, text; "
+                          "../shared/data/wiki/passages.jsonl.gz or a converted KILT/DPR dump)")
     for name in ("questions", "corpus"):
         path = getattr(cfg, name)
         if path is not None and path != "triviaqa" and not Path(path).is_file():
@@ -236,11 +239,14 @@ def load_checkpoint(out: Path, optimizer, scheduler, policy) -> int:
     return state["step"]
 
 
-def truncate_metrics(path: Path, upto_step: int) -> None:
-    """Keep the lines of steps < upto_step: steps after the checkpoint are redone, logged once."""
+def truncate_metrics(path: Path, done: int) -> None:
+    """Keep the lines of the ``done`` steps the checkpoint holds (rows count steps from 1): the steps
+    after it are redone and logged again, so each step appears exactly once."""
     if path.exists():
-        keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] < upto_step]
-        path.write_text("".join(line + "\n" for line in keep))
+        keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= done]
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        os.replace(tmp, path)  # atomic: a kill here leaves the old file or the new one
 
 
 class Logger:

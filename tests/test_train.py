@@ -57,6 +57,7 @@ def tiny_args(model_dir, out, *extra) -> list[str]:
     (["--questions", "/no/such/questions.jsonl"], "file not found"),
     (["--resume"], "no checkpoint"),
     (["--report-to", "mlflow"], "none, wandb or tensorboard"),
+    (["--preset", "paper"], "TriviaQA needs a Wikipedia corpus"),
 ])
 def test_bad_config_is_one_clear_error_and_writes_nothing(tmp_path, capsys, flags, message):
     out = tmp_path / "run"
