@@ -309,8 +309,9 @@ def train(cfg: Config) -> Path:
         print(f"resumed from {out}/checkpoint at step {start}")
     elif cfg.warmstart_steps > 0:
         ws = warmstart.run(model, tokenizer, index, questions, env_cfg, steps=cfg.warmstart_steps,
-                           lr=cfg.warmstart_lr, seed=cfg.seed, bf16=cfg.bf16)
-        print(f"warm start: {cfg.warmstart_steps} supervised steps, loss {ws['first_loss']:.3f} -> {ws['last_loss']:.3f}")
+                           lr=cfg.warmstart_lr, seed=cfg.seed, bf16=cfg.bf16, micro_batch=cfg.micro_batch)
+        print(f"warm start: {cfg.warmstart_steps} supervised steps on {ws['demonstrations']} demonstrations, "
+              f"loss {ws['first_loss']:.3f} -> {ws['last_loss']:.3f}, peak memory so far {peak_rss_gb():.2f} GB")
     logger = Logger(cfg, out)
 
     # the question stream: a seeded permutation, reshuffled every epoch; step s reads a fixed slice
@@ -344,7 +345,7 @@ def train(cfg: Config) -> Path:
                "completion_tokens": float(np.mean([len(t.completion_ids) for t in trajectories])),
                "rollout_seconds": t_roll, "step_seconds": time.time() - t0,
                "tokens_per_second": float(ids.numel() / (time.time() - t0)), "model_tokens": n_model_tokens,
-               "lr": scheduler.get_last_lr()[0]}
+               "lr": scheduler.get_last_lr()[0], "peak_rss_gb": peak_rss_gb()}
         logger.log(row)
         bar.write(format_line(row)) if hasattr(bar, "write") else print(format_line(row))
         if cfg.sample_every and (step + 1) % cfg.sample_every == 0:
@@ -352,6 +353,13 @@ def train(cfg: Config) -> Path:
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps:
             save_checkpoint(out, model, tokenizer, optimizer, scheduler, step + 1, policy)
     return out
+
+
+def peak_rss_gb() -> float:
+    """Peak resident memory of this process so far (Linux reports ru_maxrss in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def _progress(it, **kw):

@@ -22,6 +22,7 @@ import torch
 
 import env
 import rewards
+from data import DataError
 from policy import pack, token_logprobs
 
 
@@ -43,24 +44,29 @@ def demonstrations(tokenizer, index, questions: list[dict], env_cfg: env.EnvConf
 
 
 def run(model, tokenizer, index, questions: list[dict], env_cfg: env.EnvConfig, steps: int,
-        lr: float = 5e-5, batch: int = 8, seed: int = 0, bf16: bool = True) -> dict:
-    """``steps`` AdamW steps of next-token loss on demonstrations; returns first and last loss."""
+        lr: float = 5e-5, batch: int = 8, seed: int = 0, bf16: bool = True, micro_batch: int = 4) -> dict:
+    """``steps`` AdamW steps of next-token loss (mean over the batch's model tokens) on
+    demonstrations, in micro-batches to bound memory; returns first and last loss."""
     pool = random.Random(seed).sample(questions, min(len(questions), 2 * steps * batch))
     demos = demonstrations(tokenizer, index, pool, env_cfg)
     if not demos:
-        raise ValueError("warm start: no demonstration found its answer by search; use --warmstart-steps 0")
+        raise DataError("warm start: no question's answer was found by searching for the question; "
+                        "check --corpus matches --questions, or pass --warmstart-steps 0")
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     model.train()
     losses = []
     for s in range(steps):
         chunk = [demos[(s * batch + i) % len(demos)] for i in range(batch)]
-        ids, attn, turn = pack(chunk, tokenizer.pad_token_id)
-        logp = token_logprobs(model, ids, attn, turn, bf16)
-        mask = turn[:, 1:] > 0
-        loss = -(logp * mask).sum() / mask.sum()
-        loss.backward()
+        n_tokens = sum(sum(k > 0 for k in t.turn_idx) for t in chunk)
+        loss = 0.0
+        for j in range(0, batch, micro_batch):
+            ids, attn, turn = pack(chunk[j:j + micro_batch], tokenizer.pad_token_id)
+            logp = token_logprobs(model, ids, attn, turn, bf16)
+            part = -(logp * (turn[:, 1:] > 0)).sum() / n_tokens
+            part.backward()
+            loss += part.item()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        losses.append(loss)
     return {"first_loss": losses[0], "last_loss": losses[-1], "demonstrations": len(demos)}
