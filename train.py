@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 import data
 import env
@@ -322,7 +323,7 @@ def train(cfg: Config) -> Path:
         j = (step % epoch_len) * per_step
         return [questions[i] for i in order[j:j + per_step]]
 
-    bar = _progress(range(start, cfg.max_steps), initial=start, total=cfg.max_steps)
+    bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, desc="MT-GRPO", dynamic_ncols=True)
     for step in bar:
         t0 = time.time()
         batch = batch_questions(step)
@@ -338,18 +339,17 @@ def train(cfg: Config) -> Path:
         ids, attn, turn = pack(trajectories, tokenizer.pad_token_id)
         upd = update(cfg, model, ref_model, optimizer, scheduler, ids, attn, turn, A)
 
-        n_model_tokens = int((turn > 0).sum())
         row = {"step": step + 1, **rewards.means(scores), **level_stats, **upd,
                "tool_call_rate": float(np.mean([any(c is not None for c in t.tool_calls) for t in trajectories])),
                "truncated": float(np.mean([t.truncated for t in trajectories])),
                "completion_tokens": float(np.mean([len(t.completion_ids) for t in trajectories])),
                "rollout_seconds": t_roll, "step_seconds": time.time() - t0,
-               "tokens_per_second": float(ids.numel() / (time.time() - t0)), "model_tokens": n_model_tokens,
+               "tokens_per_second": float(attn.sum() / (time.time() - t0)), "model_tokens": int((turn > 0).sum()),
                "lr": scheduler.get_last_lr()[0], "peak_rss_gb": peak_rss_gb()}
         logger.log(row)
-        bar.write(format_line(row)) if hasattr(bar, "write") else print(format_line(row))
+        bar.write(format_line(row))
         if cfg.sample_every and (step + 1) % cfg.sample_every == 0:
-            _print_sample(tokenizer, trajectories[0], scores, A[0], bar)
+            bar.write(sample_text(tokenizer, trajectories[0], A[0]))
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps:
             save_checkpoint(out, model, tokenizer, optimizer, scheduler, step + 1, policy)
     return out
@@ -362,18 +362,8 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def _progress(it, **kw):
-    try:
-        from tqdm import tqdm
-
-        return tqdm(it, desc="MT-GRPO", dynamic_ncols=True, **kw)
-    except ImportError:
-        return it
-
-
-def _print_sample(tokenizer, traj, scores, A, bar) -> None:
-    text = tokenizer.decode(traj.completion_ids)
-    bar.write(f"--- sample (A turn1={A[0]:+.2f}, turn2={A[1]:+.2f}) ---\n{text}\n---")
+def sample_text(tokenizer, traj, A) -> str:
+    return f"--- sample (A turn1={A[0]:+.2f}, turn2={A[1]:+.2f}) ---\n{tokenizer.decode(traj.completion_ids)}\n---"
 
 
 # ------------------------------------------------------------------------------------------ CLI
@@ -394,7 +384,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
     args = vars(ap.parse_args(argv))
     cfg = Config(**PRESETS[args.pop("preset")])
     cfg = dataclasses.replace(cfg, **{k: (tuple(v) if k == "adam_betas" else v) for k, v in args.items() if v is not None})
-    if cfg.output_dir is None:
+    if cfg.output_dir is None and not cfg.resume:
         cfg.output_dir = f"runs/{cfg.method}-seed{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
     return cfg
 

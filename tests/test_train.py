@@ -67,6 +67,11 @@ def test_bad_config_is_one_clear_error_and_writes_nothing(tmp_path, capsys, flag
     assert not out.exists()  # checked before any heavy work: nothing written
 
 
+def test_resume_needs_the_run_folder(capsys):
+    assert train.main(["--resume"]) == 2
+    assert "--resume needs --output-dir" in capsys.readouterr().err
+
+
 def test_an_existing_run_is_not_overwritten(tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
