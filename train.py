@@ -18,7 +18,7 @@ import random
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -292,8 +292,10 @@ def train(cfg: Config) -> Path:
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
     questions, index = load_task(cfg)
-    model, tokenizer = load_policy(cfg.model, cfg.gradient_checkpointing)
     out = Path(cfg.output_dir)
+    # on --resume the policy comes straight from the checkpoint (loading the start model first would
+    # read a 7B model twice); the reference model is always the starting policy
+    model, tokenizer = load_policy(out / "checkpoint" if cfg.resume else cfg.model, cfg.gradient_checkpointing)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
     ref_model = load_policy(cfg.model)[0].eval().requires_grad_(False) if cfg.beta > 0 else None
@@ -304,7 +306,6 @@ def train(cfg: Config) -> Path:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
     start = 0
     if cfg.resume:
-        model.load_state_dict(type(model).from_pretrained(out / "checkpoint", dtype=torch.float32).state_dict())
         start = load_checkpoint(out, optimizer, scheduler, policy)
         truncate_metrics(out / "metrics.jsonl", start)
         print(f"resumed from {out}/checkpoint at step {start}")
