@@ -40,6 +40,8 @@ class Config:
     model: str | None = None        # path or hub name; None = the embedded SmolLM2-135M-Instruct (paper: Qwen2.5-7B)
     questions: str | None = None    # question JSONL; None = the demo world's train split (paper: TriviaQA train)
     corpus: str | None = None       # passage JSONL(.gz); None = the demo world's corpus (paper: Wikipedia)
+    holdout: int = 0                # keep this many of --questions out of training (a seeded split that
+                                    # eval.py --holdout reproduces); the demo world has its own eval split
     # --- algorithm ---------------------------------------------------------------------------
     method: str = "mt_grpo"         # mt_grpo | grpo_or | grpo_mr
     lam: float = 1.0                # lambda, weight of the second advantage on turn 1 (paper: 1)
@@ -146,6 +148,10 @@ def load_task(cfg: Config):
         questions = data.load_triviaqa("train")
     else:
         questions = data.load_questions(cfg.questions or world["train"])
+    if cfg.holdout:
+        if cfg.holdout >= len(questions):
+            raise ConfigError(f"--holdout {cfg.holdout} leaves no training question (there are {len(questions)})")
+        questions = data.split_questions(questions, cfg.holdout)[0]
     index = search.load_index(cfg.corpus or world["corpus"])
     return questions, index
 

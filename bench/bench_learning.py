@@ -1,0 +1,188 @@
+"""The paper's comparison in miniature: GRPO-OR vs GRPO-MR vs MT-GRPO on real TriviaQA + Wikipedia.
+
+    python bench/bench_learning.py --out runs/bench-learning       # ~90 min on 2 CPU cores
+
+Every method starts from the same warm-started SmolLM2-135M (warmstart.py, seed 0, on training
+questions only), trains with the same seeds, step budget, G and lengths, and is evaluated greedily by
+eval.py on questions train.py never saw (``--holdout``). Training runs and evaluations are the real
+``train.py`` / ``eval.py`` commands, run as subprocesses; each is skipped when its output already
+exists, so a killed benchmark continues where it stopped. Writes ``--results``/learning.md (a table
+shaped like the paper's Table 5) and learning_curves.png.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+SHARED = ROOT.parent / "shared" / "data"
+METHODS = {"grpo_or": "GRPO-OR", "grpo_mr": "GRPO-MR", "mt_grpo": "MT-GRPO"}
+CURVES = [("tool_execution", "tool execution (0-0.2)"), ("search_answer", "search answer (0-0.5)"),
+          ("tool_call_rate", "tool-call rate"), ("exact_match", "exact match (0-1)")]
+
+
+def run(cmd: list[str], log: Path) -> None:
+    print("$", " ".join(cmd), flush=True)
+    t0 = time.time()
+    with open(log, "a") as f:
+        rc = subprocess.call(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+    if rc:
+        sys.exit(f"failed (exit {rc}): see {log}")
+    print(f"  {time.time() - t0:.0f} s", flush=True)
+
+
+def warm_start(args, out: Path) -> Path:
+    """One supervised warm start shared by every run (the cold-start fix of train.py, done once)."""
+    folder = out / "warmstart"
+    if (folder / "config.json").is_file():
+        return folder
+    import torch  # noqa: F401  (heavy imports only when needed)
+
+    import train
+    import warmstart
+    from policy import load_policy
+
+    cfg = train.Config(**{**train.PRESETS["real"], "questions": args.questions, "corpus": args.corpus,
+                          "holdout": args.holdout, "seed": 0})
+    questions, index = train.load_task(cfg)
+    train.seed_everything(0)
+    model, tok = load_policy(None)
+    ws = warmstart.run(model, tok, index, questions, train.env_config(cfg), steps=cfg.warmstart_steps,
+                       lr=cfg.warmstart_lr, seed=0, bf16=cfg.bf16, micro_batch=cfg.micro_batch)
+    print(f"warm start: {ws['demonstrations']} demonstrations, loss {ws['first_loss']:.3f} -> {ws['last_loss']:.3f}")
+    tmp = out / ".warmstart-tmp"
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    os.replace(tmp, folder)
+    return folder
+
+
+def train_run(args, out: Path, start: Path, method: str, seed: int) -> Path:
+    folder = out / f"{method}-seed{seed}"
+    metrics = folder / "metrics.jsonl"
+    if (folder / "checkpoint" / "state.pt").is_file() and metrics.is_file() and \
+            len(metrics.read_text().splitlines()) >= args.steps:
+        return folder
+    resume = ["--resume"] if (folder / "checkpoint" / "state.pt").is_file() else []
+    if not resume and folder.exists():  # a run killed before its first checkpoint: start it again
+        import shutil
+
+        shutil.rmtree(folder)
+    run([sys.executable, "train.py", "--preset", "real", "--questions", args.questions, "--corpus", args.corpus,
+         "--holdout", str(args.holdout), "--model", str(start), "--warmstart-steps", "0", "--method", method,
+         "--seed", str(seed), "--max-steps", str(args.steps), "--G", str(args.G), "--batch-size", str(args.batch_size),
+         "--save-every", "2", "--sample-every", "0", "--output-dir", str(folder), *resume], out / "train.log")
+    return folder
+
+
+def evaluate(args, out: Path, model: Path, name: str) -> dict:
+    path = out / f"eval-{name}.json"
+    if not path.is_file():
+        run([sys.executable, "eval.py", str(model), "--questions", args.questions, "--corpus", args.corpus,
+             "--holdout", str(args.holdout), "--n", str(args.eval_n), "--top-k", "3", "--result-max-tokens", "128",
+             "--max-completion-tokens", "320", "--batch", "16", "--json", str(path)], out / "eval.log")
+    return json.loads(path.read_text())["results"][str(model)]
+
+
+def summarise(args, out: Path, start_eval: dict, evals: dict, curves: dict) -> str:
+    import numpy as np
+
+    from eval import COLUMNS
+
+    def cell(values, key):
+        v = np.array([r[key] for r in values])
+        fmt = "{:.1f}" if key == "em_percent" else "{:.3f}"
+        return fmt.format(v.mean()) + (f" ± {fmt.format(v.std())}" if len(v) > 1 else "")
+
+    lines = [f"Held-out evaluation: {args.eval_n} questions kept out of training, greedy, mean ± std over "
+             f"seeds {', '.join(map(str, args.seeds))}.", "",
+             "| Method | " + " | ".join(h for _, h in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|",
+             "| Start (warm start, no RL) | " + " | ".join(cell([start_eval], k) for k, _ in COLUMNS) + " |"]
+    for m, label in METHODS.items():
+        if evals.get(m):
+            lines.append(f"| {label} | " + " | ".join(cell(evals[m], k) for k, _ in COLUMNS) + " |")
+    half = args.steps // 2
+    lines += ["", f"Training rollouts (sampled, G={args.G}), mean over steps {half + 1}-{args.steps} and seeds:", "",
+              "| Method | " + " | ".join(h for _, h in CURVES) + " |", "|---" * (len(CURVES) + 1) + "|"]
+    for m, label in METHODS.items():
+        rows = [r for run_rows in curves.get(m, []) for r in run_rows if r["step"] > half]
+        if rows:
+            lines.append(f"| {label} | " + " | ".join(f"{np.mean([r[k] for r in rows]):.3f}" for k, _ in CURVES) + " |")
+    return "\n".join(lines)
+
+
+def plot(curves: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(1, len(CURVES), figsize=(13, 3.2), dpi=80)
+    for ax, (key, title) in zip(axes, CURVES):
+        for (m, label), color in zip(METHODS.items(), ("tab:gray", "tab:blue", "tab:red")):
+            runs = curves.get(m, [])
+            if not runs:
+                continue
+            n = min(len(r) for r in runs)
+            ys = np.array([[row[key] for row in r[:n]] for r in runs])
+            steps = np.arange(1, n + 1)
+            for y in ys:
+                ax.plot(steps, y, color=color, alpha=0.25, lw=1)
+            ax.plot(steps, ys.mean(0), color=color, lw=2, label=label)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="runs/bench-learning")
+    ap.add_argument("--results", default=str(ROOT / "bench" / "results"), help="where the table and plot go")
+    ap.add_argument("--questions", default=str(SHARED / "triviaqa" / "questions.jsonl"))
+    ap.add_argument("--corpus", default=str(SHARED / "wiki" / "passages.jsonl.gz"))
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--G", type=int, default=8)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--holdout", type=int, default=400)
+    ap.add_argument("--eval-n", type=int, default=64)
+    args = ap.parse_args()
+    for p in (args.questions, args.corpus):
+        if not Path(p).is_file():
+            sys.exit(f"error: {p} not found: this benchmark needs the shared real data (../shared/data)")
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    args.questions, args.corpus = str(Path(args.questions).resolve()), str(Path(args.corpus).resolve())
+    t0 = time.time()
+    start = warm_start(args, out)
+    start_eval = evaluate(args, out, start, "start")
+    evals, curves = {}, {}
+    for seed in args.seeds:  # seed-major: a partial benchmark still compares the methods
+        for m in args.methods:
+            folder = train_run(args, out, start, m, seed)
+            curves.setdefault(m, []).append([json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()])
+            evals.setdefault(m, []).append(evaluate(args, out, folder, f"{m}-seed{seed}"))
+    report = summarise(args, out, start_eval, evals, curves)
+    minutes = (time.time() - t0) / 60
+    results = Path(args.results)
+    results.mkdir(parents=True, exist_ok=True)
+    command = "python bench/bench_learning.py " + " ".join(sys.argv[1:])
+    (results / "learning.md").write_text(f"# Learning benchmark\n\n`{command}` ({minutes:.0f} min of this "
+                                         f"invocation)\n\n{report}\n\n![curves](learning_curves.png)\n")
+    plot(curves, results / "learning_curves.png")
+    print(report)
+
+
+if __name__ == "__main__":
+    main()
