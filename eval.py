@@ -65,14 +65,13 @@ def load_questions(questions: str | None, holdout: int, n: int | None) -> list[d
     return rows[:n] if n else rows
 
 
-def evaluate(model, tokenizer, questions: list[dict], index, env_cfg: env.EnvConfig, samples: int = 1,
-             batch: int = 64, seed: int = 0) -> dict:
-    """Roll out ``samples`` episodes per question (``env_cfg.temperature`` 0 = greedy) in chunks of
-    ``batch`` episodes and average each reward over all episodes."""
-    policy = env.HFPolicy(model, tokenizer, seed=seed)
+def evaluate(policy, tokenizer, questions: list[dict], index, env_cfg: env.EnvConfig, samples: int = 1,
+             batch: int = 64) -> dict:
+    """Roll out ``samples`` episodes per question with ``policy`` (env.HFPolicy or any object with
+    its ``generate``; ``env_cfg.temperature`` 0 = greedy) in chunks of ``batch`` episodes and
+    average each reward over all episodes."""
     per_chunk = max(1, batch // samples)
     trajectories = []
-    model.eval()
     with torch.no_grad():
         for i in range(0, len(questions), per_chunk):
             chunk = questions[i:i + per_chunk]
@@ -144,8 +143,9 @@ def run(args) -> dict[str, dict]:
     results = {}
     for name, path in models.items():
         model, tokenizer = load_policy(path)
-        results[name] = evaluate(model, tokenizer, questions, index, env_cfg, args.samples if args.sampled else 1,
-                                 args.batch, args.seed)
+        policy = env.HFPolicy(model.eval(), tokenizer, seed=args.seed)
+        results[name] = evaluate(policy, tokenizer, questions, index, env_cfg, args.samples if args.sampled else 1,
+                                 args.batch)
         print(f"{name}: {json.dumps({k: round(v, 4) for k, v in results[name].items()})}", file=sys.stderr)
     return results
 

@@ -1,0 +1,195 @@
+"""Per-token advantage viewer: the picture that explains MT-GRPO.
+
+    python viewer.py --scripted                       # the walkthrough's hand-written group (no model)
+    python viewer.py --model runs/final --G 6         # a group sampled from a checkpoint (demo world)
+    python viewer.py --scripted --html viewer.html    # also write an HTML page
+
+For one group of G rollouts of one question, every completion token is coloured by the advantage
+each method gives it (green > 0, red < 0, stronger = larger |A|; one scale for all methods), and
+environment tokens (the <result> the search tool wrote) are grey: no method trains on them.
+GRPO-OR and GRPO-MR paint a whole trajectory one colour; MT-GRPO can paint turn 1 (the search)
+and turn 2 (the answer) differently: a good search followed by a wrong answer is still a good search.
+"""
+from __future__ import annotations
+
+import argparse
+import html
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+import data
+import env
+import mt_grpo
+import rewards
+import search
+
+LABELS = {"grpo_or": "GRPO-OR", "grpo_mr": "GRPO-MR", "mt_grpo": "MT-GRPO"}
+
+
+def method_advantages(trajectories, scores: dict, G: int, lam: float = 1.0) -> dict[str, torch.Tensor]:
+    """{method: (N, 2) per-turn advantages} for one batch of whole groups, as train.py computes them."""
+    R_T, R_O = (torch.tensor(r, dtype=torch.float32) for r in rewards.reward_levels(scores))
+    has_result = torch.tensor([t.has_result for t in trajectories])
+    return {m: mt_grpo.turn_advantages(R_T, R_O, G, m, lam=lam, has_result=has_result) for m in LABELS}
+
+
+def token_pieces(tokenizer, traj, A_row) -> list[tuple[str, float | None]]:
+    """(text of each completion token, its advantage), None for environment tokens."""
+    pieces = []
+    for tid, k in zip(traj.completion_ids, traj.turn_idx):
+        text = tokenizer.decode([tid])
+        pieces.append((text, None if k == 0 else float(A_row[min(k, A_row.shape[0]) - 1])))
+    return pieces
+
+
+def segments(tokenizer, traj, A_row) -> list[tuple[int, str, float | None]]:
+    """Consecutive tokens of one turn merged: (turn k or 0 for the environment, text, advantage)."""
+    out = []
+    for (text, a), k in zip(token_pieces(tokenizer, traj, A_row), traj.turn_idx):
+        if out and out[-1][0] == k:
+            out[-1] = (k, out[-1][1] + text, a)
+        else:
+            out.append((k, text, a))
+    return out
+
+
+def render_compact(tokenizer, trajectories, advs: dict, width: int = 38) -> str:
+    """One line per method and rollout, each turn elided to ``width`` characters (for documents)."""
+    def short(text):
+        text = " ".join(text.split())
+        return text if len(text) <= width else text[:width // 2 - 2] + " .. " + text[-(width // 2 - 2):]
+
+    lines = []
+    for m, A in advs.items():
+        lines.append(f"{LABELS[m]}:")
+        for i, traj in enumerate(trajectories):
+            parts = [f"[env {len(t)} chars]" if k == 0 else f"[turn {k} A={a:+.2f}] {short(t)}"
+                     for k, t, a in segments(tokenizer, traj, A[i])]
+            lines.append(f"  {i}: " + " ".join(parts))
+    return "\n".join(lines)
+
+
+def _scale(advs: dict) -> float:
+    return max(1e-6, max(float(a.abs().max()) for a in advs.values()))
+
+
+def _rgb(a: float | None, scale: float) -> tuple[int, int, int]:
+    if a is None:
+        return (200, 200, 200)
+    t = min(1.0, abs(a) / scale)
+    base = (40, 170, 60) if a > 0 else (210, 50, 50)
+    return tuple(round(255 + (c - 255) * t) for c in base)  # white -> green/red
+
+
+def render_terminal(tokenizer, question: str, trajectories, scores: dict, advs: dict) -> str:
+    """ANSI 24-bit background colours; one block per method, one line per rollout."""
+    scale, out = _scale(advs), [f"Question: {question}"]
+    R_T, R_O = rewards.reward_levels(scores)
+    for m, A in advs.items():
+        out.append(f"\n== {LABELS[m]} ==")
+        for i, traj in enumerate(trajectories):
+            head = f"[{i}] R_T={R_T[i]:.2f} R_O={R_O[i]:.2f} A=({A[i, 0]:+.2f},{A[i, 1]:+.2f}) "
+            body = "".join(f"\x1b[48;2;{r};{g};{b}m\x1b[30m{t.replace(chr(10), ' ')}\x1b[0m"
+                           for t, a in token_pieces(tokenizer, traj, A[i]) for r, g, b in [_rgb(a, scale)])
+            out.append(head + body)
+    return "\n".join(out)
+
+
+def render_html(tokenizer, question: str, trajectories, scores: dict, advs: dict) -> str:
+    scale = _scale(advs)
+    R_T, R_O = rewards.reward_levels(scores)
+    parts = ["<!doctype html><meta charset='utf-8'><title>MT-GRPO per-token advantages</title>",
+             "<style>body{font-family:sans-serif;max-width:1400px;margin:auto}"
+             ".t{font-family:monospace;white-space:pre-wrap;font-size:12px;line-height:1.6}"
+             "td{vertical-align:top;padding:4px;border-bottom:1px solid #ddd}</style>",
+             f"<h2>{html.escape(question)}</h2><p>Green: positive advantage, red: negative (scale "
+             f"|A| = {scale:.2f}); grey: environment tokens (not trained on). Hover a token for its value.</p>",
+             "<table><tr><th>#</th><th>rewards</th>" + "".join(f"<th>{LABELS[m]}</th>" for m in advs) + "</tr>"]
+    for i, traj in enumerate(trajectories):
+        cells = []
+        for m, A in advs.items():
+            spans = "".join(f"<span style='background:rgb{_rgb(a, scale)}' title='{'env' if a is None else f'{a:+.3f}'}'>"
+                            f"{html.escape(t)}</span>" for t, a in token_pieces(tokenizer, traj, A[i]))
+            cells.append(f"<td><b>A = ({A[i, 0]:+.2f}, {A[i, 1]:+.2f})</b><div class=t>{spans}</div></td>")
+        parts.append(f"<tr><td>{i}</td><td>R_T {R_T[i]:.2f}<br>R_O {R_O[i]:.2f}</td>{''.join(cells)}</tr>")
+    return "\n".join(parts + ["</table>"])
+
+
+# ------------------------------------------------------------------------------ groups to look at
+
+
+def scripted_group(tokenizer, index, cfg: env.EnvConfig | None = None):
+    """The walkthrough's group: the demo world's first eval question, four hand-written rollouts
+    (good search + right answer, good search + wrong answer, bad search + wrong answer, no search +
+    right answer)."""
+    q = data.load_questions(data.demo_world()["eval"])[0]
+    answer, wrong = q["answer"], "Unknown"
+
+    def call(query):
+        return ('<reasoning>\nI will search for it.\n</reasoning>\n<tool>'
+                + json.dumps({"name": "wiki_search", "args": {"query": query}}) + "</tool>")
+
+    def reply(text, thought="The result says it."):
+        return f"<reasoning>\n{thought}\n</reasoning>\n<answer>{text}</answer>"
+
+    turns = [[call(q["question"]), reply(answer)],
+             [call(q["question"]), reply(wrong, "I am not sure.")],
+             [call("famous old river"), reply(wrong, "I am not sure.")],
+             [reply(answer, "I think I know this.")]]
+    cfg = cfg or env.EnvConfig(few_shot=False, max_turn_tokens=64, max_completion_tokens=256, result_max_tokens=96)
+    trajs = env.rollout(env.ScriptedPolicy(tokenizer, turns), tokenizer, [q["question"]], len(turns), index, cfg)
+    return q, trajs
+
+
+def sampled_group(model_dir: str, G: int, seed: int, question_index: int, index):
+    from policy import load_policy
+
+    model, tokenizer = load_policy(model_dir)
+    q = data.load_questions(data.demo_world()["eval"])[question_index]
+    cfg = env.EnvConfig(few_shot=False, max_turn_tokens=64, max_completion_tokens=256, result_max_tokens=96)
+    trajs = env.rollout(env.HFPolicy(model.eval(), tokenizer, seed=seed), tokenizer, [q["question"]], G, index, cfg)
+    return tokenizer, q, trajs
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--scripted", action="store_true", help="the walkthrough's hand-written group")
+    src.add_argument("--model", help="a run folder or model folder to sample a group from")
+    ap.add_argument("--G", type=int, default=6)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--question-index", type=int, default=0, help="which demo-world eval question")
+    ap.add_argument("--html", help="write the HTML page here")
+    args = ap.parse_args(argv)
+    index = search.load_index(data.demo_world()["corpus"])
+    if args.scripted:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(data.embedded_model_dir())
+        q, trajs = scripted_group(tokenizer, index)
+    else:
+        import eval as evaluation
+
+        try:
+            path = evaluation.resolve_model(args.model)
+        except evaluation.EvalError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        tokenizer, q, trajs = sampled_group(path, args.G, args.seed, args.question_index, index)
+    scores = rewards.compute([t.messages for t in trajs], [q["aliases"]] * len(trajs))
+    advs = method_advantages(trajs, scores, len(trajs))
+    print(render_terminal(tokenizer, q["question"], trajs, scores, advs))
+    if args.html:
+        tmp = Path(args.html).with_suffix(".tmp")
+        tmp.write_text(render_html(tokenizer, q["question"], trajs, scores, advs))
+        os.replace(tmp, args.html)
+        print(f"\nwrote {args.html}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
