@@ -131,13 +131,25 @@ def _name(rng: random.Random, parts: int, used: set) -> str:
             return word
 
 
-def generate_demo_world(seed: int = 0, n_people: int = 1500, n_towns: int = 300) -> tuple[list, list]:
-    """Deterministically generate (passages, questions) of the demo world from ``seed``."""
+def _facts(seed: int, n_people: int, n_towns: int) -> tuple[random.Random, list[dict], list[dict]]:
+    """The demo world's facts (towns, people), drawn in a fixed order from one seeded RNG."""
     rng, used = random.Random(seed), set()
     rivers = [_name(rng, 2, used) for _ in range(40)]
     provinces = [_name(rng, 3, used) for _ in range(25)]
     towns = [{"name": _name(rng, 2, used), "river": rng.choice(rivers), "province": rng.choice(provinces),
               "founded": rng.randint(900, 1700)} for _ in range(n_towns)]
+    people = []
+    for _ in range(n_people):
+        first, last = _name(rng, 2, used), _name(rng, 2, used)
+        job, town, born = rng.choice(_OCCUPATIONS), rng.choice(towns), rng.randint(1600, 1950)
+        people.append({"first": first, "last": last, "job": job, "town": town, "born": born,
+                       "work": _name(rng, 3, used), "studied": rng.choice(provinces)})
+    return rng, towns, people
+
+
+def generate_demo_world(seed: int = 0, n_people: int = 1500, n_towns: int = 300) -> tuple[list, list]:
+    """Deterministically generate (passages, questions) of the demo world from ``seed``."""
+    rng, towns, people = _facts(seed, n_people, n_towns)
     passages, questions = [], []
     for t in towns:
         passages.append({"id": f"town{len(passages)}_0", "title": t["name"], "text": (
@@ -146,19 +158,17 @@ def generate_demo_world(seed: int = 0, n_people: int = 1500, n_towns: int = 300)
             f"and its autumn fair.")})
         questions += [
             {"question": f"On which river does the town of {t['name']} lie?", "answer": t["river"],
-             "aliases": [t["river"], f"river {t['river']}", f"the {t['river']}", f"{t['river']} river"]},
+             "aliases": _river_aliases(t["river"])},
             {"question": f"In which province is the town of {t['name']}?", "answer": t["province"],
              "aliases": [t["province"], f"{t['province']} province", f"the province of {t['province']}"]},
         ]
-    for i in range(n_people):
-        first, last = _name(rng, 2, used), _name(rng, 2, used)
-        person = f"{first} {last}"
-        job, town, born = rng.choice(_OCCUPATIONS), rng.choice(towns)["name"], rng.randint(1600, 1950)
-        work, teacher = _name(rng, 3, used), rng.choice(provinces)
+    for i, p in enumerate(people):
+        person, last, job, town, born, work = (f"{p['first']} {p['last']}", p["last"], p["job"], p["town"]["name"],
+                                               p["born"], p["work"])
         passages += [
             {"id": f"person{i}_0", "title": person, "text": (
                 f"{person} (born {born}) is a {job} from the town of {town}. {last} studied in "
-                f"{teacher} and travelled widely before settling in {town}.")},
+                f"{p['studied']} and travelled widely before settling in {town}.")},
             {"id": f"person{i}_1", "title": person, "text": (
                 f"The best-known {_WORKS[job]} by {person} is {work}, completed after many years of work. "
                 f"Critics praised {work} for its ambition, and {last} is remembered for it today.")},
@@ -173,6 +183,38 @@ def generate_demo_world(seed: int = 0, n_people: int = 1500, n_towns: int = 300)
         ]
     rng.shuffle(questions)
     return passages, questions
+
+
+def _river_aliases(river: str) -> list[str]:
+    return [river, f"river {river}", f"the {river}", f"{river} river"]
+
+
+def generate_two_hop(seed: int = 0, n_people: int = 1500, n_towns: int = 300) -> list[dict]:
+    """Two-hop questions over the same demo world (issue 8): the person's passage names a town (the
+    bridge), the town's passage names the river (the answer), and no passage holds both, so one
+    search cannot answer. ``support`` lists the bridge's aliases: the evidence a first search should
+    find (rewards.call_rewards pays for new evidence per call)."""
+    _, _, people = _facts(seed, n_people, n_towns)
+    questions = []
+    for p in people:
+        town = p["town"]
+        questions.append({"question": f"On which river lies the town where the {p['job']} {p['first']} {p['last']} "
+                                      f"was born?", "answer": town["river"], "aliases": _river_aliases(town["river"]),
+                          "support": [[town["name"], f"the town of {town['name']}"]]})
+    random.Random(seed + 1).shuffle(questions)
+    return questions
+
+
+def two_hop_world(seed: int = 0, n_eval: int = 300, cache_dir: Path | None = None) -> dict[str, Path]:
+    """The two-hop task, cached like demo_world: ``corpus`` (the demo world's), ``train``, ``eval``."""
+    folder = Path(cache_dir or CACHE_DIR) / f"two-hop-v1-seed{seed}"
+    paths = {"corpus": demo_world(seed, cache_dir=cache_dir)["corpus"],
+             "train": folder / "train.jsonl", "eval": folder / "eval.jsonl"}
+    if not (paths["train"].is_file() and paths["eval"].is_file()):
+        questions = generate_two_hop(seed)
+        write_jsonl_atomic(paths["eval"], questions[:n_eval])
+        write_jsonl_atomic(paths["train"], questions[n_eval:])
+    return paths
 
 
 def demo_world(seed: int = 0, n_eval: int = 500, cache_dir: Path | None = None) -> dict[str, Path]:

@@ -185,3 +185,81 @@ def collapse_stats(R_T: Tensor, R_O: Tensor, G: int) -> dict[str, float]:
     (e.g. the policy stopped calling the tool, so R_T is 0 everywhere)."""
     return {"zero_var_share/turn": flat_groups(R_T, G).float().mean().item(),
             "zero_var_share/outcome": flat_groups(R_O, G).float().mean().item()}
+
+
+# ------------------------------------------------------------------------ K turns (issue 8)
+#
+# With up to K-1 tool calls a rollout takes T_i <= K turns: turns 1..T_i-1 each end in a tool call
+# whose result starts the next turn, turn T_i is its last (normally the answer). Turn k has its own
+# turn-level reward R_T^k (did call k run, did its result bring new evidence). DESIGN.md's
+# generalisation, return-to-go style, in the paper's convention:
+#
+#     A_i,T_i = A_O_i                               the last turn: the outcome advantage
+#     A_i,k   = A_T^k_i + lam * A_i,k+1   (k < T_i)  its own turn advantage plus lam x what follows
+#
+# (seed convention: A_i,k+1 + lam * A_T^k_i; both give the two-turn formulas at K = 2).
+
+
+def masked_group_normalise(R: Tensor, present: Tensor, G: int) -> Tensor:
+    """group_normalise over only the rollouts with ``present`` True; the others get 0, and so does
+    every rollout of a group with fewer than 2 present (nothing to compare with).
+
+    Why: at turn k >= 2 only the rollouts that took turn k have an R_T^k. Filling the others with 0
+    and normalising over all G (the naive way) compares a turn with turns that never happened: when
+    most rollouts stop early, every rollout that went on looks better than average whatever its
+    turn was worth, and the policy learns to take more turns for their own sake.
+    tests/test_mt_grpo.py shows that case. When every rollout is present this *is* group_normalise.
+    """
+    if present.shape != R.shape:
+        raise ValueError(f"present must have shape {tuple(R.shape)}, got {tuple(present.shape)}")
+    present = present.bool()
+    if present.all():
+        return group_normalise(R, G)
+    _groups(R, G)  # shape checks
+    A = torch.zeros_like(R if R.is_floating_point() else R.float())
+    for start in range(0, R.shape[0], G):
+        idx = start + present[start:start + G].nonzero().flatten()
+        if idx.numel() >= 2:
+            A[idx] = group_normalise(R[idx], idx.numel())
+    return A
+
+
+def k_turn_advantages(R_T: Tensor, R_O: Tensor, turns: Tensor, G: int, method: str = "mt_grpo", *,
+                      lam: float = 1.0, convention: str = "seed", has_result: Tensor | None = None) -> Tensor:
+    """Per-turn advantages for episodes of up to K turns, shape (N, K) with K = R_T.shape[1] + 1.
+
+    R_T (N, K-1): R_T[i, k-1] = turn-level reward of rollout i's turn k (its k-th tool call; 0 when
+    it made none). turns (N,) ints in 1..K: the turns rollout i took (its largest turn index).
+    A_T^k is normalised among the rollouts that took turn k (masked_group_normalise); A_O and A_MR
+    over the whole group. grpo_or / grpo_mr give every turn A_O / A_MR = norm(sum_k R_T^k + R_O).
+    Like turn_advantages, MT-GRPO rows with has_result False fall back to A_MR on every turn.
+    Columns past a rollout's last turn hold A_O; no token reads them. At K = 2 (R_T of shape
+    (N, 1)) this returns turn_advantages(R_T[:, 0], ...) bit for bit.
+    """
+    check_method(method)
+    if convention not in CONVENTIONS:
+        raise ValueError(f"unknown convention {convention!r}; valid conventions are {', '.join(CONVENTIONS)}")
+    if R_T.dim() != 2 or R_T.shape[0] != R_O.shape[0] or turns.shape != R_O.shape:
+        raise ValueError(f"need R_T (N, K-1), R_O (N,), turns (N,); got {tuple(R_T.shape)}, "
+                         f"{tuple(R_O.shape)}, {tuple(turns.shape)}")
+    K = R_T.shape[1] + 1
+    turns = turns.long()
+    if (turns < 1).any() or (turns > K).any():
+        raise ValueError(f"turns must lie in 1..{K}")
+    A_O = group_normalise(R_O, G)
+    A_MR = group_normalise(R_T.sum(dim=1) + R_O if K > 2 else R_T[:, 0] + R_O, G)
+    if method == "grpo_or":
+        return A_O[:, None].repeat(1, K)
+    if method == "grpo_mr":
+        return A_MR[:, None].repeat(1, K)
+    A = A_O[:, None].repeat(1, K)  # the last turn's value; filled backwards below
+    for k in range(K - 1, 0, -1):  # turn k = column k-1, from the second-to-last turn back to turn 1
+        A_T = masked_group_normalise(R_T[:, k - 1], turns >= k, G)
+        nxt = A[:, k]
+        own = A_T + lam * nxt if convention == "paper" else nxt + lam * A_T
+        A[:, k - 1] = torch.where(turns > k, own, A[:, k - 1])  # only turns followed by another turn
+    if has_result is not None:
+        if has_result.shape != R_O.shape:
+            raise ValueError(f"has_result must have shape {tuple(R_O.shape)}, got {tuple(has_result.shape)}")
+        A = torch.where(has_result.bool()[:, None], A, A_MR[:, None].expand_as(A))
+    return A

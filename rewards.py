@@ -214,3 +214,40 @@ def reward_levels(scores: dict[str, list[float]]) -> tuple[list[float], list[flo
 def means(scores: dict[str, list[float]]) -> dict[str, float]:
     """Batch mean of each reward, for logging (0.0 for an empty batch)."""
     return {k: sum(v) / len(v) if v else 0.0 for k, v in scores.items()}
+
+
+# ----------------------------------------------------------------------------- K turns (issue 8)
+def call_rewards(conversation, aliases, support=(), max_calls: int | None = None) -> list[float]:
+    """The turn-level reward of each tool call k, in order (K-turn MT-GRPO, DESIGN.md "Beyond two
+    turns"): 0.2 if call k executed (its reply is a ``<result>`` not starting with ``Error:``) plus
+    0.5 if result k holds *new* evidence: an alias of an evidence item that no earlier result held.
+    Evidence items are each alias list in ``support`` (a two-hop question's bridge entity) and the
+    answer's ``aliases``. "New" keeps a model from earning the 0.5 twice by repeating a search.
+
+    With one call and no support this is exactly the two-turn R^T, tool_execution + search_answer.
+    ``max_calls`` pads (with 0, "no call") or cuts the list to that length.
+    """
+    items = [_aliases(a) for a in support] + [_aliases(aliases)]
+    found, out = set(), []
+    for reply in _tool_replies(_messages(conversation)):
+        result = find_tag(reply, "result")
+        ok = result is not None and not result.startswith("Error:")
+        new = {j for j, item in enumerate(items)
+               if ok and j not in found and any(a in result.lower() for a in item)}
+        found |= new
+        out.append(0.2 * ok + 0.5 * bool(new))
+    if max_calls is not None:
+        out = (out + [0.0] * max_calls)[:max_calls]
+    return out
+
+
+def k_turn_levels(conversations: list, aliases: list, supports: list, max_calls: int) -> tuple[list, list]:
+    """(R_T, turns) for K-turn MT-GRPO (mt_grpo.k_turn_advantages), K = max_calls + 1: R_T[i] =
+    call_rewards padded to max_calls; turns[i] = 1 + the tool results rollout i received (a result
+    starts a new turn, as in env.py)."""
+    R_T, turns = [], []
+    for conv, a, s in zip(conversations, aliases, supports):
+        calls = call_rewards(conv, a, s or ())
+        R_T.append((calls + [0.0] * max_calls)[:max_calls])
+        turns.append(1 + min(len(calls), max_calls))
+    return R_T, turns

@@ -27,20 +27,36 @@ from policy import pack, token_logprobs
 
 
 def demonstration_turns(question: dict) -> list[str]:
-    """The two turns a demonstrator writes for one question (the answer is the dataset's)."""
-    call = json.dumps({"name": "wiki_search", "args": {"query": question["question"]}})
-    return [f"<reasoning>\nI need to look this up, so I will search for the question.\n</reasoning>\n"
-            f"<tool>\n{call}\n</tool>",
-            f"<reasoning>\nThe search result gives the answer.\n</reasoning>\n"
-            f"<answer>\n{question['answer']}\n</answer>"]
+    """The turns a demonstrator writes for one question (the answer is the dataset's). A two-hop
+    question (with ``support``, data.generate_two_hop) gets a second search for the bridge entity
+    the first result names."""
+    def search(query):
+        call = json.dumps({"name": "wiki_search", "args": {"query": query}})
+        return f"<tool>\n{call}\n</tool>"
+
+    turns = [f"<reasoning>\nI need to look this up, so I will search for the question.\n</reasoning>\n"
+             f"{search(question['question'])}"]
+    for aliases in question.get("support", []):
+        bridge = aliases[0]
+        turns.append(f"<reasoning>\nThe result names {bridge}. I will search for {bridge}.\n</reasoning>\n"
+                     f"{search(bridge)}")
+    turns.append(f"<reasoning>\nThe search result gives the answer.\n</reasoning>\n"
+                 f"<answer>\n{question['answer']}\n</answer>")
+    return turns
 
 
 def demonstrations(tokenizer, index, questions: list[dict], env_cfg: env.EnvConfig) -> list[env.Trajectory]:
-    """Scripted episodes through the real environment, kept only where the result holds the answer."""
+    """Scripted episodes through the real environment, kept only where every search brought new
+    evidence (rewards.call_rewards: it ran and found the bridge or the answer), so the answer was found."""
     policy = env.ScriptedPolicy(tokenizer, [demonstration_turns(q) for q in questions])
     trajectories = env.rollout(policy, tokenizer, [q["question"] for q in questions], 1, index, env_cfg)
-    scores = rewards.compute([t.messages for t in trajectories], [q["aliases"] for q in questions])
-    return [t for t, found in zip(trajectories, scores["search_answer"]) if found > 0 and not t.truncated]
+    keep = []
+    for t, q in zip(trajectories, questions):
+        calls = rewards.call_rewards(t.messages, q["aliases"], q.get("support", ()))
+        # one call per evidence item, each finding a new one: so the answer was found too
+        if len(calls) == 1 + len(q.get("support", ())) and all(r >= 0.7 for r in calls) and not t.truncated:
+            keep.append(t)
+    return keep
 
 
 def run(model, tokenizer, index, questions: list[dict], env_cfg: env.EnvConfig, steps: int,
@@ -60,7 +76,7 @@ def run(model, tokenizer, index, questions: list[dict], env_cfg: env.EnvConfig, 
         n_tokens = sum(sum(k > 0 for k in t.turn_idx) for t in chunk)
         loss = 0.0
         for j in range(0, batch, micro_batch):
-            ids, attn, turn = pack(chunk[j:j + micro_batch], tokenizer.pad_token_id)
+            ids, attn, turn = (x.to(model.device) for x in pack(chunk[j:j + micro_batch], tokenizer.pad_token_id))
             logp = token_logprobs(model, ids, attn, turn, bf16)
             part = -(logp * (turn[:, 1:] > 0)).sum() / n_tokens
             part.backward()

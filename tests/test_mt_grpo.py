@@ -312,3 +312,134 @@ def test_mt_grpo_token_advantages_match_trl():
     theirs.backward()
     torch.testing.assert_close(ours, theirs, atol=1e-10, rtol=0)
     torch.testing.assert_close(ours_logp.grad, trl_logp.grad, atol=1e-10, rtol=0)
+
+
+# --- Beyond two turns (issue 8): K-turn MT-GRPO with variable-length episodes ---------------------
+#
+# K = 3: up to two searches, then an answer. Four rollouts of a two-hop question ("which river lies
+# at the town where X was born?": search X -> the town; search the town -> the river):
+#
+#    rollout  story                                               turns  R_T^1  R_T^2  R_O
+#    1        searched X (found the town), searched it, right       3     0.7    0.7   1.9
+#    2        searched X (found the town), searched it, wrong       3     0.7    0.7   0.4
+#    3        searched X (found the town), then guessed, wrong      2     0.7    0.0   0.4
+#    4        searched badly (no town), searched again (found it)   3     0.2    0.7   0.4
+#
+# Turn 1 and turn 2 were taken by all four (rollout 3's turn 2 is its answer: no call, R_T^2 = 0).
+
+from mt_grpo import k_turn_advantages, masked_group_normalise  # noqa: E402
+
+
+def two_hop_group():
+    R_T = torch.tensor([[0.7, 0.7], [0.7, 0.7], [0.7, 0.0], [0.2, 0.7]], dtype=DT)
+    R_O = torch.tensor([1.9, 0.4, 0.4, 0.4], dtype=DT)
+    turns = torch.tensor([3, 3, 2, 3])
+    return R_T, R_O, turns
+
+
+def test_k_turn_mt_grpo_by_hand():
+    """A_3 = A_O; A_2 = A_T^2 + lam*A_3; A_1 = A_T^1 + lam*A_2 (paper convention, lam = 1).
+    R_O = 1.9, 0.4, 0.4, 0.4: mean 0.775, deviations 1.125, -0.375 x 3, std = sqrt(1.6875/3) = 0.75
+        A_O = 1.125/0.7501 = 1.4998, -0.49993 x 3
+    R_T^2 = 0.7, 0.7, 0.0, 0.7: mean 0.525, std = sqrt((3 x 0.030625 + 0.275625)/3) = 0.35
+        A_T^2 = 0.175/0.3501 = 0.49986 x 3 (rollouts 1, 2, 4), -1.49957 (rollout 3)
+    R_T^1 = 0.7, 0.7, 0.7, 0.2: A_T^1 = 0.49993 x 3, -1.49978
+    Rollout 3 took only 2 turns: its turn 2 is its last and gets A_O, its turn 1 A_T^1 + A_O."""
+    R_T, R_O, turns = two_hop_group()
+    A = k_turn_advantages(R_T, R_O, turns, G, "mt_grpo", convention="paper")
+    A_O, A_T2, A_T1 = group_normalise(R_O, G), group_normalise(R_T[:, 1], G), group_normalise(R_T[:, 0], G)
+    assert A_O[0].item() == pytest.approx(1.4998, abs=1e-4) and A_T2[2].item() == pytest.approx(-1.4996, abs=1e-4)
+    expected = torch.stack([
+        torch.stack([A_T1[0] + A_T2[0] + A_O[0], A_T2[0] + A_O[0], A_O[0]]),
+        torch.stack([A_T1[1] + A_T2[1] + A_O[1], A_T2[1] + A_O[1], A_O[1]]),
+        torch.stack([A_T1[2] + A_O[2], A_O[2], A_O[2]]),           # 2 turns: column 3 unused (A_O)
+        torch.stack([A_T1[3] + A_T2[3] + A_O[3], A_T2[3] + A_O[3], A_O[3]]),
+    ])
+    assert torch.allclose(A, expected)
+    # Rollout 2 (two good searches, wrong answer): the first search is credited (+0.50), the second
+    # is neutral (its good A_T^2 cancels the bad outcome), the answer punished (-0.50). GRPO-OR
+    # would give all three turns -0.50.
+    assert A[1, 0].item() == pytest.approx(0.4997, abs=1e-4) and abs(A[1, 1].item()) < 1e-3 and A[1, 2] < 0
+    # Rollout 4's bad first search is blamed (A_T^1 = -1.5) even though its second search was good.
+    assert A[3, 0] < A[3, 1]
+
+
+def test_k_turn_lambda_discounts_later_turns():
+    """A_1 = A_T^1 + lam*A_T^2 + lam^2*A_O: return-to-go with discount lam (paper convention)."""
+    R_T, R_O, turns = two_hop_group()
+    lam = 0.5
+    A = k_turn_advantages(R_T, R_O, turns, G, "mt_grpo", lam=lam, convention="paper")
+    A_O, A_T2, A_T1 = group_normalise(R_O, G), group_normalise(R_T[:, 1], G), group_normalise(R_T[:, 0], G)
+    assert torch.allclose(A[0, 0], A_T1[0] + lam * A_T2[0] + lam ** 2 * A_O[0])
+    seed = k_turn_advantages(R_T, R_O, turns, G, "mt_grpo", lam=lam, convention="seed")
+    assert torch.allclose(seed[0, 0], A_O[0] + lam * A_T2[0] + lam * A_T1[0])  # seed: A_k+1 + lam*A_T^k
+
+
+def test_k_turn_baselines_are_trajectory_level():
+    R_T, R_O, turns = two_hop_group()
+    A_MR = group_normalise(R_T.sum(1) + R_O, G)
+    assert torch.equal(k_turn_advantages(R_T, R_O, turns, G, "grpo_mr"), A_MR[:, None].repeat(1, 3))
+    assert torch.equal(k_turn_advantages(R_T, R_O, turns, G, "grpo_or"), group_normalise(R_O, G)[:, None].repeat(1, 3))
+
+
+@pytest.mark.parametrize("method", mt_grpo.METHODS)
+@pytest.mark.parametrize("convention", mt_grpo.CONVENTIONS)
+@pytest.mark.parametrize("lam", [1.0, 0.3])
+def test_k_equals_2_reproduces_the_two_turn_advantages_bit_for_bit(method, convention, lam):
+    """Random rewards, 8 groups of 5, some rollouts without a tool result (one turn, A_MR fallback)."""
+    g = torch.Generator().manual_seed(7)
+    N, G5 = 40, 5
+    R_T = torch.randint(0, 8, (N,), generator=g).float() / 10
+    R_O = torch.randint(0, 20, (N,), generator=g).float() / 10
+    has_result = torch.rand(N, generator=g) > 0.3
+    turns = 1 + has_result.long()  # a result starts turn 2
+    two = turn_advantages(R_T, R_O, G5, method, lam=lam, convention=convention, has_result=has_result)
+    k = k_turn_advantages(R_T[:, None], R_O, turns, G5, method, lam=lam, convention=convention, has_result=has_result)
+    assert torch.equal(two, k)
+
+
+def test_the_bias_of_normalising_turns_that_never_happened():
+    """K = 4 (three searches allowed). Rollouts 1-2 stopped after their first search (answered in
+    turn 2); rollouts 3-4 searched twice more, and their third searches earned the same 0.2 (ran,
+    found nothing new). Among the rollouts that took turn 3 nothing distinguishes the two: A_T^3
+    must be 0. The naive way fills the missing R_T^3 with 0 and normalises over all four: the two
+    long rollouts then get A_T^3 = +0.87 each for merely going on, a push towards longer episodes
+    that no reward asked for."""
+    R_T3 = torch.tensor([0.0, 0.0, 0.2, 0.2], dtype=DT)   # 0 = "no turn 3" for rollouts 1-2
+    turns = torch.tensor([2, 2, 4, 4])
+    naive = group_normalise(R_T3, G)
+    assert naive[2].item() == pytest.approx(0.866, abs=1e-3) and naive[0].item() == pytest.approx(-0.866, abs=1e-3)
+    ours = masked_group_normalise(R_T3, turns >= 3, G)
+    assert torch.equal(ours, torch.zeros(4, dtype=DT))
+    # and in the full advantage: the long rollouts' turn 3 gets only what follows (A_O), nothing more
+    R_T = torch.stack([torch.tensor([0.7, 0.7, 0.7, 0.7]), torch.tensor([0.0, 0.0, 0.2, 0.2]), R_T3.float()], 1)
+    R_O = torch.tensor([0.4, 1.9, 0.4, 1.9])
+    A = k_turn_advantages(R_T, R_O, turns, G, "mt_grpo", convention="paper")
+    assert torch.allclose(A[2, 2], A[2, 3]) and torch.allclose(A[3, 2], A[3, 3])
+
+
+def test_masked_normalisation_compares_only_present_rollouts():
+    R = torch.tensor([0.7, 0.0, 0.2, 9.9, 1.0, 1.0, 5.0, 5.0], dtype=DT)
+    present = torch.tensor([True, True, True, False, True, False, False, False])
+    A = masked_group_normalise(R, present, G)
+    assert torch.equal(A[:3], group_normalise(R[:3], 3))       # the 9.9 of an absent rollout is ignored
+    assert A[3] == 0 and torch.equal(A[4:], torch.zeros(4, dtype=DT))  # one present rollout: nothing to compare
+    assert torch.equal(masked_group_normalise(R, torch.ones(8, dtype=torch.bool), G), group_normalise(R, G))
+
+
+def test_k_turn_token_advantages_follow_the_turn_index():
+    R_T, R_O, turns = two_hop_group()
+    A = k_turn_advantages(R_T, R_O, turns, G, "mt_grpo")
+    turn_idx = torch.tensor([[0, 1, 1, 0, 2, 0, 3, 3]] * 4)
+    A_tok, mask = token_advantages(A, turn_idx)
+    assert torch.equal(A_tok[1], torch.stack([A[1, 0] * 0, A[1, 0], A[1, 0], A[1, 0] * 0, A[1, 1], A[1, 0] * 0, A[1, 2], A[1, 2]]))
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: k_turn_advantages(torch.zeros(4), torch.zeros(4), torch.ones(4), G), "need R_T"),
+    (lambda: k_turn_advantages(torch.zeros(4, 2), torch.zeros(4), torch.full((4,), 4), G), "turns must lie in 1..3"),
+    (lambda: masked_group_normalise(torch.zeros(4), torch.ones(3, dtype=torch.bool), G), "present must have shape"),
+])
+def test_k_turn_bad_arguments_raise(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()

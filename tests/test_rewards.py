@@ -332,3 +332,46 @@ def test_fuzz_never_raises_and_stays_in_range():
     for key in rewards.REWARD_MAX:
         assert any(v > 0 for v in scores[key]), key
     assert 0 < sum(v == rewards.REWARD_MAX["xml"] for v in scores["xml"]) < len(convs)
+
+
+# ----------------------------------------------------------------------------- K turns (issue 8)
+def _episode(*results, answer="Lyon"):
+    """An episode with one tool call per result, then an answer."""
+    conv = []
+    for r in results:
+        conv += [{"role": "assistant", "content": '<reasoning>x</reasoning><tool>{"name": "wiki_search", "args": {"query": "q"}}</tool>'},
+                 {"role": "user", "content": f"<result>\n{r}\n</result>"}]
+    return conv + [{"role": "assistant", "content": f"<reasoning>x</reasoning><answer>{answer}</answer>"}]
+
+
+TOWN = [["Gortete", "the town of Gortete"]]
+RIVER = ["Quinsil", "river Quinsil"]
+
+
+def test_call_rewards_pay_each_call_for_new_evidence():
+    conv = _episode("Xa Yb is a poet from the town of Gortete.", "Gortete lies on the river Quinsil.")
+    assert rewards.call_rewards(conv, RIVER, TOWN) == [pytest.approx(0.7), pytest.approx(0.7)]
+
+
+def test_call_rewards_repeating_a_search_earns_the_evidence_once():
+    conv = _episode("... the town of Gortete.", "... the town of Gortete.")
+    assert rewards.call_rewards(conv, RIVER, TOWN) == [pytest.approx(0.7), pytest.approx(0.2)]
+
+
+def test_call_rewards_error_and_missing_calls():
+    conv = _episode("Error: the tool command is not valid JSON.", "Gortete lies on the river Quinsil.")
+    assert rewards.call_rewards(conv, RIVER, TOWN) == [0.0, pytest.approx(0.7)]  # the river: new evidence
+    assert rewards.call_rewards(_episode(), RIVER, TOWN, max_calls=2) == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("results", [(), ("Paris is the capital.",), ("Nothing here.",), ("Error: bad",)])
+def test_one_call_without_support_is_the_two_turn_turn_reward(results):
+    conv = _episode(*results)
+    two_turn = rewards.tool_execution(conv) + rewards.search_answer(conv, ["Paris"])
+    assert sum(rewards.call_rewards(conv, ["Paris"])) == pytest.approx(two_turn)
+
+
+def test_k_turn_levels_count_turns_from_results():
+    convs = [_episode(answer="x"), _episode("a"), _episode("a", "b")]
+    R_T, turns = rewards.k_turn_levels(convs, [RIVER] * 3, [TOWN] * 3, max_calls=2)
+    assert turns == [1, 2, 3] and all(len(r) == 2 for r in R_T)
