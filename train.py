@@ -58,6 +58,8 @@ class Config:
     method: str = "mt_grpo"         # mt_grpo | grpo_or | grpo_mr
     lam: float = 1.0                # lambda, weight of the second advantage on turn 1 (paper: 1)
     convention: str = "seed"        # seed: turn 1 gets A_O + lam*A_T; paper: A_T + lam*A_O (equal at lam=1)
+    k_turn: bool = False            # issue 8: a turn-level reward per tool call and K = max_tool_calls + 1
+                                    # turns of advantages (mt_grpo.k_turn_advantages); off = the paper's two turns
     G: int = 8                      # rollouts per question, the group (paper: 21)
     batch_size: int = 16            # rollouts per step, whole groups: batch_size / G questions (seed: 336 =
                                     # 12 per GPU x 7 GPUs x 4 accumulation = 16 questions x 21)
@@ -245,13 +247,32 @@ def sample_seed(seed: int, process_index: int) -> int:
 # ------------------------------------------------------------------------------------------ the math glue
 
 
-def advantages(cfg: Config, scores: dict[str, list[float]], trajectories) -> tuple[torch.Tensor, dict]:
+def advantages(cfg: Config, scores: dict[str, list[float]], trajectories, rows=None) -> tuple[torch.Tensor, dict]:
+    """Per-turn advantages of the batch: (N, 2), or (N, max_tool_calls + 1) with --k-turn (which
+    needs ``rows``, the question of each rollout, for its aliases and support)."""
     R_T, R_O = (torch.tensor(r, dtype=torch.float32) for r in rewards.reward_levels(scores))
     has_result = torch.tensor([t.has_result for t in trajectories])
-    A = mt_grpo.turn_advantages(R_T, R_O, cfg.G, cfg.method, lam=cfg.lam, convention=cfg.convention,
-                                has_result=has_result)
+    if cfg.k_turn:  # one turn-level reward per call (new evidence found), turns counted from the results
+        R_Tk, turns = rewards.k_turn_levels([t.messages for t in trajectories], [q["aliases"] for q in rows],
+                                            [q.get("support") for q in rows], cfg.max_tool_calls)
+        R_Tk = torch.tensor(R_Tk, dtype=torch.float32)
+        A = mt_grpo.k_turn_advantages(R_Tk, R_O, torch.tensor(turns), cfg.G, cfg.method, lam=cfg.lam,
+                                      convention=cfg.convention, has_result=has_result)
+        R_T = R_Tk.sum(dim=1)
+    else:
+        A = mt_grpo.turn_advantages(R_T, R_O, cfg.G, cfg.method, lam=cfg.lam, convention=cfg.convention,
+                                    has_result=has_result)
     return A, {"reward_turn": R_T.mean().item(), "reward_outcome": R_O.mean().item(),
                **mt_grpo.collapse_stats(R_T, R_O, cfg.G)}
+
+
+def episode_stats(trajectories, rows) -> dict:
+    """How the agent used the tool: calls per episode, and whether any search found an answer alias."""
+    results = [[m["content"].lower() for m in t.messages if m["role"] == "user" and m["content"].startswith("<result>")]
+               for t in trajectories]
+    found = [any(a.strip() and a.lower().strip() in r for a in q["aliases"] for r in res) for res, q in zip(results, rows)]
+    return {"tool_call_rate": float(np.mean([any(c is not None for c in t.tool_calls) for t in trajectories])),
+            "calls_per_episode": float(np.mean([len(r) for r in results])), "answer_found": float(np.mean(found))}
 
 
 def update(cfg: Config, model, ref_model, optimizer, scheduler, ids, attn, turn, A, accelerator=None) -> dict:
@@ -516,15 +537,14 @@ def train(cfg: Config) -> Path:
         # every process scores the whole batch (cheap string checks) and normalises each group whole, so a
         # group whose rollouts were sampled by two processes is normalised exactly as in one process
         scores = rewards.compute([t.messages for t in trajectories], [q["aliases"] for q in rows])
-        A, level_stats = advantages(cfg, scores, trajectories)
+        A, level_stats = advantages(cfg, scores, trajectories, rows)
 
         model.train()
         ids, attn, turn = pack(trajectories[mine], tokenizer.pad_token_id)  # ...and trains on its own rows
         upd = update(cfg, trainer, ref_model, optimizer, scheduler, ids, attn, turn, A[mine], accelerator)
 
         n_tokens = sum(len(t.prompt_ids) + len(t.completion_ids) for t in trajectories)
-        row = {"step": step + 1, **rewards.means(scores), **level_stats, **upd,
-               "tool_call_rate": float(np.mean([any(c is not None for c in t.tool_calls) for t in trajectories])),
+        row = {"step": step + 1, **rewards.means(scores), **level_stats, **upd, **episode_stats(trajectories, rows),
                "truncated": float(np.mean([t.truncated for t in trajectories])),
                "completion_tokens": float(np.mean([len(t.completion_ids) for t in trajectories])),
                "rollout_seconds": t_roll, "step_seconds": time.time() - t0,
@@ -550,7 +570,8 @@ def peak_rss_gb() -> float:
 
 
 def sample_text(tokenizer, traj, A) -> str:
-    return f"--- sample (A turn1={A[0]:+.2f}, turn2={A[1]:+.2f}) ---\n{tokenizer.decode(traj.completion_ids)}\n---"
+    turns = ", ".join(f"turn{k + 1}={a:+.2f}" for k, a in enumerate(A.tolist()))
+    return f"--- sample (A {turns}) ---\n{tokenizer.decode(traj.completion_ids)}\n---"
 
 
 # ------------------------------------------------------------------------------------------ CLI

@@ -64,7 +64,11 @@ def warm_start(args, out: Path) -> Path:
     return folder
 
 
-def train_run(args, out: Path, start: Path, method: str, seed: int) -> Path:
+# the environment both training and evaluation use (the real preset's, as flags)
+ENV_FLAGS = ["--top-k", "3", "--result-max-tokens", "128", "--max-completion-tokens", "320"]
+
+
+def train_run(args, out: Path, start: Path, method: str, seed: int, task_flags=("--preset", "real")) -> Path:
     folder = out / f"{method}-seed{seed}"
     metrics = folder / "metrics.jsonl"
     if (folder / "checkpoint" / "state.pt").is_file() and metrics.is_file() and \
@@ -75,23 +79,24 @@ def train_run(args, out: Path, start: Path, method: str, seed: int) -> Path:
         import shutil
 
         shutil.rmtree(folder)
-    run([sys.executable, "train.py", "--preset", "real", "--questions", args.questions, "--corpus", args.corpus,
+    run([sys.executable, "train.py", *task_flags, "--questions", args.questions, "--corpus", args.corpus,
          "--holdout", str(args.holdout), "--model", str(start), "--warmstart-steps", "0", "--method", method,
          "--seed", str(seed), "--max-steps", str(args.steps), "--G", str(args.G), "--batch-size", str(args.batch_size),
-         "--save-every", "2", "--sample-every", "0", "--output-dir", str(folder), *resume], out / "train.log")
+         "--save-every", "2", "--sample-every", "0", "--threads", str(args.threads), "--output-dir", str(folder),
+         *resume], out / "train.log")
     return folder
 
 
-def evaluate(args, out: Path, model: Path, name: str) -> dict:
+def evaluate(args, out: Path, model: Path, name: str, env_flags=ENV_FLAGS) -> dict:
     path = out / f"eval-{name}.json"
     if not path.is_file():
-        run([sys.executable, "eval.py", str(model), "--questions", args.questions, "--corpus", args.corpus,
-             "--holdout", str(args.holdout), "--n", str(args.eval_n), "--top-k", "3", "--result-max-tokens", "128",
-             "--max-completion-tokens", "320", "--batch", "16", "--json", str(path)], out / "eval.log")
+        run([sys.executable, "eval.py", str(model), "--questions", args.eval_questions or args.questions,
+             "--corpus", args.corpus, "--holdout", str(args.holdout), "--n", str(args.eval_n), *env_flags,
+             "--batch", "16", "--threads", str(args.threads), "--json", str(path)], out / "eval.log")
     return json.loads(path.read_text())["results"][str(model)]
 
 
-def summarise(args, out: Path, start_eval: dict, evals: dict, curves: dict) -> str:
+def summarise(args, start_eval: dict, evals: dict, curves: dict, methods=METHODS, curve_keys=CURVES) -> str:
     import numpy as np
 
     from eval import COLUMNS
@@ -105,29 +110,31 @@ def summarise(args, out: Path, start_eval: dict, evals: dict, curves: dict) -> s
              f"seeds {', '.join(map(str, args.seeds))}.", "",
              "| Method | " + " | ".join(h for _, h in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|",
              "| Start (warm start, no RL) | " + " | ".join(cell([start_eval], k) for k, _ in COLUMNS) + " |"]
-    for m, label in METHODS.items():
+    for m, label in methods.items():
         if evals.get(m):
             lines.append(f"| {label} | " + " | ".join(cell(evals[m], k) for k, _ in COLUMNS) + " |")
     half = args.steps // 2
     lines += ["", f"Training rollouts (sampled, G={args.G}), mean over steps {half + 1}-{args.steps} and seeds:", "",
-              "| Method | " + " | ".join(h for _, h in CURVES) + " |", "|---" * (len(CURVES) + 1) + "|"]
-    for m, label in METHODS.items():
+              "| Method | " + " | ".join(h for _, h in curve_keys) + " |", "|---" * (len(curve_keys) + 1) + "|"]
+    for m, label in methods.items():
         rows = [r for run_rows in curves.get(m, []) for r in run_rows if r["step"] > half]
         if rows:
-            lines.append(f"| {label} | " + " | ".join(f"{np.mean([r[k] for r in rows]):.3f}" for k, _ in CURVES) + " |")
+            lines.append(f"| {label} | " + " | ".join(f"{np.mean([r[k] for r in rows]):.3f}" for k, _ in curve_keys) + " |")
     return "\n".join(lines)
 
 
-def plot(curves: dict, path: Path) -> None:
+def plot(curves: dict, path: Path, methods=METHODS, curve_keys=CURVES) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    fig, axes = plt.subplots(1, len(CURVES), figsize=(13, 3.2), dpi=80)
-    for ax, (key, title) in zip(axes, CURVES):
-        for (m, label), color in zip(METHODS.items(), ("tab:gray", "tab:blue", "tab:red")):
+    fig, axes = plt.subplots(1, len(curve_keys), figsize=(13, 3.2), dpi=80)
+    colors = {"grpo_or": "tab:gray", "grpo_mr": "tab:blue", "mt_grpo": "tab:red"}
+    for ax, (key, title) in zip(axes, curve_keys):
+        for (m, label) in methods.items():
+            color = colors[m]
             runs = curves.get(m, [])
             if not runs:
                 continue
@@ -157,7 +164,9 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--holdout", type=int, default=400)
     ap.add_argument("--eval-n", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads per run (0 = torch's default)")
     args = ap.parse_args()
+    args.eval_questions = None
     for p in (args.questions, args.corpus):
         if not Path(p).is_file():
             sys.exit(f"error: {p} not found: this benchmark needs the shared real data (../shared/data)")
@@ -173,7 +182,7 @@ def main() -> None:
             folder = train_run(args, out, start, m, seed)
             curves.setdefault(m, []).append([json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()])
             evals.setdefault(m, []).append(evaluate(args, out, folder, f"{m}-seed{seed}"))
-    report = summarise(args, out, start_eval, evals, curves)
+    report = summarise(args, start_eval, evals, curves)
     minutes = (time.time() - t0) / 60
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)

@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 import env
+import rewards
 import train
 from policy import pack
 
@@ -153,3 +154,32 @@ def test_resume_after_kill_is_bit_identical(tmp_path, tiny_model_dir):
         assert [r[key] for r in rows_cut] == [r[key] for r in rows_full], key
     for key in REWARD_KEYS + ("reward_turn", "reward_outcome", "tool_call_rate", "step_seconds"):
         assert key in rows_cut[0]
+
+
+# ----------------------------------------------------------------------------- K turns (issue 8)
+def test_k_turn_with_one_call_gives_the_two_turn_advantages(tok, searcher):
+    """--k-turn with max_tool_calls 1 (K = 2) is the paper's two-turn MT-GRPO on real trajectories."""
+    script = [['<tool>{"name": "wiki_search", "args": {"query": "Dracula"}}</tool>', "<answer>Bram Stoker</answer>"],
+              ['<tool>{"name": "wiki_search", "args": {"query": "Paris"}}</tool>', "<answer>Lyon</answer>"],
+              ["<answer>Bram Stoker</answer>"], ['<tool>{"name": "nope"}</tool>', "<answer>x</answer>"]]
+    cfg_env = env.EnvConfig(max_tool_calls=1, few_shot=False)
+    trajs = env.rollout(env.ScriptedPolicy(tok, script), tok, ["Who wrote Dracula?"], 4, searcher, cfg_env)
+    rows = [{"question": "Who wrote Dracula?", "aliases": ["Bram Stoker"]}] * 4
+    scores = rewards.compute([t.messages for t in trajs], [r["aliases"] for r in rows])
+    for method in ("mt_grpo", "grpo_mr", "grpo_or"):
+        two, _ = train.advantages(train.Config(G=4, method=method, max_tool_calls=1), scores, trajs, rows)
+        k, _ = train.advantages(train.Config(G=4, method=method, max_tool_calls=1, k_turn=True), scores, trajs, rows)
+        assert torch.equal(two, k)
+
+
+def test_k_turn_training_step_on_two_hop_questions(tmp_path, tiny_model_dir):
+    """A real --k-turn run: three columns of advantages, the new tool-use metrics logged."""
+    import data
+
+    world = data.two_hop_world()
+    out = tmp_path / "k"
+    proc = run_train(tiny_args(tiny_model_dir, out, "--k-turn", "--max-tool-calls", "2", "--max-steps", "1",
+                               "--questions", str(world["train"]), "--corpus", str(world["corpus"])))
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()[-2000:]
+    row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert {"calls_per_episode", "answer_found", "tool_call_rate", "reward_turn"} <= set(row)
