@@ -30,7 +30,8 @@ import bench_learning as bl  # noqa: E402  (shared runner, table and plot)
 METHODS = {"grpo_mr": "GRPO-MR", "mt_grpo": "MT-GRPO (K-turn)"}
 CURVES = [("calls_per_episode", "tool calls per episode"), ("search_answer", "first search found answer"),
           ("answer_found", "a search found the answer"), ("exact_match", "exact match (0-1)")]
-ENV = ["--max-tool-calls", "2", "--max-turn-tokens", "64", "--max-completion-tokens", "384",
+# two-hop questions are long: a search turn that quotes one needs ~70 tokens, hence 96 per turn
+ENV = ["--max-tool-calls", "2", "--max-turn-tokens", "96", "--max-completion-tokens", "384",
        "--top-k", "1", "--result-max-tokens", "96"]
 
 
@@ -44,7 +45,8 @@ def warm_start(args, out: Path) -> Path:
     import warmstart
     from policy import load_policy
 
-    cfg = train.Config(max_tool_calls=2, max_completion_tokens=384, warmstart_steps=args.warmstart_steps)
+    cfg = train.Config(max_tool_calls=2, max_turn_tokens=96, max_completion_tokens=384,
+                       warmstart_steps=args.warmstart_steps)
     train.seed_everything(0)
     model, tok = load_policy(None)
     index = search.load_index(args.corpus)
