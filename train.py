@@ -100,6 +100,8 @@ class Config:
     rollout_backend: str = "hf"     # hf: every process samples its rows with HF generate; vllm: the main
                                     # process samples the whole batch with vLLM (vllm_backend.py), its
                                     # weights synced from the trained model before every rollout (paper)
+    vllm_gpu_memory: float = 0.3    # the engine's share of its GPU (vLLM's gpu_memory_utilization): it lives
+                                    # in the main process, on that process's GPU, beside the trainer
 
 
 PRESETS = {
@@ -483,7 +485,12 @@ def train(cfg: Config) -> Path:
     if cfg.rollout_backend == "vllm":  # one engine, in the main process; the others get its trajectories
         import vllm_backend
 
-        policy = vllm_backend.VLLMPolicy(str(start_path or data.embedded_model_dir()), tokenizer, seed=cfg.seed) if main else None
+        # bf16 on a GPU (the trainer's precision); on CPU fp32, as HF sampling there. vLLM's default
+        # gpu_memory_utilization (0.9) would leave the trainer beside it no room.
+        engine = (dict(dtype="bfloat16", gpu_memory_utilization=cfg.vllm_gpu_memory) if torch.cuda.is_available()
+                  else dict(dtype="float32"))
+        policy = (vllm_backend.VLLMPolicy(str(start_path or data.embedded_model_dir()), tokenizer, seed=cfg.seed, **engine)
+                  if main else None)
     else:
         policy = env.HFPolicy(model, tokenizer, seed=sample_seed(cfg.seed, accelerator.process_index))
     env_cfg = env_config(cfg)
