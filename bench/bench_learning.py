@@ -43,7 +43,6 @@ def warm_start(args, out: Path) -> Path:
     folder = out / "warmstart"
     if (folder / "config.json").is_file():
         return folder
-    import torch  # noqa: F401  (heavy imports only when needed)
 
     import train
     import warmstart

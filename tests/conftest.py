@@ -45,6 +45,20 @@ def tiny_model(tok):
     return LlamaForCausalLM(config).eval()
 
 
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tok):
+    """The same tiny Llama saved like any checkpoint, so train.py and eval.py load it through --model."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    folder = tmp_path_factory.mktemp("tiny-model")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture()
 def passages():
     return [dict(p) for p in FAKE_PASSAGES]

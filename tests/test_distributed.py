@@ -52,21 +52,6 @@ PARAM_ATOL = 3e-5   # parameters (absolute)
 
 
 @pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory, tok):
-    """A 2-layer Llama (hidden 64) with SmolLM2's vocabulary, saved like any checkpoint."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    folder = tmp_path_factory.mktemp("tiny-model")
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_model_dir):
     """The same 2 steps run by 1 plain process and by 2 processes under accelerate launch (in turn)."""
     folder = tmp_path_factory.mktemp("dist")

@@ -27,21 +27,6 @@ ROOT = Path(__file__).resolve().parents[1]
 REWARD_KEYS = ("tool_execution", "search_answer", "answer_presence", "exact_match", "format", "xml")
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory, tok):
-    """A 2-layer Llama saved like any checkpoint, so train.py loads it through --model."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    folder = tmp_path_factory.mktemp("tiny-model")
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
-
-
 def tiny_args(model_dir, out, *extra) -> list[str]:
     return ["--model", str(model_dir), "--output-dir", str(out), "--G", "2", "--batch-size", "4",
             "--micro-batch", "2", "--max-turn-tokens", "12", "--max-completion-tokens", "90",
