@@ -40,17 +40,24 @@ def run(cmd: list[str], log: Path) -> None:
 
 def warm_start(args, out: Path) -> Path:
     """One supervised warm start shared by every run (the cold-start fix of train.py, done once)."""
+    import train
+
+    cfg = train.Config(**{**train.PRESETS["real"], "questions": args.questions, "corpus": args.corpus,
+                          "holdout": args.holdout, "seed": 0})
+    return shared_warm_start(out, cfg, lambda: train.load_task(cfg))
+
+
+def shared_warm_start(out: Path, cfg, load_task) -> Path:
+    """Warm-start the embedded model with cfg's warm-start settings on load_task()'s (questions,
+    index), save it atomically as out/warmstart (reused when it exists), return the folder."""
     folder = out / "warmstart"
     if (folder / "config.json").is_file():
         return folder
-
     import train
     import warmstart
     from policy import load_policy
 
-    cfg = train.Config(**{**train.PRESETS["real"], "questions": args.questions, "corpus": args.corpus,
-                          "holdout": args.holdout, "seed": 0})
-    questions, index = train.load_task(cfg)
+    questions, index = load_task()
     train.seed_everything(0)
     model, tok = load_policy(None)
     ws = warmstart.run(model, tok, index, questions, train.env_config(cfg), steps=cfg.warmstart_steps,

