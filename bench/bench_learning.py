@@ -1,6 +1,7 @@
 """The paper's comparison in miniature: GRPO-OR vs GRPO-MR vs MT-GRPO on real TriviaQA + Wikipedia.
 
-    python bench/bench_learning.py --out runs/bench-learning       # ~90 min on 2 CPU cores
+    python bench/bench_learning.py --out runs/bench-learning --threads 1     # ~50-120 min on 2 CPU cores
+    python bench/bench_learning.py --seeds 1 --methods grpo_mr --threads 1   # one run; run several at once
 
 Every method starts from the same warm-started SmolLM2-135M (warmstart.py, seed 0, on training
 questions only), trains with the same seeds, step budget, G and lengths, and is evaluated greedily by
@@ -165,11 +166,11 @@ def main() -> None:
     ap.add_argument("--corpus", default=str(SHARED / "wiki" / "passages.jsonl.gz"))
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--G", type=int, default=8)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--holdout", type=int, default=400)
-    ap.add_argument("--eval-n", type=int, default=64)
+    ap.add_argument("--eval-n", type=int, default=32)
     ap.add_argument("--threads", type=int, default=0, help="torch threads per run (0 = torch's default)")
     args = ap.parse_args()
     args.eval_questions = None

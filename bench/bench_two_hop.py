@@ -54,6 +54,7 @@ def main() -> None:
     ap.add_argument("--out", default="runs/bench-two-hop")
     ap.add_argument("--results", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--G", type=int, default=8)
     ap.add_argument("--batch-size", type=int, default=16)
@@ -71,7 +72,7 @@ def main() -> None:
     start_eval = bl.evaluate(args, out, start, "start", ENV)
     evals, curves = {}, {}
     for seed in args.seeds:
-        for m in METHODS:
+        for m in args.methods:
             folder = bl.train_run(args, out, start, m, seed, task_flags=("--k-turn", *ENV))
             curves.setdefault(m, []).append([json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()])
             evals.setdefault(m, []).append(bl.evaluate(args, out, folder, f"{m}-seed{seed}", ENV))
