@@ -25,7 +25,6 @@ import json
 import math
 import os
 import random
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -34,13 +33,15 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, broadcast_object_list, gather_object
+from accelerate.utils import broadcast_object_list, gather_object
 from tqdm import tqdm
 
 import data
 import env
 import mt_grpo
 import rewards
+from checkpoint import (CheckpointError, Logger, format_line, is_deepspeed, is_zero3, load_checkpoint,
+                        peak_rss_gb, save_checkpoint, truncate_metrics)
 import search
 import warmstart
 from policy import LogProbs, load_policy, pack, token_logprobs
@@ -164,14 +165,6 @@ def looks_like_hub_name(name: str) -> bool:
 
 def vllm_installed() -> bool:
     return importlib.util.find_spec("vllm") is not None  # without importing it (seconds, and a GPU probe)
-
-
-def is_deepspeed(accelerator) -> bool:
-    return accelerator.distributed_type == DistributedType.DEEPSPEED
-
-
-def is_zero3(accelerator) -> bool:
-    return is_deepspeed(accelerator) and accelerator.state.deepspeed_plugin.zero_stage == 3
 
 
 def validate_processes(cfg: Config, accelerator) -> None:
@@ -336,103 +329,6 @@ def update(cfg: Config, model, ref_model, optimizer, scheduler, ids, attn, turn,
     return {**dict(zip(keys, totals.tolist())), "grad_norm": stats["grad_norm"]}
 
 
-# ------------------------------------------------------------------------------------------ checkpoints
-
-
-def save_checkpoint(accelerator, out: Path, trainer, model, tokenizer, optimizer, scheduler, step: int, policy) -> None:
-    """Model (save_pretrained: loadable by transformers and vLLM) + everything --resume needs,
-    written to a temporary folder and renamed, so a kill mid-save leaves the last good checkpoint.
-    Every process calls it (the RNG states are gathered; DeepSpeed saves collectively); the main
-    process writes. ``trainer`` is the prepared LogProbs, ``model`` the plain policy model."""
-    tmp, main = out / ".checkpoint-tmp", accelerator.is_main_process
-    rng = gather_object([{"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-                          "policy_calls": None if policy is None else policy.calls}])  # one dict per process
-    if main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    weights = None
-    if is_zero3(accelerator):  # every process holds a shard of each weight: gather them (all must take part)
-        weights = {k.removeprefix("model."): v for k, v in accelerator.get_state_dict(trainer).items()}
-    if is_deepspeed(accelerator):  # DeepSpeed partitions the optimizer state: each process saves its part
-        accelerator.save_state(str(tmp / "deepspeed"))
-    if main:
-        model.save_pretrained(tmp, state_dict=weights)
-        tokenizer.save_pretrained(tmp)
-        torch.save({"step": step, "optimizer": None if is_deepspeed(accelerator) else optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "rng": rng}, tmp / "state.pt")
-        old = out / ".checkpoint-old"
-        shutil.rmtree(old, ignore_errors=True)
-        if (out / "checkpoint").exists():
-            os.replace(out / "checkpoint", old)
-        os.replace(tmp, out / "checkpoint")
-        shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()  # nobody goes on (or reads the folder) while the main process renames
-
-
-def load_checkpoint(accelerator, out: Path, optimizer, scheduler, policy) -> int:
-    state = torch.load(out / "checkpoint" / "state.pt", weights_only=False)
-    rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]  # older checkpoints: 1 process
-    if len(rngs) != accelerator.num_processes:
-        raise ConfigError(f"--resume: {out}/checkpoint was written by {len(rngs)} process(es), this run has "
-                          f"{accelerator.num_processes}; launch it as it was launched")
-    if is_deepspeed(accelerator):
-        accelerator.load_state(str(out / "checkpoint" / "deepspeed"))
-    else:
-        optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    rng = rngs[accelerator.process_index]
-    random.setstate(rng["python"])
-    np.random.set_state(rng["numpy"])
-    torch.set_rng_state(rng["torch"])
-    if policy is not None:
-        policy.calls = rng["policy_calls"]  # HFPolicy seeds each generate call from (seed, calls)
-    return state["step"]
-
-
-def truncate_metrics(path: Path, done: int) -> None:
-    """Keep the lines of the ``done`` steps the checkpoint holds (rows count steps from 1): the steps
-    after it are redone and logged again, so each step appears exactly once."""
-    if path.exists():
-        keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= done]
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(line + "\n" for line in keep))
-        os.replace(tmp, path)  # atomic: a kill here leaves the old file or the new one
-
-
-class Logger:
-    def __init__(self, cfg: Config, out: Path):
-        self.path, self.backend = out / "metrics.jsonl", None
-        if cfg.report_to == "wandb":
-            import wandb
-
-            self.backend = wandb.init(project="mt-grpo", config=dataclasses.asdict(cfg), dir=str(out))
-        elif cfg.report_to == "tensorboard":
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.backend = SummaryWriter(str(out / "tensorboard"))
-
-    def log(self, row: dict) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        if hasattr(self.backend, "log"):
-            self.backend.log(row, step=row["step"])
-        elif self.backend is not None:
-            for k, v in row.items():
-                self.backend.add_scalar(k, v, row["step"])
-
-
-def format_line(row: dict) -> str:
-    keys = ["tool_execution", "search_answer", "exact_match", "answer_presence", "format", "xml",
-            "reward_turn", "reward_outcome", "tool_call_rate", "zero_var_share/outcome", "clip_frac", "step_seconds"]
-    short = {"tool_execution": "tool", "search_answer": "srch", "exact_match": "em", "answer_presence": "pres",
-             "reward_turn": "R_T", "reward_outcome": "R_O", "tool_call_rate": "calls",
-             "zero_var_share/outcome": "flat_O", "clip_frac": "clip", "step_seconds": "s"}
-    return f"step {row['step']:>3} " + " ".join(f"{short.get(k, k)}={row[k]:.3f}" for k in keys if k in row)
-
-
 # ------------------------------------------------------------------------------------------ the loop
 
 
@@ -568,14 +464,6 @@ def train(cfg: Config) -> Path:
     return out
 
 
-def peak_rss_gb() -> float:
-    """Peak resident memory of this process so far (Linux reports ru_maxrss in KiB); the main process's
-    when there are several."""
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
 def sample_text(tokenizer, traj, A) -> str:
     turns = ", ".join(f"turn{k + 1}={a:+.2f}" for k, a in enumerate(A.tolist()))
     return f"--- sample (A {turns}) ---\n{tokenizer.decode(traj.completion_ids)}\n---"
@@ -608,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_args(argv)
         out = train(cfg)
-    except (ConfigError, data.DataError) as e:
+    except (ConfigError, CheckpointError, data.DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if int(os.environ.get("RANK", 0)) == 0:  # once, not once per process
