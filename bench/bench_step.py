@@ -1,7 +1,7 @@
 """Seconds per training step, our loop vs TRL's GRPOTrainer, and our update's share of matmul peak.
 
-    python bench/bench_step.py                      # both parts, a few minutes on 2 CPU cores
-    python bench/bench_step.py --steps 5 --rounds 2 # longer, order ours/TRL then TRL/ours
+    python bench/bench_step.py                      # both parts: ~2.5 minutes on an idle 2-core CPU
+    python bench/bench_step.py --steps 5 --no-bf16  # longer; everything in fp32
     python bench/bench_step.py --skip-135m --profile
 
 Part 1: seconds per step, ours vs TRL
@@ -37,12 +37,14 @@ MT-GRPO rewards through ``train.advantages``; TRL's reward function calls the sa
 completion text and returns R^T + R^O.
 
 Our step calls the real pieces of train.py: ``env.rollout`` (HFPolicy) -> ``rewards.compute`` ->
-``train.advantages`` -> ``policy.pack`` -> ``train.update``. TRL's step is the wall time between
-two ``on_step_end`` callbacks (one optimizer step: generation + scoring + ``batch/micro``
-forward/backward passes + AdamW); its generation+scoring share is timed by wrapping
-``_generate_and_score_completions``. Each side runs ``--warmup`` untimed steps, then ``--steps``
-timed ones; the figure is the mean. ``--rounds 2`` runs ours, TRL, TRL, ours (ABBA), which cancels
-a linear drift in background load; the ratio TRL/ours >= 1 means ours is not slower.
+``train.advantages`` -> ``policy.pack`` -> ``train.update`` (its one-process path). TRL's step is
+one optimizer step of ``trainer.train()`` (generation + scoring + ``batch/micro`` forward/backward
+passes + AdamW), timed from the end of the previous step by a callback; its generation+scoring
+share is timed by wrapping ``_generate_and_score_completions``. The two sides take turns step by
+step: TRL's ``on_step_end`` callback runs our step with the same questions, off TRL's clock; so
+both meet the same background load, which on a shared machine moves more between minutes than
+between two adjacent steps. Each side's first ``--warmup`` steps are dropped; the figures are the
+means of the next ``--steps``. Ratio TRL/ours >= 1 means ours is not slower.
 
 Part 2: our update's FLOP/s as a share of this machine's matmul peak
 --------------------------------------------------------------------
@@ -61,8 +63,8 @@ those rows alone):
 
     FLOPs = 6 P N L                         dense matmuls, every position of every padded row
           + 12 n_layer d_attn L^2 N         attention scores and values, the full L x L square
-                                            (PaLM's convention; padded rows use a mask, not a
-                                            causal kernel, so the square is really computed)
+                                            (PaLM's convention; with padded rows transformers
+                                            passes a mask, and the kernel computes the square)
           + 6 V d S                         the vocabulary projection, forward and backward
 
 tests/test_bench_step.py checks this count against torch's FlopCounterMode (within 1%).
@@ -149,26 +151,6 @@ def train_config(args) -> train.Config:
 # ------------------------------------------------------------------------------------------ our side
 
 
-def our_step(model, tok, policy, batch, cfg, env_cfg, optimizer, scheduler) -> dict:
-    """One step of train.py's loop, timed in three parts."""
-    t0, calls = time.perf_counter(), policy.calls
-    model.eval()
-    with torch.no_grad():
-        trajs = env.rollout(policy, tok, [q["question"] for q in batch], cfg.G, NullSearcher(), env_cfg)
-    t1 = time.perf_counter()
-    scores = rewards.compute([t.messages for t in trajs], [q["aliases"] for q in batch for _ in range(cfg.G)])
-    A, _ = train.advantages(cfg, scores, trajs)
-    model.train()
-    ids, attn, turn = pack(trajs, tok.pad_token_id)
-    t2 = time.perf_counter()
-    train.update(cfg, model, None, optimizer, scheduler, ids, attn, turn, A)
-    t3 = time.perf_counter()
-    return {"rollout": t1 - t0, "score": t2 - t1, "update": t3 - t2, "step": t3 - t0, "calls": policy.calls - calls,
-            "sampled": sum(k > 0 for t in trajs for k in t.turn_idx) / len(trajs),
-            "prompt": sum(len(t.prompt_ids) for t in trajs) / len(trajs),
-            "shape": tuple(ids.shape), "batch": (ids, attn, turn)}
-
-
 def stop_string_setup_seconds(tok, repeats: int = 3) -> float:
     """What ``generate(stop_strings=...)`` spends before sampling: transformers rebuilds its
     stop-string tables from the vocabulary on every call (its cache key holds ``get_vocab()``'s
@@ -183,15 +165,37 @@ def stop_string_setup_seconds(tok, repeats: int = 3) -> float:
     return sorted(times)[repeats // 2]
 
 
-def run_ours(folder: Path, args, batches, env_cfg) -> list[dict]:
-    cfg = train_config(args)
-    model, tok = load_policy(str(folder))
-    policy = env.HFPolicy(model, tok, seed=0)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-    rows = [our_step(model, tok, policy, b, cfg, env_cfg, optimizer, scheduler) for b in batches]
-    rows[-1]["model"] = model
-    return rows[args.warmup:]
+class OurLoop:
+    """train.py's loop, one step per call, timed in three parts: env.rollout -> rewards.compute ->
+    train.advantages -> policy.pack -> train.update."""
+
+    def __init__(self, folder: Path, args, env_cfg):
+        self.cfg, self.env_cfg = train_config(args), env_cfg
+        self.model, self.tok = load_policy(str(folder))
+        self.policy = env.HFPolicy(self.model, self.tok, seed=0)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.cfg.lr, betas=self.cfg.adam_betas,
+                                           weight_decay=self.cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: 1.0)
+
+    def step(self, batch: list[dict]) -> dict:
+        cfg, model, tok = self.cfg, self.model, self.tok
+        t0, calls = time.perf_counter(), self.policy.calls
+        model.eval()
+        with torch.no_grad():
+            trajs = env.rollout(self.policy, tok, [q["question"] for q in batch], cfg.G, NullSearcher(), self.env_cfg)
+        t1 = time.perf_counter()
+        scores = rewards.compute([t.messages for t in trajs], [q["aliases"] for q in batch for _ in range(cfg.G)])
+        A, _ = train.advantages(cfg, scores, trajs)
+        model.train()
+        ids, attn, turn = pack(trajs, tok.pad_token_id)
+        t2 = time.perf_counter()
+        train.update(cfg, model, None, self.optimizer, self.scheduler, ids, attn, turn, A)
+        t3 = time.perf_counter()
+        n = len(trajs)
+        return {"rollout": t1 - t0, "score": t2 - t1, "update": t3 - t2, "step": t3 - t0,
+                "calls": self.policy.calls - calls, "sampled": sum(k > 0 for t in trajs for k in t.turn_idx) / n,
+                "prompt": sum(len(t.prompt_ids) for t in trajs) / n, "shape": tuple(ids.shape),
+                "flops": update_flops(model, attn, turn)}
 
 
 # ------------------------------------------------------------------------------------------ TRL's side
@@ -233,19 +237,22 @@ def trl_config(args, out_dir: str, n_steps: int):
         weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, lr_scheduler_type="constant")
 
 
-def run_trl(folder: Path, args, batches) -> list[dict]:
+def run_trl(folder: Path, args, batches, between) -> list[dict]:
+    """TRL's steps, with ``between(i)`` called after its step i and kept out of its clock."""
     from transformers import AutoTokenizer, PrinterCallback, TrainerCallback
     from trl import GRPOTrainer
 
     class StepClock(TrainerCallback):
         def __init__(self):
-            self.marks = []
+            self.spans, self.start = [], None
 
         def on_train_begin(self, *a, **k):
-            self.marks.append(time.perf_counter())
+            self.start = time.perf_counter()
 
-        def on_step_end(self, *a, **k):
-            self.marks.append(time.perf_counter())
+        def on_step_end(self, args, state, *a, **k):
+            self.spans.append(time.perf_counter() - self.start)
+            between(state.global_step - 1)
+            self.start = time.perf_counter()
 
     tok = AutoTokenizer.from_pretrained(folder)
     clock = StepClock()
@@ -269,7 +276,7 @@ def run_trl(folder: Path, args, batches) -> list[dict]:
             lambda *_: autocast_seen.add((torch.is_grad_enabled(), torch.is_autocast_enabled("cpu"))))
         trainer.train()
         probe.remove()
-    steps = [b - a for a, b in zip(clock.marks, clock.marks[1:])]
+    steps = clock.spans
     if len(steps) != len(batches) or len(gens) != len(batches):
         raise RuntimeError(f"TRL ran {len(steps)} steps and {len(gens)} generations for {len(batches)} batches")
     generate_autocast = any(ac for grad, ac in autocast_seen if not grad)
@@ -388,7 +395,8 @@ def report_steps(ours: list[dict], trl: list[dict], stop_setup: float) -> None:
           f"{mean(ours, 'score'):.3f} s; packed rows {ours[0]['shape']}; {mean(ours, 'calls'):.0f} generate calls, "
           f"each rebuilding transformers' stop-string tables, ~{stop_setup:.2f} s a time. TRL: rollout = "
           f"_generate_and_score_completions; its generate ran under autocast: {trl[0]['generate_autocast']})")
-    print(f"ratio TRL/ours, s/step: {mean(trl, 'step') / mean(ours, 'step'):.2f}  "
+    pairs = " ".join(f"{t['step'] / o['step']:.2f}" for t, o in zip(trl, ours))
+    print(f"ratio TRL/ours, s/step: {mean(trl, 'step') / mean(ours, 'step'):.2f} (step by step: {pairs})  "
           f"(rollout {mean(trl, 'rollout') / (mean(ours, 'rollout') + mean(ours, 'score')):.2f}, "
           f"update {mean(trl, 'update') / mean(ours, 'update'):.2f})  target >= 1.0")
 
@@ -406,9 +414,8 @@ def report_share(name: str, flops: dict, seconds: float, peak: float) -> None:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=2, help="timed steps per side and round")
+    p.add_argument("--steps", type=int, default=2, help="timed steps per side")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps before them")
-    p.add_argument("--rounds", type=int, default=1, help="2: ours, TRL, TRL, ours (ABBA)")
     p.add_argument("--batch-size", type=int, default=16, help="rollouts per optimizer step")
     p.add_argument("--G", type=int, default=8)
     p.add_argument("--micro-batch", type=int, default=4)
@@ -431,31 +438,31 @@ def parse_args(argv=None):
 
 
 def part_one(args, folder: Path) -> list[dict]:
+    """Ours and TRL step by step in turn (TRL step i, then our step i, ...), so that both meet the
+    same background load; each side drops its first ``--warmup`` steps."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(folder)
-    env_cfg = episode_config(tok, args.turn_tokens)
     batches = step_batches(args.warmup + args.steps, args.batch_size // args.G)
-    ours, trl = [], []
-    for r in range(args.rounds):
-        sides = [("ours", ours), ("TRL", trl)][:: 1 if r % 2 == 0 else -1]
-        for name, rows in sides:
-            if name == "TRL" and args.skip_trl:
-                continue
-            t0 = time.perf_counter()
-            rows += run_ours(folder, args, batches, env_cfg) if name == "ours" else run_trl(folder, args, batches)
-            print(f"round {r + 1}: {name} done in {time.perf_counter() - t0:.0f} s", flush=True)
-    if trl:
-        report_steps(ours, trl, stop_string_setup_seconds(tok))
-    return ours
+    loop, ours = OurLoop(folder, args, episode_config(tok, args.turn_tokens)), []
+
+    def our_step(i: int) -> None:
+        ours.append(loop.step(batches[i]))
+        print(f"step {i + 1}: ours {ours[-1]['step']:.1f} s", flush=True)
+
+    if args.skip_trl:
+        for i in range(len(batches)):
+            our_step(i)
+        return ours[args.warmup:], loop.model
+    trl = run_trl(folder, args, batches, our_step)
+    report_steps(ours[args.warmup:], trl, stop_string_setup_seconds(tok))
+    return ours[args.warmup:], loop.model
 
 
 def part_two(args, ours: list[dict]) -> None:
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     peak = matmul_peak(dtype)
-    model = next(r["model"] for r in ours if "model" in r)
-    per_step = [update_flops(model, r["batch"][1], r["batch"][2]) for r in ours]
-    tiny = ({k: sum(f[k] for f in per_step) / len(ours) for k in per_step[0]}, mean(ours, "update"))
+    tiny = ({k: mean([r["flops"] for r in ours], k) for k in ours[0]["flops"]}, mean(ours, "update"))
     big = None
     if not args.skip_135m or args.profile:
         cfg = train_config(args)
@@ -484,12 +491,12 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, bf16 autocast {args.bf16}; "
           f"{args.batch_size} rollouts/step (G={args.G}, micro-batch {args.micro_batch}), 2 x {args.turn_tokens} "
-          f"sampled tokens/rollout, {args.warmup} warm-up + {args.steps} timed steps x {args.rounds} round(s)")
+          f"sampled tokens/rollout, {args.warmup} warm-up + {args.steps} timed steps a side")
     with tempfile.TemporaryDirectory() as tmp:
         folder = build_tiny_model(Path(tmp) / "tiny-llama", args.hidden, args.layers)
         n = sum(t.numel() for t in load_policy(str(folder))[0].parameters()) / 1e6
         print(f"model: random Llama, hidden {args.hidden}, {args.layers} layers, {n:.1f}M parameters, in {folder}")
-        ours = part_one(args, folder)
+        ours, _ = part_one(args, folder)
     part_two(args, ours)
     return 0
 
