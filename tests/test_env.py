@@ -363,13 +363,17 @@ def test_sampled_rollouts_keep_the_invariants(tok, tiny_model, searcher):
 
 
 def bigram_model(tok, chain):
-    """A Llama that deterministically writes next[token] after token: the layers are zeroed (the
-    residual stream is the embedding), each source token gets its own basis vector and the lm-head
-    row of its successor points at it. Lets generate() produce stop strings and EOS on demand."""
+    """A Llama that deterministically writes next[token] after token (see make_bigram)."""
     from transformers import LlamaConfig, LlamaForCausalLM
     config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=64, num_hidden_layers=1,
                          num_attention_heads=4, num_key_value_heads=4)
-    model = LlamaForCausalLM(config).eval()
+    return make_bigram(LlamaForCausalLM(config).eval(), chain)
+
+
+def make_bigram(model, chain):
+    """Turn an untied Llama into one that writes chain[token] after token: the layers are zeroed (the
+    residual stream is the embedding), each source token gets its own basis vector and the lm-head
+    row of its successor points at it. Lets generate() produce stop strings and EOS on demand."""
     with torch.no_grad():
         for p in model.parameters():
             p.zero_()

@@ -36,7 +36,7 @@ vllm = pytest.importorskip("vllm", reason="vllm is not installed (CPU: `make vll
 
 import env  # noqa: E402
 from env import EnvConfig, HFPolicy, rollout  # noqa: E402
-from test_env import Recorder, check_trajectory, enc  # noqa: E402  (tests/ is on sys.path under pytest)
+from test_env import Recorder, check_trajectory, enc, make_bigram  # noqa: E402  (tests/ is on sys.path under pytest)
 from vllm_backend import VLLMPolicy, sync_weights  # noqa: E402
 
 pytestmark = pytest.mark.vllm
@@ -58,18 +58,8 @@ def llama(tok, tied: bool, seed: int = 0):
 
 
 def bigram_model(tok, chain):
-    """Writes chain[token] after token (tests/test_env.py's trick at hidden 256): layers zeroed, so the
-    residual stream is the embedding; each source token gets a basis vector, its successor's lm-head
-    row points at it. Untied, unlike the random model."""
-    model = llama(tok, tied=False)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.zero_()
-        model.model.norm.weight.fill_(1.0)
-        for j, (src, dst) in enumerate(chain.items()):
-            model.model.embed_tokens.weight[src, j] = 1.0
-            model.lm_head.weight[dst, j] = 10.0
-    return model
+    """Writes chain[token] after token (tests/test_env.py's make_bigram) at hidden 256, untied."""
+    return make_bigram(llama(tok, tied=False), chain)
 
 
 def save(model, tok, folder):
