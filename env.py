@@ -268,6 +268,15 @@ class HFPolicy:
 
     def __init__(self, model, tokenizer, seed: int | None = None):
         self.model, self.tokenizer, self.seed, self.calls = model, tokenizer, seed, 0
+        self.stopping: dict[tuple, object] = {}  # stop strings -> StoppingCriteriaList, built once
+
+    def stop_criteria(self, stop):
+        """``generate(stop_strings=...)`` rebuilds its StopStringCriteria, a pass over the whole
+        vocabulary (~0.5 s for SmolLM2's 49k tokens), on every call; build it once per stop set."""
+        from transformers import StoppingCriteriaList, StopStringCriteria
+        if tuple(stop) not in self.stopping:
+            self.stopping[tuple(stop)] = StoppingCriteriaList([StopStringCriteria(self.tokenizer, list(stop))])
+        return self.stopping[tuple(stop)]
 
     @torch.no_grad()
     def generate(self, batch, max_new_tokens, temperature, top_p, stop) -> list[list[int]]:
@@ -288,8 +297,9 @@ class HFPolicy:
             if self.seed is not None:  # one derived seed per call: reproducible, never touches global RNG
                 torch.manual_seed(self.seed * 100_003 + self.calls)
             out = self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                      max_new_tokens=max_new_tokens, stop_strings=list(stop) or None,
-                                      tokenizer=self.tokenizer, eos_token_id=ends, pad_token_id=pad,
+                                      max_new_tokens=max_new_tokens,
+                                      stopping_criteria=self.stop_criteria(stop) if stop else None,
+                                      eos_token_id=ends, pad_token_id=pad,
                                       use_cache=True, **sampling)
         self.calls += 1
         return [cut_turn(row, self.tokenizer, stop, max_new_tokens) for row in out[:, width:].tolist()]

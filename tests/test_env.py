@@ -393,6 +393,7 @@ def test_hf_policy_cuts_rows_at_stop_strings_eos_and_length(tok):
     for temperature in (1.0, 0.0):
         out = policy.generate(batch, 6, temperature, 1.0, env.STOP)
         assert out == [[slash, word, gt], [b, tok.eos_token_id], [c] * 6]
+    assert len(policy.stopping) == 1  # the stop-string criteria were built once, reused by both calls
     # Without stop strings the first row runs on until EOS; never a pad token after it.
     assert policy.generate(batch[:1], 10, 1.0, 1.0, []) == [[slash, word, gt, a, b, tok.eos_token_id]]
 
