@@ -270,6 +270,16 @@ def episode_stats(trajectories, rows) -> dict:
             "calls_per_episode": float(np.mean([len(r) for r in results])), "answer_found": float(np.mean(found))}
 
 
+def micro_batches(attn: torch.Tensor, size: int) -> list[tuple[torch.Tensor, int]]:
+    """(row indices, columns) of each micro-batch: rows of similar length together, each micro-batch cut
+    to its own longest row. A short row padded to the batch's longest is compute for nothing (-15% on a
+    SmolLM2 update: bench/bench_step.py --padding-ab); the loss is a weighted sum over rows, so which rows
+    share a micro-batch changes nothing but the order of the additions. Rows are right-padded."""
+    order = attn.sum(1).argsort(descending=True, stable=True)
+    chunks = [order[i:i + size] for i in range(0, attn.shape[0], size)]
+    return [(c, int(attn[c].sum(1).max())) for c in chunks]
+
+
 def update(cfg: Config, model, ref_model, optimizer, scheduler, ids, attn, turn, A, accelerator=None) -> dict:
     """mu passes of the clipped objective over this process's rollouts, in micro-batches whose gradients
     add up to exactly the loss of the whole global batch: each micro-batch loss is weighted by its share
@@ -287,7 +297,7 @@ def update(cfg: Config, model, ref_model, optimizer, scheduler, ids, attn, turn,
     # the weights' denominators count the whole global batch, over all processes
     counts = accelerator.reduce(torch.stack([mask.sum(), torch.tensor(ids.shape[0], device=device)]), "sum")
     n_total, n_rows = counts[0].clamp(min=1), int(counts[1])
-    chunks = [slice(i, i + cfg.micro_batch) for i in range(0, ids.shape[0], cfg.micro_batch)]
+    chunks, cols = zip(*micro_batches(attn, cfg.micro_batch))
     # accumulate() below syncs (DDP all-reduce, DeepSpeed optimizer step) every gradient_accumulation_steps
     # micro-batches; train() sets that to len(chunks), so it happens once per pass, on the last one
     if len(chunks) % accelerator.gradient_accumulation_steps:
@@ -298,19 +308,20 @@ def update(cfg: Config, model, ref_model, optimizer, scheduler, ids, attn, turn,
     # processes and micro-batches), so multiplying by both turns that average back into the plain sum.
     scale = accelerator.num_processes * accelerator.gradient_accumulation_steps
     with torch.no_grad():
-        logp_old = torch.cat([model(ids[c], attn[c], turn[c]) for c in chunks]) if cfg.mu > 1 else None
-        logp_ref = torch.cat([token_logprobs(ref_model, ids[c], attn[c], turn[c], cfg.bf16) for c in chunks]) if cfg.beta > 0 else None
+        cut = [(ids[c, :n], attn[c, :n], turn[c, :n]) for c, n in zip(chunks, cols)]  # model inputs, per chunk
+        logp_old = [model(*x) for x in cut] if cfg.mu > 1 else None
+        logp_ref = [token_logprobs(ref_model, *x, cfg.bf16) for x in cut] if cfg.beta > 0 else None
     stats = {}
     for _ in range(cfg.mu):
         agg = {}
-        for c in chunks:
+        for j, (c, n) in enumerate(zip(chunks, cols)):
             with accelerator.accumulate(model):
-                logp = model(ids[c], attn[c], turn[c])
-                old = logp.detach() if logp_old is None else logp_old[c]
-                ref = None if logp_ref is None else logp_ref[c]
-                loss, s = mt_grpo.policy_loss(logp, old, ref, A_tok[c], turn_t[c], eps=cfg.eps, beta=cfg.beta,
-                                              aggregation=cfg.aggregation)
-                w = (mask[c].sum() / n_total) if cfg.aggregation == "token" else (ids[c].shape[0] / n_rows)
+                logp = model(*cut[j])  # (rows, n-1), aligned with the first n-1 columns of turn_t and A_tok
+                old = logp.detach() if logp_old is None else logp_old[j]
+                ref = None if logp_ref is None else logp_ref[j]
+                loss, s = mt_grpo.policy_loss(logp, old, ref, A_tok[c, :n - 1], turn_t[c, :n - 1], eps=cfg.eps,
+                                              beta=cfg.beta, aggregation=cfg.aggregation)
+                w = (mask[c].sum() / n_total) if cfg.aggregation == "token" else (len(c) / n_rows)
                 accelerator.backward(loss * w * scale)
             agg["loss"] = agg.get("loss", 0.0) + (loss * w).item()
             for k in ("clip_frac", "kl"):

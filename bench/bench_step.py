@@ -55,17 +55,20 @@ run down, so the best short run is the closest to the machine's own figure). fp3
 reference.
 
 FLOPs of one ``train.update`` (mu = 1, beta = 0: one forward and one backward per micro-batch;
-the backward costs twice the forward), for a packed batch of N rows of padded length L, with
+the backward costs twice the forward), summed over its micro-batches (``train.micro_batches``:
+rows grouped by length, each micro-batch of N rows cut to its longest row, L), with
 P = the parameters of the decoder layers (all but the embedding), n_layer layers, d_attn = heads x
 head_dim, V the vocabulary, d the hidden size and S the number of positions whose log-prob is
 computed (the model's own tokens: ``policy.token_logprobs`` runs the vocabulary projection on
 those rows alone):
 
-    FLOPs = 6 P N L                         dense matmuls, every position of every padded row
+    FLOPs = sum over micro-batches of
+            6 P N L                         dense matmuls, every position of every padded row
           + 12 n_layer d_attn L^2 N         attention scores and values, the full L x L square
                                             (PaLM's convention; with padded rows transformers
                                             passes a mask, and the kernel computes the square)
           + 6 V d S                         the vocabulary projection, forward and backward
+                                            (S summed over the whole batch)
 
 tests/test_bench_step.py checks this count against torch's FlopCounterMode (within 1%).
 Achieved FLOP/s = FLOPs / measured seconds of ``train.update`` (optimizer step and clipping
@@ -74,6 +77,9 @@ SmolLM2-135M on a batch like the CPU default's (16 rows of ~170 prompt + up to 2
 tokens: two 64-token turns and an environment reply; ids are random, which does not change the
 work), micro-batch 4. "useful" recounts the dense term on real tokens only (padding excluded).
 ``--profile`` prints where one SmolLM2 update spends its time (torch.profiler, self CPU time).
+``--padding-ab N`` times N SmolLM2 updates as train.update runs them (rows grouped by length, each
+micro-batch cut to its longest row) against N with the layout it replaced (rows in order, every
+micro-batch as wide as the batch), alternating.
 """
 from __future__ import annotations
 
@@ -151,20 +157,6 @@ def train_config(args) -> train.Config:
 # ------------------------------------------------------------------------------------------ our side
 
 
-def stop_string_setup_seconds(tok, repeats: int = 3) -> float:
-    """What ``generate(stop_strings=...)`` spends before sampling: transformers rebuilds its
-    stop-string tables from the vocabulary on every call (its cache key holds ``get_vocab()``'s
-    order, which differs from call to call), and HFPolicy passes stop strings on every call."""
-    from transformers.generation.stopping_criteria import StopStringCriteria
-
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        StopStringCriteria(tok, env.STOP)
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[repeats // 2]
-
-
 class OurLoop:
     """train.py's loop, one step per call, timed in three parts: env.rollout -> rewards.compute ->
     train.advantages -> policy.pack -> train.update."""
@@ -195,7 +187,7 @@ class OurLoop:
         return {"rollout": t1 - t0, "score": t2 - t1, "update": t3 - t2, "step": t3 - t0,
                 "calls": self.policy.calls - calls, "sampled": sum(k > 0 for t in trajs for k in t.turn_idx) / n,
                 "prompt": sum(len(t.prompt_ids) for t in trajs) / n, "shape": tuple(ids.shape),
-                "flops": update_flops(model, attn, turn)}
+                "flops": update_flops(model, attn, turn, cfg.micro_batch)}
 
 
 # ------------------------------------------------------------------------------------------ TRL's side
@@ -304,17 +296,19 @@ def matmul_peak(dtype, sizes=(1024, 2048, 3072), trials: int = 5, trial_seconds:
     return best
 
 
-def update_flops(model, attn: torch.Tensor, turn: torch.Tensor) -> dict[str, float]:
-    """The docstring's formula for one forward+backward over a packed (N, L) batch."""
+def update_flops(model, attn: torch.Tensor, turn: torch.Tensor, micro_batch: int) -> dict[str, float]:
+    """The docstring's formula for one forward+backward over a packed batch, micro-batch by micro-batch
+    as ``train.update`` cuts it."""
     c = model.config
     P = sum(p.numel() for p in model.base_model.layers.parameters())
-    N, L = attn.shape
     d_attn = c.num_attention_heads * (getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads)
     S = int((turn[:, 1:] > 0).sum())
-    out = {"dense": 6 * P * N * L, "attention": 12 * c.num_hidden_layers * d_attn * L * L * N,
+    NL = sum(len(rows) * L for rows, L in train.micro_batches(attn, micro_batch))  # positions computed
+    NLL = sum(len(rows) * L * L for rows, L in train.micro_batches(attn, micro_batch))
+    out = {"dense": 6 * P * NL, "attention": 12 * c.num_hidden_layers * d_attn * NLL,
            "head": 6 * c.vocab_size * c.hidden_size * S}
     out["total"] = out["dense"] + out["attention"] + out["head"]
-    out["useful"] = out["total"] - 6 * P * (N * L - int(attn.sum()))
+    out["useful"] = out["total"] - 6 * P * (NL - int(attn.sum()))
     return out
 
 
@@ -348,6 +342,24 @@ def time_updates(model, cfg, batch, n: int, warmup: int = 1) -> float:
     return sum(times[warmup:]) / n
 
 
+def padding_ab(model, cfg, batch, n: int) -> tuple[float, float]:
+    """Mean seconds of train.update with its length-grouped, cut micro-batches and with the layout it
+    replaced (rows in order, every micro-batch as wide as the whole batch), alternating, one warm-up
+    each. The baseline swaps train.micro_batches for the old layout; nothing else differs."""
+    def whole_width(attn, size):
+        return [(torch.arange(i, min(i + size, attn.shape[0])), attn.shape[1]) for i in range(0, attn.shape[0], size)]
+
+    grouped, times = train.micro_batches, {"grouped": [], "whole": []}
+    try:
+        for i in range(1 + n):
+            for name, layout in (("grouped", grouped), ("whole", whole_width)):
+                train.micro_batches = layout
+                times[name].append(time_updates(model, cfg, batch, 1, warmup=0))
+    finally:
+        train.micro_batches = grouped
+    return tuple(sum(times[k][1:]) / n for k in ("grouped", "whole"))
+
+
 def profile_update(model, cfg, batch, warm: bool, top: int = 14) -> None:
     """Where one update's time goes: self CPU time per op, grouped into kinds of work, and the
     FLOP/s of the matmuls and of the attention kernel on their own."""
@@ -367,7 +379,7 @@ def profile_update(model, cfg, batch, warm: bool, top: int = 14) -> None:
              "dtype casts / copies": ("aten::copy_", "aten::_to_copy", "aten::to"),
              "softmax / log_softmax": ("softmax",)}
     print(f"profile of one update (self CPU time, total {total / 1e6:.2f} s):")
-    flops = update_flops(model, attn, turn)
+    flops = update_flops(model, attn, turn, cfg.micro_batch)
     work = {"matmul (mm/addmm/bmm)": flops["dense"] + flops["head"], "attention kernel": flops["attention"]}
     for kind, names in kinds.items():
         t = sum(e.self_cpu_time_total for e in events if any(n in e.key for n in names))
@@ -385,15 +397,15 @@ def mean(rows, key):
     return sum(r[key] for r in rows) / len(rows)
 
 
-def report_steps(ours: list[dict], trl: list[dict], stop_setup: float) -> None:
+def report_steps(ours: list[dict], trl: list[dict]) -> None:
     print(f"\n{'':<6}{'s/step':>8}{'rollout':>9}{'update':>8}{'sampled tok/rollout':>21}{'prompt tok':>11}")
     print(f"{'ours':<6}{mean(ours, 'step'):>8.2f}{mean(ours, 'rollout') + mean(ours, 'score'):>9.2f}"
           f"{mean(ours, 'update'):>8.2f}{mean(ours, 'sampled'):>21.1f}{mean(ours, 'prompt'):>11.1f}")
     print(f"{'TRL':<6}{mean(trl, 'step'):>8.2f}{mean(trl, 'rollout'):>9.2f}{mean(trl, 'update'):>8.2f}"
           f"{mean(trl, 'sampled'):>21.1f}{mean(trl, 'prompt'):>11.1f}")
     print(f"(ours: rollout = env.rollout {mean(ours, 'rollout'):.2f} s + rewards/advantages/pack "
-          f"{mean(ours, 'score'):.3f} s; packed rows {ours[0]['shape']}; {mean(ours, 'calls'):.0f} generate calls, "
-          f"each rebuilding transformers' stop-string tables, ~{stop_setup:.2f} s a time. TRL: rollout = "
+          f"{mean(ours, 'score'):.3f} s; packed rows {ours[0]['shape']}; {mean(ours, 'calls'):.0f} generate calls. "
+          f"TRL: rollout = "
           f"_generate_and_score_completions; its generate ran under autocast: {trl[0]['generate_autocast']})")
     pairs = " ".join(f"{t['step'] / o['step']:.2f}" for t, o in zip(trl, ours))
     print(f"ratio TRL/ours, s/step: {mean(trl, 'step') / mean(ours, 'step'):.2f} (step by step: {pairs})  "
@@ -429,6 +441,8 @@ def parse_args(argv=None):
     p.add_argument("--skip-trl", action="store_true")
     p.add_argument("--skip-135m", action="store_true")
     p.add_argument("--profile", action="store_true", help="profile one SmolLM2-135M update")
+    p.add_argument("--padding-ab", type=int, default=0, metavar="N",
+                   help="time N SmolLM2-135M updates with length-grouped micro-batches and N at whole-batch width")
     args = p.parse_args(argv)
     if args.batch_size % args.G or args.batch_size % args.micro_batch:
         p.error("--batch-size must be a multiple of --G and of --micro-batch")
@@ -455,7 +469,7 @@ def part_one(args, folder: Path) -> list[dict]:
             our_step(i)
         return ours[args.warmup:], loop.model
     trl = run_trl(folder, args, batches, our_step)
-    report_steps(ours[args.warmup:], trl, stop_string_setup_seconds(tok))
+    report_steps(ours[args.warmup:], trl)
     return ours[args.warmup:], loop.model
 
 
@@ -464,12 +478,12 @@ def part_two(args, ours: list[dict]) -> None:
     peak = matmul_peak(dtype)
     tiny = ({k: mean([r["flops"] for r in ours], k) for k in ours[0]["flops"]}, mean(ours, "update"))
     big = None
-    if not args.skip_135m or args.profile:
+    if not args.skip_135m or args.profile or args.padding_ab:
         cfg = train_config(args)
         model, tok = load_policy(None)
         batch = synthetic_batch(tok, args.flop_rows)
         if not args.skip_135m:
-            big = (update_flops(model, batch[1], batch[2]), time_updates(model, cfg, batch, args.flop_updates))
+            big = (update_flops(model, batch[1], batch[2], cfg.micro_batch), time_updates(model, cfg, batch, args.flop_updates))
     peak = max(peak, matmul_peak(dtype))  # measured before and after the updates: the less disturbed
     fp32 = matmul_peak(torch.float32) if args.bf16 else peak
     print(f"\nmatmul peak: {'bf16' if args.bf16 else 'fp32'} {peak / 1e9:.1f} GFLOP/s (fp32 for reference: "
@@ -477,8 +491,14 @@ def part_two(args, ours: list[dict]) -> None:
     report_share(f"tiny model, batch {ours[-1]['shape']}, micro-batch {args.micro_batch}", *tiny, peak)
     if big:
         report_share(f"SmolLM2-135M, batch {tuple(batch[0].shape)}, micro-batch {args.micro_batch}", *big, peak)
+    if args.padding_ab:
+        grouped, whole = padding_ab(model, cfg, batch, args.padding_ab)
+        lengths = batch[1].sum(1)
+        print(f"SmolLM2-135M update, rows of {int(lengths.min())}-{int(lengths.max())} tokens: length-grouped "
+              f"micro-batches cut to their longest row {grouped:.2f} s, every micro-batch at the batch's width "
+              f"{whole:.2f} s (mean of {args.padding_ab} each, alternating): grouped/whole {grouped / whole:.3f}")
     if args.profile:
-        profile_update(model, cfg, batch, warm=big is not None)
+        profile_update(model, cfg, batch, warm=big is not None or args.padding_ab > 0)
 
 
 def main(argv=None) -> int:

@@ -9,6 +9,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import env
+import train
 from policy import load_policy, pack, token_logprobs
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
@@ -16,15 +17,18 @@ import bench_step  # noqa: E402
 
 
 def test_update_flops_matches_torch_flop_counter(tmp_path, tok):
-    """One forward+backward of token_logprobs, counted by FlopCounterMode, equals the analytic count
-    within 1%. Eager attention, because the counter does not see CPU SDPA kernels; eager runs the
-    same L x L products as plain matmuls."""
+    """One forward+backward of token_logprobs per micro-batch, cut as train.update cuts them, counted
+    by FlopCounterMode, equals the analytic count within 1%. Eager attention, because the counter
+    does not see CPU SDPA kernels; eager runs the same L x L products as plain matmuls."""
     model, _ = load_policy(str(bench_step.build_tiny_model(tmp_path / "m", hidden=128, layers=2)))
     model.set_attn_implementation("eager")
-    ids, attn, turn = bench_step.synthetic_batch(tok, rows=3)
+    ids, attn, turn = bench_step.synthetic_batch(tok, rows=5)
+    chunks = train.micro_batches(attn, 2)
+    assert len({L for _, L in chunks}) == 3  # three micro-batches of different lengths
     with FlopCounterMode(display=False) as counter:
-        token_logprobs(model, ids, attn, turn, bf16=False).sum().backward()
-    counted, formula = counter.get_total_flops(), bench_step.update_flops(model, attn, turn)["total"]
+        for rows, L in chunks:
+            token_logprobs(model, ids[rows, :L], attn[rows, :L], turn[rows, :L], bf16=False).sum().backward()
+    counted, formula = counter.get_total_flops(), bench_step.update_flops(model, attn, turn, 2)["total"]
     assert abs(counted - formula) / counted < 0.01, (counted, formula)
 
 

@@ -76,7 +76,8 @@ def test_bad_config_from_the_command_line_has_no_traceback(tmp_path):
 # ----------------------------------------------------------------------------- the update
 def test_micro_batches_add_up_to_the_full_batch_gradient(tok, tiny_model_dir, searcher):
     """Gradient accumulation is exact: each micro-batch's loss is weighted by its share of the
-    batch's model tokens, so micro_batch=1 and micro_batch=8 take the same step (to float error)."""
+    batch's model tokens, so micro_batch 1, 3 and 8 take the same step (to float error), although
+    update() groups rows by length and cuts each micro-batch to its own longest row."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
@@ -84,9 +85,13 @@ def test_micro_batches_add_up_to_the_full_batch_gradient(tok, tiny_model_dir, se
     cfg_env = env.EnvConfig(max_turn_tokens=10, max_completion_tokens=80, few_shot=False)
     trajs = env.rollout(policy, tok, ["Who wrote Dracula?", "Where is Paris?"], 4, searcher, cfg_env)
     ids, attn, turn = pack(trajs, tok.pad_token_id)
+    for r in range(8):  # the random model always writes to the budget: end rows early by hand, so they differ
+        end = int(attn[r].sum()) - 7 * ((r * 3) % 8)
+        ids[r, end:], attn[r, end:], turn[r, end:] = tok.pad_token_id, 0, 0
+    assert len(set(attn.sum(1).tolist())) == 8 and (turn > 0).sum(1).min() > 0
     A = torch.randn(8, 2)
     grads = []
-    for micro in (1, 8):
+    for micro in (1, 3, 8):
         cfg = train.Config(micro_batch=micro, G=4, batch_size=8, bf16=False, max_grad_norm=1e9, mu=1)
         m = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
         opt = torch.optim.SGD(m.parameters(), lr=0.0)  # lr 0: we only want the gradient
@@ -98,7 +103,8 @@ def test_micro_batches_add_up_to_the_full_batch_gradient(tok, tiny_model_dir, se
         grads.append(torch.cat([grads_seen[n].flatten() for n in sorted(grads_seen)]))
         assert stats["clip_frac"] == 0.0  # one pass: ratio is exactly 1
     assert grads[0].abs().sum() > 0
-    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+    for g in grads[:2]:
+        torch.testing.assert_close(g, grads[2], rtol=1e-4, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- resume
