@@ -2,6 +2,7 @@
 
     python bench/bench_learning.py --out runs/bench-learning --threads 1     # ~50-120 min on 2 CPU cores
     python bench/bench_learning.py --seeds 1 --methods grpo_mr --threads 1   # one run; run several at once
+    python bench/bench_learning.py --world demo --out runs/bench-learning-demo --steps 6 --eval-n 64
 
 Every method starts from the same warm-started SmolLM2-135M (warmstart.py, seed 0, on training
 questions only), trains with the same seeds, step budget, G and lengths, and is evaluated greedily by
@@ -9,6 +10,11 @@ eval.py on questions train.py never saw (``--holdout``). Training runs and evalu
 ``train.py`` / ``eval.py`` commands, run as subprocesses; each is skipped when its output already
 exists, so a killed benchmark continues where it stopped. Writes ``--results``/learning.md (a table
 shaped like the paper's Table 5) and learning_curves.png.
+
+``--world demo`` runs the same comparison on the embedded demo world with train.py's CPU defaults
+(its train split, its own eval split, top-1, 256-token episodes; files learning_demo.md and
+learning_demo_curves.png): there every answer can be found by searching, so the outcome reward
+carries signal that real trivia, out of a 135M model's reach, does not.
 """
 from __future__ import annotations
 
@@ -43,7 +49,7 @@ def warm_start(args, out: Path) -> Path:
     """One supervised warm start shared by every run (the cold-start fix of train.py, done once)."""
     import train
 
-    cfg = train.Config(**{**train.PRESETS["real"], "questions": args.questions, "corpus": args.corpus,
+    cfg = train.Config(**{**train.PRESETS[args.preset], "questions": args.questions, "corpus": args.corpus,
                           "holdout": args.holdout, "seed": 0})
     return shared_warm_start(out, cfg, lambda: train.load_task(cfg))
 
@@ -160,6 +166,8 @@ def plot(curves: dict, path: Path, methods=METHODS, curve_keys=CURVES) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--world", choices=["real", "demo"], default="real",
+                    help="real: the shared TriviaQA + Wikipedia; demo: the embedded demo world, CPU defaults")
     ap.add_argument("--out", default="runs/bench-learning")
     ap.add_argument("--results", default=str(ROOT / "bench" / "results"), help="where the table and plot go")
     ap.add_argument("--questions", default=str(SHARED / "triviaqa" / "questions.jsonl"))
@@ -173,7 +181,13 @@ def main() -> None:
     ap.add_argument("--eval-n", type=int, default=32)
     ap.add_argument("--threads", type=int, default=0, help="torch threads per run (0 = torch's default)")
     args = ap.parse_args()
-    args.eval_questions = None
+    args.eval_questions, args.preset, env_flags, name = None, "real", ENV_FLAGS, "learning"
+    if args.world == "demo":  # train on the demo world's train split, evaluate on its eval split
+        import data
+
+        world = data.demo_world()
+        args.questions, args.corpus, args.eval_questions = str(world["train"]), str(world["corpus"]), str(world["eval"])
+        args.holdout, args.preset, env_flags, name = 0, "cpu", [], "learning_demo"
     for p in (args.questions, args.corpus):
         if not Path(p).is_file():
             sys.exit(f"error: {p} not found: this benchmark needs the shared real data (../shared/data)")
@@ -182,21 +196,22 @@ def main() -> None:
     args.questions, args.corpus = str(Path(args.questions).resolve()), str(Path(args.corpus).resolve())
     t0 = time.time()
     start = warm_start(args, out)
-    start_eval = evaluate(args, out, start, "start")
+    start_eval = evaluate(args, out, start, "start", env_flags)
     evals, curves = {}, {}
     for seed in args.seeds:  # seed-major: a partial benchmark still compares the methods
         for m in args.methods:
-            folder = train_run(args, out, start, m, seed)
+            folder = train_run(args, out, start, m, seed, task_flags=("--preset", args.preset))
             curves.setdefault(m, []).append([json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()])
-            evals.setdefault(m, []).append(evaluate(args, out, folder, f"{m}-seed{seed}"))
+            evals.setdefault(m, []).append(evaluate(args, out, folder, f"{m}-seed{seed}", env_flags))
     report = summarise(args, start_eval, evals, curves)
     minutes = (time.time() - t0) / 60
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
     command = "python bench/bench_learning.py " + " ".join(sys.argv[1:])
-    (results / "learning.md").write_text(f"# Learning benchmark\n\n`{command}` ({minutes:.0f} min of this "
-                                         f"invocation)\n\n{report}\n\n![curves](learning_curves.png)\n")
-    plot(curves, results / "learning_curves.png")
+    title = "Learning benchmark" + (" (demo world)" if args.world == "demo" else "")
+    (results / f"{name}.md").write_text(f"# {title}\n\n`{command}` ({minutes:.0f} min of this invocation)"
+                                        f"\n\n{report}\n\n![curves]({name}_curves.png)\n")
+    plot(curves, results / f"{name}_curves.png")
     print(report)
 
 
