@@ -303,8 +303,9 @@ def update_flops(model, attn: torch.Tensor, turn: torch.Tensor, micro_batch: int
     P = sum(p.numel() for p in model.base_model.layers.parameters())
     d_attn = c.num_attention_heads * (getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads)
     S = int((turn[:, 1:] > 0).sum())
-    NL = sum(len(rows) * L for rows, L in train.micro_batches(attn, micro_batch))  # positions computed
-    NLL = sum(len(rows) * L * L for rows, L in train.micro_batches(attn, micro_batch))
+    shapes = [(len(rows), L) for rows, L in train.micro_batches(attn, micro_batch)]
+    NL = sum(N * L for N, L in shapes)  # positions computed
+    NLL = sum(N * L * L for N, L in shapes)
     out = {"dense": 6 * P * NL, "attention": 12 * c.num_hidden_layers * d_attn * NLL,
            "head": 6 * c.vocab_size * c.hidden_size * S}
     out["total"] = out["dense"] + out["attention"] + out["head"]
@@ -351,7 +352,7 @@ def padding_ab(model, cfg, batch, n: int) -> tuple[float, float]:
 
     grouped, times = train.micro_batches, {"grouped": [], "whole": []}
     try:
-        for i in range(1 + n):
+        for _ in range(1 + n):
             for name, layout in (("grouped", grouped), ("whole", whole_width)):
                 train.micro_batches = layout
                 times[name].append(time_updates(model, cfg, batch, 1, warmup=0))
@@ -405,8 +406,8 @@ def report_steps(ours: list[dict], trl: list[dict]) -> None:
           f"{mean(trl, 'sampled'):>21.1f}{mean(trl, 'prompt'):>11.1f}")
     print(f"(ours: rollout = env.rollout {mean(ours, 'rollout'):.2f} s + rewards/advantages/pack "
           f"{mean(ours, 'score'):.3f} s; packed rows {ours[0]['shape']}; {mean(ours, 'calls'):.0f} generate calls. "
-          f"TRL: rollout = "
-          f"_generate_and_score_completions; its generate ran under autocast: {trl[0]['generate_autocast']})")
+          f"TRL: rollout = _generate_and_score_completions; its generate ran under autocast: "
+          f"{trl[0]['generate_autocast']})")
     pairs = " ".join(f"{t['step'] / o['step']:.2f}" for t, o in zip(trl, ours))
     print(f"ratio TRL/ours, s/step: {mean(trl, 'step') / mean(ours, 'step'):.2f} (step by step: {pairs})  "
           f"(rollout {mean(trl, 'rollout') / (mean(ours, 'rollout') + mean(ours, 'score')):.2f}, "
