@@ -88,6 +88,11 @@ class Trajectory:
         """A ``<result>`` came back for a tool call (the seed's test for MT-GRPO's turn split)."""
         return any(m["role"] == "user" and m["content"].startswith("<result>") for m in self.messages)
 
+    @property
+    def model_tokens(self) -> int:
+        """How many completion tokens the model wrote (turn_idx >= 1), not the environment."""
+        return sum(k > 0 for k in self.turn_idx)
+
 
 # ----------------------------------------------------------------------------- tokens
 def _decode(tokenizer, ids) -> str:

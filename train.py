@@ -463,7 +463,7 @@ def train(cfg: Config) -> Path:
                "completion_tokens": float(np.mean([len(t.completion_ids) for t in trajectories])),
                "rollout_seconds": t_roll, "step_seconds": time.time() - t0,
                "tokens_per_second": n_tokens / (time.time() - t0),
-               "model_tokens": sum(k > 0 for t in trajectories for k in t.turn_idx),
+               "model_tokens": sum(t.model_tokens for t in trajectories),
                "lr": scheduler.get_last_lr()[0], "peak_rss_gb": peak_rss_gb()}
         if main:
             logger.log(row)

@@ -38,7 +38,7 @@ def tiny_llama(vocab_size: int, hidden: int, layers: int, seed: int = 0):
 
 
 def model_tokens(trajs) -> int:
-    return sum(k > 0 for t in trajs for k in t.turn_idx)
+    return sum(t.model_tokens for t in trajs)
 
 
 def main(argv=None) -> int:

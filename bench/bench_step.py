@@ -185,7 +185,7 @@ class OurLoop:
         t3 = time.perf_counter()
         n = len(trajs)
         return {"rollout": t1 - t0, "score": t2 - t1, "update": t3 - t2, "step": t3 - t0,
-                "calls": self.policy.calls - calls, "sampled": sum(k > 0 for t in trajs for k in t.turn_idx) / n,
+                "calls": self.policy.calls - calls, "sampled": sum(t.model_tokens for t in trajs) / n,
                 "prompt": sum(len(t.prompt_ids) for t in trajs) / n, "shape": tuple(ids.shape),
                 "flops": update_flops(model, attn, turn, cfg.micro_batch)}
 

@@ -28,7 +28,7 @@ import search  # noqa: E402
 
 
 def model_tokens(trajs) -> int:
-    return sum(k > 0 for t in trajs for k in t.turn_idx)
+    return sum(t.model_tokens for t in trajs)
 
 
 def main(argv=None) -> int:
