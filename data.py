@@ -4,7 +4,7 @@ A question row is ``{"question": str, "answer": str, "aliases": [str, ...]}`` (`
 ``aliases``); a passage row is ``{"id": str, "title": str, "text": str}``. Three question sources:
 
 - TriviaQA from the Hugging Face hub (the paper's task; needs internet) -> ``load_triviaqa``;
-- any local JSONL of question rows, e.g. ``../shared/data/triviaqa/questions.jsonl`` -> ``load_questions``;
+- any local JSONL of question rows, e.g. the TriviaQA file of ``train.py --preset real`` -> ``load_questions``;
 - the embedded default, a *demo world* this file generates from a seed -> ``demo_world``: fictional
   people and towns described in encyclopedia passages, and questions about them. The names are
   made up, so no model can answer from prior knowledge: the answer has to be found by searching.
@@ -190,9 +190,9 @@ def _river_aliases(river: str) -> list[str]:
 
 
 def generate_two_hop(seed: int = 0, n_people: int = 1500, n_towns: int = 300) -> list[dict]:
-    """Two-hop questions over the same demo world (issue 8): the person's passage names a town (the
-    bridge), the town's passage names the river (the answer), and no passage holds both, so one
-    search cannot answer. ``support`` lists the bridge's aliases: the evidence a first search should
+    """Two-hop questions over the same demo world, for K-turn MT-GRPO: the person's passage names a
+    town (the bridge), the town's passage names the river (the answer), and no passage holds both, so
+    one search cannot answer. ``support`` lists the bridge's aliases: the evidence a first search should
     find (rewards.call_rewards pays for new evidence per call)."""
     _, _, people = _facts(seed, n_people, n_towns)
     questions = []

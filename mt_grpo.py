@@ -11,6 +11,9 @@ reward normalised within its group (GRPO). The three methods differ in who gets 
     MT-GRPO   turn-1 tokens get A_T + lam*A_O (paper) or A_O + lam*A_T (seed code),
               turn-2 tokens get A_O                             turn-level credit assignment
 
+(the two turn-1 forms: see DEVIATIONS.md, item 1). k_turn_advantages at the end carries this to
+episodes of up to K turns.
+
 The loss is GRPO's PPO-clip objective per token, with an optional k3 KL penalty.
 Only torch: nothing here knows about text, tokenizers or search.
 """
@@ -22,7 +25,7 @@ from torch import Tensor
 METHODS = ("mt_grpo", "grpo_or", "grpo_mr")
 CONVENTIONS = ("seed", "paper")  # which advantage lam multiplies on turn 1, see turn_advantages
 AGGREGATIONS = ("token", "sequence")
-STD_EPS = 1e-4  # the seed's epsilon in (R - mean) / (std + eps)
+STD_EPS = 1e-4  # the eps in (R - mean) / (std + eps): see DEVIATIONS.md, item 3
 
 
 def check_method(method: str) -> str:
@@ -53,10 +56,11 @@ def flat_groups(R: Tensor, G: int) -> Tensor:
 def group_normalise(R: Tensor, G: int) -> Tensor:
     """GRPO's group-relative advantage (Shao et al. 2024, sec. 4.1.2; the MT-GRPO paper's norm):
 
-        A_i = (R_i - mean_G(R)) / (std_G(R) + 1e-4),   std with Bessel's correction (the seed's).
+        A_i = (R_i - mean_G(R)) / (std_G(R) + 1e-4),   std with Bessel's correction.
 
     Groups whose rewards are all equal get exactly 0: in floating point mean(R) need not equal
-    R_i (e.g. 21 x 1.9 in float32), and (R_i - mean) / (tiny std + 1e-4) is then ~1e-3, not 0.
+    R_i (e.g. 21 x 1.9 in float32), and (R_i - mean) / (tiny std + 1e-4) is then ~1e-3, not 0
+    (see DEVIATIONS.md, item 3).
     """
     R = R if R.is_floating_point() else R.to(torch.get_default_dtype())
     R_g = _groups(R, G)
@@ -74,19 +78,19 @@ def turn_advantages(R_T: Tensor, R_O: Tensor, G: int, method: str = "mt_grpo", *
       mt_grpo:  (A_T + lam*A_O, A_O)  if convention == "paper"  (the paper's MT-GRPO advantage)
                 (A_O + lam*A_T, A_O)  if convention == "seed"   (the seed code: turn 1 gets
                                       A_O on every token plus lam*A_T before the result)
-      The two agree at lam = 1, the paper's setting.
+      The two agree at lam = 1, the paper's setting (see DEVIATIONS.md, item 1).
     MT-GRPO rows with has_result False (no <result> came back, so "turn 1" is undefined) fall
-    back to (A_MR, A_MR) as in the seed. has_result is ignored by the trajectory-level methods.
-    All three normalisations run over the whole group, rollouts without a result included (seed).
+    back to (A_MR, A_MR); has_result is ignored by the trajectory-level methods. All three
+    normalisations run over the whole group, rollouts without a result included (see
+    DEVIATIONS.md, item 2).
 
-    R_T is (N,), the turn-level reward of turn 1. A K-turn version (DESIGN.md "Beyond two
-    turns") would accept R_T of shape (N, K-1); it is not implemented, so that raises for now.
+    R_T is (N,), the turn-level reward of turn 1; k_turn_advantages takes R_T of shape (N, K-1).
     """
     check_method(method)
     if convention not in CONVENTIONS:
         raise ValueError(f"unknown convention {convention!r}; valid conventions are {', '.join(CONVENTIONS)}")
     if R_T.dim() != 1:
-        raise ValueError("R_T must have shape (N,): only K = 2 turns are implemented")
+        raise ValueError("R_T must have shape (N,) (two turns); for K turns use k_turn_advantages")
     if R_T.shape != R_O.shape:
         raise ValueError(f"R_T {tuple(R_T.shape)} and R_O {tuple(R_O.shape)} must have the same shape")
     A_O = group_normalise(R_O, G)
@@ -115,7 +119,7 @@ def token_advantages(A: Tensor, turn_idx: Tensor) -> tuple[Tensor, Tensor]:
 
     turn_idx (N, T) ints: 0 = prompt, environment (<result>) or padding token: advantage 0 and
     masked out; k >= 1 = a token the model wrote in turn k: A[:, k-1]. Turns beyond K share the
-    last column, the outcome advantage A_O, as every token after the first result does in the seed.
+    last column, the outcome advantage A_O, as every token after the first result has.
     A bool mask also works as turn_idx: every True token then counts as turn 1.
     """
     if A.dim() != 2 or turn_idx.dim() != 2 or A.shape[0] != turn_idx.shape[0]:
@@ -142,6 +146,7 @@ def policy_loss(logp_new: Tensor, logp_old: Tensor, logp_ref: Tensor | None, A_t
     tokens (> 0). aggregation "token" (the seed's): sum of loss_t over the batch's unmasked
     tokens / their count, so every token weighs the same. "sequence" (GRPO paper): mean over
     each rollout's tokens, then over rollouts (a rollout with no tokens counts as 0, like TRL).
+    See DEVIATIONS.md, item 4.
     Returns the loss and diagnostics as python floats: clip_frac (share of tokens whose gradient
     the clip removed), kl (mean KL_t; only if beta > 0), adv_mean/turn{k} (token-weighted).
     """
@@ -187,12 +192,12 @@ def collapse_stats(R_T: Tensor, R_O: Tensor, G: int) -> dict[str, float]:
             "zero_var_share/outcome": flat_groups(R_O, G).float().mean().item()}
 
 
-# ------------------------------------------------------------------------ K turns (issue 8)
+# ------------------------------------------------------------------------ K turns
 #
 # With up to K-1 tool calls a rollout takes T_i <= K turns: turns 1..T_i-1 each end in a tool call
 # whose result starts the next turn, turn T_i is its last (normally the answer). Turn k has its own
-# turn-level reward R_T^k (did call k run, did its result bring new evidence). DESIGN.md's
-# generalisation, return-to-go style, in the paper's convention:
+# turn-level reward R_T^k (did call k run, did its result bring new evidence). The two-turn
+# advantage carried on, return-to-go style (see DEVIATIONS.md, item 16), in the paper's convention:
 #
 #     A_i,T_i = A_O_i                               the last turn: the outcome advantage
 #     A_i,k   = A_T^k_i + lam * A_i,k+1   (k < T_i)  its own turn advantage plus lam x what follows

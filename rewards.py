@@ -15,15 +15,13 @@ Each reward is a pure function ``f(conversation, aliases) -> float``.
 
 R^T (turn level) = tool_execution + search_answer <= 0.7; R^O (outcome) = the other four <= 1.9.
 
-Reward hacking. Guarded here: (1) a ``<result>`` block the model writes itself earns nothing, only
-the environment's reply to a tool call counts, and only the first such result; (2) that reply earns nothing when it is an
-``Error:``, because the seed's errors echo model text ("Unknown tool 'Paris'"); (3) listing many
-candidates earns no exact match (equality, not containment); (4) blank aliases are ignored
-(an empty alias is a substring of everything and equals an empty ``<answer></answer>``).
-Allowed, as in the paper (both presence rewards are substring tests; that is the paper's
-definition and we keep it): an answer that lists many candidates ("Paris, London, Rome") earns
-answer_presence 0.5; a search that returns long or many passages earns search_answer more easily
-(so a larger top-k or token budget makes it easier), whether or not the model uses the result.
+Reward hacking. Guarded here (see DEVIATIONS.md, item 5): a ``<result>`` block the model writes
+itself earns nothing, only the environment's first reply to a tool call counts; that reply earns
+nothing when it is an ``Error:``; listing many candidates earns no exact match (equality, not
+containment); blank aliases are ignored. Allowed, as in the paper (see DEVIATIONS.md, item 8): an
+answer that lists many candidates ("Paris, London, Rome") earns answer_presence 0.5; a search that
+returns long or many passages earns search_answer more easily (so a larger top-k or token budget
+makes it easier), whether or not the model uses the result.
 
 Never raises on model output: malformed output is the normal case early in RL training.
 """
@@ -43,9 +41,8 @@ def find_tag(text: str, tag: str) -> str | None:
     """Content of the first ``<tag>...</tag>`` in ``text``, whitespace-stripped; None if there is none.
 
     Same result as the seed's ``re.search(r"<tag>\\s*(.*?)\\s*</tag>", text, re.DOTALL)``: the first
-    opening tag, up to the first closing tag after it. We use ``str.find`` instead of that regex
-    because the regex backtracks catastrophically on an unclosed tag followed by whitespace
-    (3,000 spaces take ~13 s), and a policy will eventually generate exactly that.
+    opening tag, up to the first closing tag after it, found with ``str.find`` because that regex
+    backtracks catastrophically on an unclosed tag (see DEVIATIONS.md, item 7).
     """
     if not isinstance(text, str):
         return None
@@ -79,7 +76,7 @@ def _messages(conversation) -> list[tuple[str, str]]:
 def _aliases(aliases) -> list[str]:
     """Aliases lower-cased and stripped. A bare string counts as one alias (iterating it would give
     letters, and "a" is in most answers); blank aliases are dropped ("" is in every string).
-    Stripping here (the seed strips only for exact match) makes exact match imply presence."""
+    Stripping here makes exact match imply presence (see DEVIATIONS.md, item 6)."""
     if isinstance(aliases, str):
         aliases = [aliases]
     return [str(a).lower().strip() for a in (aliases or []) if str(a).strip()]
@@ -118,7 +115,7 @@ def search_answer(conversation, aliases) -> float:
 
     Only the environment's reply to a tool call is read, never the model's own text, so a model
     that writes ``<result>Paris</result>`` itself gets nothing. Like the seed we take the first
-    reply that holds a ``<result>``; unlike the seed, an ``Error:`` result scores 0 (hack (2) above).
+    reply that holds a ``<result>``; an ``Error:`` result scores 0 (see DEVIATIONS.md, item 5).
     """
     results = (find_tag(reply, "result") for reply in _tool_replies(_messages(conversation)))
     first = next((r for r in results if r is not None), None)
@@ -151,8 +148,8 @@ def _format_score(text: str) -> float:
                   for field_set in FIELD_SETS)
     fully_parsed = any(v is not None for v in parse(text).values())
     points = present if fully_parsed else 0   # seed: only once some field parses completely
-    # Seed's "spacing" check compares a stripped and an unstripped parse made with the same regex;
-    # they always agree, so this point is given to every message, even one with no tags at all.
+    # The seed's "spacing" point, given to every message, even one with no tags at all
+    # (see DEVIATIONS.md, item 8).
     points += 1
     body = text.strip()
     points += any(body.startswith(f"<{t}>") for t in FIELD_SETS[0])   # starts with <reasoning>
@@ -183,9 +180,9 @@ def format_reward(conversation, aliases=None) -> float:
 
 
 def xml_reward(conversation, aliases=None) -> float:
-    """0.2 x mean over model messages of the tag-count score, floored at 0. Surprise kept from
-    the seed: the floor is applied to the mean, so a message with duplicated tags can cancel a
-    clean one (clean 1.0 and one at -1.0 average to 0)."""
+    """0.2 x mean over model messages of the tag-count score, floored at 0. The floor is applied
+    to the mean, so a message with duplicated tags can cancel a clean one (clean 1.0 and one at
+    -1.0 average to 0; see DEVIATIONS.md, item 8)."""
     return max(0.0, 0.2 * _mean_over_model_messages(conversation, _xml_score))
 
 
@@ -216,10 +213,10 @@ def means(scores: dict[str, list[float]]) -> dict[str, float]:
     return {k: sum(v) / len(v) if v else 0.0 for k, v in scores.items()}
 
 
-# ----------------------------------------------------------------------------- K turns (issue 8)
+# ----------------------------------------------------------------------------- K turns
 def call_rewards(conversation, aliases, support=(), max_calls: int | None = None) -> list[float]:
-    """The turn-level reward of each tool call k, in order (K-turn MT-GRPO, DESIGN.md "Beyond two
-    turns"): 0.2 if call k executed (its reply is a ``<result>`` not starting with ``Error:``) plus
+    """The turn-level reward of each tool call k, in order (K-turn MT-GRPO, see DEVIATIONS.md,
+    item 17): 0.2 if call k executed (its reply is a ``<result>`` not starting with ``Error:``) plus
     0.5 if result k holds *new* evidence: an alias of an evidence item that no earlier result held.
     Evidence items are each alias list in ``support`` (a two-hop question's bridge entity) and the
     answer's ``aliases``. "New" keeps a model from earning the 0.5 twice by repeating a search.

@@ -1,12 +1,12 @@
 """BM25 search over a passage corpus: the agent's one tool, ``wiki_search(query)``.
 
 The corpus is JSONL (``.gz`` accepted) of ``{"id", "title", "text"}`` passages. We index
-"title. text" with English stop words and no stemming (the setting measured in
-``../shared/data/README.md``). Two engines:
+"title. text" with English stop words and no stemming. Two engines:
 
 - ``bm25s`` (default): sparse-matrix BM25; the index is built once, saved in a cache folder named
   after the corpus file's sha256 (a changed corpus gets a new index, never a stale one) and
-  memory-mapped on later runs. About 1000x faster per query than rank-bm25 (bench/bench_search.py).
+  memory-mapped on later runs. 924x faster per query than rank-bm25 on the 286k-passage corpus
+  (bench/bench_search.py; the README's Search section has the measurement).
 - ``rank_bm25``: the pure-Python reference (``BM25Okapi``), rebuilt in memory each run; readable,
   fine for a few thousand passages, far too slow for Wikipedia.
 
@@ -34,7 +34,7 @@ INDEX_VERSION = "v1"  # bump when the tokenisation below changes: old cached ind
 
 
 def tokenize(text: str) -> list[str]:
-    """Lower-cased word tokens minus English stop words, at most MAX_QUERY_TOKENS for a query."""
+    """Lower-cased word tokens minus English stop words (passages and queries alike)."""
     import bm25s
 
     return bm25s.tokenize([text], stopwords="en", return_ids=False, show_progress=False)[0]
@@ -82,10 +82,16 @@ class Index:
     def __len__(self) -> int:
         return len(self.passages)
 
-    def search(self, query: str, k: int = 1) -> list[dict]:
+    def terms(self, query: str) -> list[str]:
+        """The query's tokens that are scored: at most the first MAX_QUERY_TOKENS, and for bm25s only
+        words of the corpus vocabulary (bm25s rejects unknown words)."""
         terms = tokenize(query if isinstance(query, str) else str(query))[:MAX_QUERY_TOKENS]
         if self.engine == "bm25s":
-            terms = [t for t in terms if t in self.model.vocab_dict]  # bm25s rejects unknown words
+            terms = [t for t in terms if t in self.model.vocab_dict]
+        return terms
+
+    def search(self, query: str, k: int = 1) -> list[dict]:
+        terms = self.terms(query)
         if not terms or k < 1:
             return []
         k = min(k, len(self.passages))

@@ -6,8 +6,8 @@
 Every number in WALKTHROUGH.md between ``<!-- BEGIN name -->`` and ``<!-- END name -->`` comes from
 ``blocks()`` below: the demo world's first eval question, searched with bm25s, four scripted rollouts
 through env.py (viewer.scripted_group), scored by rewards.py, turned into advantages by mt_grpo.py
-and into a loss and per-token gradients by mt_grpo.policy_loss. tests/test_walkthrough.py fails when
-a code change moves any of them.
+and into a loss and per-token gradients by mt_grpo.policy_loss.
+tests/test_viewer.py::test_walkthrough_numbers_are_the_codes fails when a code change moves any of them.
 """
 from __future__ import annotations
 

@@ -4,14 +4,15 @@ RL can only reinforce what the policy already does sometimes. SmolLM2-135M-Instr
 well-formed tool call 0 times in 8 from a one-shot example in the system prompt (3/8 with the
 example as a prior chat exchange), so most groups would start with no signal at all. DeepSeek-R1
 and most agentic RL recipes fix this with a small supervised "cold start" on demonstrations;
-we do the same, briefly, and let RL do the rest.
+we do the same, briefly, and let RL do the rest (the paper has none: see DEVIATIONS.md, item 12).
 
 A demonstration is an episode played through the real environment by a scripted policy: turn 1
 reasons and searches with the question as the query, the environment answers with the real search
-result, turn 2 copies the answer. Because it is produced by ``env.rollout``, its token ids, turn
-indices and chat markers are exactly those the RL loop trains on. We keep only demonstrations whose
-search result really contains the answer (a demonstration must never teach guessing) and train on
-the model's own tokens (turn index > 0) with the usual next-token loss.
+result, turn 2 writes the dataset's answer (it is not read from the result). Because it is produced
+by ``env.rollout``, its token ids, turn indices and chat markers are exactly those the RL loop
+trains on. We keep only demonstrations whose search result really contains the answer (a
+demonstration must never teach guessing) and train on the model's own tokens (turn index > 0) with
+the usual next-token loss.
 """
 from __future__ import annotations
 

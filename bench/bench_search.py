@@ -70,7 +70,7 @@ def profile_bm25s(index, questions: list[str], k: int) -> dict:
     model, stages = index.model, dict.fromkeys(("tokenise", "score", "top_k", "fetch"), 0.0)
     for q in questions:
         t0 = time.perf_counter()
-        terms = [t for t in search.tokenize(q)[: search.MAX_QUERY_TOKENS] if t in model.vocab_dict]
+        terms = index.terms(q)
         t1 = time.perf_counter()
         scores = model.get_scores_from_ids(model.get_tokens_ids(terms)) if terms else np.zeros(1)
         t2 = time.perf_counter()
@@ -84,7 +84,7 @@ def profile_bm25s(index, questions: list[str], k: int) -> dict:
     sample = questions[:50]  # the old path: bm25s's own retrieve(), top-k by np.argpartition
     start = time.perf_counter()
     for q in sample:
-        terms = [t for t in search.tokenize(q)[: search.MAX_QUERY_TOKENS] if t in model.vocab_dict]
+        terms = index.terms(q)
         if terms:
             model.retrieve([terms], k=k, show_progress=False, n_threads=1)
     stages["bm25s_retrieve"] = (time.perf_counter() - start) / len(sample) * 1000

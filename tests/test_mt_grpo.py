@@ -1,7 +1,7 @@
 """mt_grpo.py as a worked example: one group of G = 4 rollouts, advantages by hand.
 
 Read with the paper (arXiv 2505.11821) open. Every rollout: prompt -> turn 1 (reason, call
-wiki_search) -> <result> from the environment -> turn 2 (answer). Rewards (DESIGN.md):
+wiki_search) -> <result> from the environment -> turn 2 (answer). Rewards (rewards.py):
 R_T = tool execution (0..0.2) + search result has the answer (0 or 0.5), max 0.7;
 R_O = answer presence (0.5) + exact match (1.0) + format (..0.2) + XML (..0.2), max 1.9.
 
@@ -176,7 +176,7 @@ def test_turns_beyond_K_get_the_last_column():
     (lambda: turn_advantages(R_T[:3], R_O[:3], 2), "N % G == 0"),
     (lambda: turn_advantages(R_T, R_O, 4, "ppo"), "mt_grpo, grpo_or, grpo_mr"),
     (lambda: turn_advantages(R_T, R_O, 4, convention="other"), "seed, paper"),
-    (lambda: turn_advantages(R_T[:, None].repeat(1, 2), R_O, 4), "only K = 2"),
+    (lambda: turn_advantages(R_T[:, None].repeat(1, 2), R_O, 4), "for K turns use k_turn_advantages"),
     (lambda: turn_advantages(R_T, R_O, 4, has_result=torch.ones(3, dtype=torch.bool)), "has_result"),
     (lambda: token_advantages(torch.zeros(4, 2), -TURN_IDX), ">= 0"),
     (lambda: policy_loss(*[torch.zeros(4, 10)] * 2, None, torch.zeros(4, 10), TURN_IDX, beta=0.1), "logp_ref"),
@@ -314,7 +314,7 @@ def test_mt_grpo_token_advantages_match_trl():
     torch.testing.assert_close(ours_logp.grad, trl_logp.grad, atol=1e-10, rtol=0)
 
 
-# --- Beyond two turns (issue 8): K-turn MT-GRPO with variable-length episodes ---------------------
+# --- Beyond two turns: K-turn MT-GRPO with variable-length episodes -------------------------------
 #
 # K = 3: up to two searches, then an answer. Four rollouts of a two-hop question ("which river lies
 # at the town where X was born?": search X -> the town; search the town -> the river):
@@ -343,7 +343,8 @@ def test_k_turn_mt_grpo_by_hand():
         A_O = 1.125/0.7501 = 1.4998, -0.49993 x 3
     R_T^2 = 0.7, 0.7, 0.0, 0.7: mean 0.525, std = sqrt((3 x 0.030625 + 0.275625)/3) = 0.35
         A_T^2 = 0.175/0.3501 = 0.49986 x 3 (rollouts 1, 2, 4), -1.49957 (rollout 3)
-    R_T^1 = 0.7, 0.7, 0.7, 0.2: A_T^1 = 0.49993 x 3, -1.49978
+    R_T^1 = 0.7, 0.7, 0.7, 0.2: mean 0.575, deviations 0.125 x 3, -0.375, std = sqrt(0.1875/3) = 0.25
+        A_T^1 = 0.125/0.2501 = 0.49980 x 3, -0.375/0.2501 = -1.49940
     Rollout 3 took only 2 turns: its turn 2 is its last and gets A_O, its turn 1 A_T^1 + A_O."""
     R_T, R_O, turns = two_hop_group()
     A = k_turn_advantages(R_T, R_O, turns, G, "mt_grpo", convention="paper")

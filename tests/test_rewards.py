@@ -13,7 +13,6 @@ import math
 import os
 import random
 import sys
-import time
 
 import pytest
 
@@ -71,11 +70,11 @@ def test_parse_edge_cases():
         assert rewards.parse(junk) == {"reasoning": None, "tool": None, "answer": None}
 
 
-def test_parse_is_linear_on_unclosed_whitespace():
-    # The seed's regex r"<tool>\s*(.*?)\s*</tool>" takes ~13 s on 3,000 spaces after "<tool>".
-    start = time.perf_counter()
+def test_parse_handles_unclosed_whitespace():
+    # The seed's regex r"<tool>\s*(.*?)\s*</tool>" takes ~13 s on 3,000 spaces after "<tool>"
+    # (DEVIATIONS.md, item 7); find_tag answers 200,000. How fast: bench/bench_rewards.py.
     assert rewards.parse("<tool>" + " " * 200_000)["tool"] is None
-    assert time.perf_counter() - start < 0.5
+    assert rewards.parse("<tool>" + " " * 200_000 + "x</tool>")["tool"] == "x"
 
 
 def test_find_tag_agrees_with_the_seed_regex():
@@ -312,13 +311,11 @@ def test_fuzz_never_raises_and_stays_in_range():
     rng = random.Random(0)
     convs = [[random_message(rng) for _ in range(rng.randrange(0, 6))] for _ in range(1_200)]
     aliases = [random_aliases(rng) for _ in convs]
-    start = time.perf_counter()
     scores = rewards.compute(convs, aliases)
     for msg in (m for conv in convs for m in conv):
         parsed = rewards.parse(msg.get("content") if isinstance(msg, dict) else msg)
         assert set(parsed) == set(rewards.FIELDS)
         assert all(v is None or isinstance(v, str) for v in parsed.values())
-    assert time.perf_counter() - start < 5
     for key, values in scores.items():
         assert len(values) == len(convs)
         for v in values:
@@ -334,7 +331,7 @@ def test_fuzz_never_raises_and_stays_in_range():
     assert 0 < sum(v == rewards.REWARD_MAX["xml"] for v in scores["xml"]) < len(convs)
 
 
-# ----------------------------------------------------------------------------- K turns (issue 8)
+# ----------------------------------------------------------------------------- K turns
 def _episode(*results, answer="Lyon"):
     """An episode with one tool call per result, then an answer."""
     conv = []

@@ -342,7 +342,7 @@ def test_fast_top_k_matches_bm25s_retrieve_on_real_questions(wiki_index, trivia_
     model, exact = wiki_index.model, 0
     questions = list(trivia_questions)[:100]
     for question in questions:
-        terms = [t for t in search.tokenize(question)[: search.MAX_QUERY_TOKENS] if t in model.vocab_dict]
+        terms = wiki_index.terms(question)
         rows, scores = model.retrieve([terms], k=5, show_progress=False, n_threads=0)
         reference = [(wiki_index.passages[int(i)]["id"], float(s)) for i, s in zip(rows[0], scores[0]) if s > 0]
         hits = wiki_index.search(question, k=5)
