@@ -25,6 +25,9 @@ import tempfile
 from pathlib import Path
 
 CACHE_DIR = Path(os.environ.get("MT_GRPO_CACHE", Path.home() / ".cache" / "mt-grpo"))
+# The real data (TriviaQA questions, Wikipedia passages) lives beside the repository, never inside it:
+# triviaqa/questions.jsonl and wiki/passages.jsonl.gz. Tests and benchmarks that need it skip without it.
+SHARED_DATA = Path(__file__).resolve().parent.parent / "shared" / "data"
 
 
 class DataError(ValueError):

@@ -6,32 +6,20 @@ Read top to bottom, they document what data.py promises:
   - the demo world is a pure function of its seed, cached on disk, and its answers are invented
     words, so a model can only get them right by searching.
 
-The real data beside the repo (../shared/data) is used where it exists; tests that need it are
+The real data beside the repo (data.SHARED_DATA) is used where it exists; tests that need it are
 skipped, with the reason printed, where it does not.
 """
 import gzip
 import importlib.util
 import json
-import os
 import re
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import data  # noqa: E402
-from data import DataError  # noqa: E402
-
-SHARED = ROOT.parent / "shared" / "data"
-TRIVIAQA = SHARED / "triviaqa" / "questions.jsonl"
-WIKI = SHARED / "wiki" / "passages.jsonl.gz"
-
-
-def need_shared_data():
-    if not SHARED.is_dir():
-        pytest.skip(f"real data folder {SHARED} is absent (it lives beside the repo, never inside it)")
+import data
+from data import DataError
+from helpers import TRIVIAQA, WIKI, need_shared_data
 
 
 def write_lines(path: Path, lines: list[str]) -> Path:

@@ -1,29 +1,26 @@
 """Tests for env.py: the multi-turn search environment and its token-exact trajectories.
 
-The checks everything else builds on (``check_trajectory``):
-  - ``completion_ids`` and ``turn_idx`` have the same length; environment ids are turn 0, the ids of
-    the model's k-th turn are turn k and decode to the k-th assistant message;
-  - ``decode(prompt_ids + completion_ids)`` is exactly the chat template's rendering of
-    system + few-shot + question + ``messages`` (so the ids were never re-tokenised);
-  - the completion fits ``max_completion_tokens``.
-Scripted policies make the model turns known in advance; a tiny random Llama makes them sampled.
+Every rollout here must keep the invariants of ``helpers.check_trajectory`` (ids and turn indices
+line up with the messages; the ids decode to exactly the chat template's rendering, so nothing was
+re-tokenised; the completion fits its budget). Scripted policies make the model turns known in
+advance; a tiny random Llama makes them sampled.
 """
 import math
-import os
 import random
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import env  # noqa: E402
-import rewards  # noqa: E402
-from env import EnvConfig, HFPolicy, ScriptedPolicy, rollout  # noqa: E402
+import env
+import rewards
+import search
+from env import EnvConfig, HFPolicy, ScriptedPolicy, rollout
+from helpers import Recorder, check_trajectory, enc, make_bigram, prompt_messages, tiny_llama
 
 # ----------------------------------------------------------------------------- fixtures
 # tok (real SmolLM2 tokenizer), tiny_model (random 2-layer Llama), passages, searcher (a FakeSearcher
-# over those passages, recording its queries) and fake_searcher (the class) come from conftest.py.
+# over those passages, recording its queries) and fake_searcher (the class) come from conftest.py;
+# the shared checks and models from helpers.py.
 
 @pytest.fixture(scope="module", autouse=True)
 def one_torch_thread():
@@ -45,61 +42,6 @@ def call(query, reasoning="Let me search."):
 
 def answer(text):
     return f"<reasoning>Found it.</reasoning>\n<answer>{text}</answer>"
-
-
-def enc(tok, text):
-    return tok(text, add_special_tokens=False)["input_ids"]
-
-
-def prompt_messages(question, cfg):
-    return ([{"role": "system", "content": env.SYSTEM_PROMPT}] + (env.FEW_SHOT if cfg.few_shot else [])
-            + [{"role": "user", "content": question}])
-
-
-def check_trajectory(t, tok, question, cfg):
-    """The invariants every trajectory must satisfy (see the module docstring)."""
-    assert len(t.completion_ids) == len(t.turn_idx)
-    assert len(t.completion_ids) <= cfg.max_completion_tokens
-    model_msgs = [m["content"] for m in t.messages if m["role"] == "assistant"]
-    assert len(t.tool_calls) == len(model_msgs)
-    assert t.tool_calls == [rewards.parse(c)["tool"] for c in model_msgs]
-    assert [m["role"] for m in t.messages][::2] == ["assistant"] * len(model_msgs)  # they alternate
-    assert len(t.results) == sum(m["role"] == "user" for m in t.messages)
-    # Model turn k is what the model writes after k-1 tool results (the seed's split at the first
-    # <result>): turns are non-decreasing, and each assistant message is one contiguous run of ids
-    # that decodes to it, numbered 1 + the <result> replies before it.
-    nonzero = [k for k in t.turn_idx if k]
-    assert nonzero == sorted(nonzero)
-    runs, p = [], 0
-    while p < len(t.turn_idx):
-        if t.turn_idx[p] == 0:
-            p += 1
-            continue
-        q = p
-        while q < len(t.turn_idx) and t.turn_idx[q] == t.turn_idx[p] and (q == p or t.turn_idx[q - 1] != 0):
-            q += 1
-        runs.append((t.turn_idx[p], t.completion_ids[p:q]))
-        p = q
-    n_results = 0
-    for m in t.messages:
-        if m["role"] == "user":
-            n_results += m["content"].startswith("<result>")
-            continue
-        k, ids = runs[0] if runs else (None, [])
-        if ids and ids[-1] == tok.eos_token_id:
-            ids = ids[:-1]
-        if m["content"] == "" and (not runs or env._decode(tok, ids) != ""):
-            continue  # a turn of zero ids (its budget was used up) has no run of its own
-        runs.pop(0)
-        assert k == 1 + n_results
-        assert env._decode(tok, ids) == m["content"]
-    assert not runs
-    # The whole text is the chat template's rendering: nothing was re-tokenised.
-    msgs = prompt_messages(question, cfg)
-    prompt_text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-    full_text = tok.apply_chat_template(msgs + t.messages, tokenize=False)
-    assert env._decode(tok, t.prompt_ids) == prompt_text
-    assert env._decode(tok, t.completion_ids) == full_text[len(prompt_text):]
 
 
 # ----------------------------------------------------------------------------- prompt and protocol
@@ -300,31 +242,16 @@ def test_search_results_top_k_and_token_budget(tok, searcher, passages):
 
 
 def test_with_real_bm25_index(tok, tmp_path, passages):
-    search = pytest.importorskip("search")
     import json
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("".join(json.dumps(p) + "\n" for p in passages))
-    try:
-        index = search.load_index(corpus, engine="rank_bm25", cache_dir=tmp_path)
-    except ImportError as e:
-        pytest.skip(f"search backend missing: {e}")
+    index = search.load_index(corpus, engine="rank_bm25", cache_dir=tmp_path)  # rank-bm25: requirements.txt
     (t,) = rollout(ScriptedPolicy(tok, [[call("Dracula novel author"), answer("Bram Stoker")]]), tok,
                    ["Who wrote Dracula?"], 1, index, EnvConfig())
     assert t.results[0].startswith("Dracula\n") and rewards.search_answer(t.messages, ["Bram Stoker"]) == 0.5
 
 
 # ----------------------------------------------------------------------------- batching
-class Recorder:
-    """Wraps a policy and records each generate call's batch."""
-
-    def __init__(self, policy):
-        self.policy, self.batches = policy, []
-
-    def generate(self, batch, *args):
-        self.batches.append([list(row) for row in batch])
-        return self.policy.generate(batch, *args)
-
-
 def test_rollout_is_question_major_and_batches_only_live_episodes(tok, searcher):
     questions, G = ["Capital of France?", "Who wrote Dracula?", "Highest mountain?"], 2
     # Episode r = i*G + g finishes after 1 + (r % 3) turns.
@@ -363,25 +290,8 @@ def test_sampled_rollouts_keep_the_invariants(tok, tiny_model, searcher):
 
 
 def bigram_model(tok, chain):
-    """A Llama that deterministically writes next[token] after token (see make_bigram)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=4, num_key_value_heads=4)
-    return make_bigram(LlamaForCausalLM(config).eval(), chain)
-
-
-def make_bigram(model, chain):
-    """Turn an untied Llama into one that writes chain[token] after token: the layers are zeroed (the
-    residual stream is the embedding), each source token gets its own basis vector and the lm-head
-    row of its successor points at it. Lets generate() produce stop strings and EOS on demand."""
-    with torch.no_grad():
-        for p in model.parameters():
-            p.zero_()
-        model.model.norm.weight.fill_(1.0)
-        for j, (src, dst) in enumerate(chain.items()):
-            model.model.embed_tokens.weight[src, j] = 1.0
-            model.lm_head.weight[dst, j] = 10.0
-    return model
+    """A Llama that deterministically writes chain[token] after token (see helpers.make_bigram)."""
+    return make_bigram(tiny_llama(tok, layers=1, intermediate_size=64), chain)
 
 
 def test_hf_policy_cuts_rows_at_stop_strings_eos_and_length(tok):

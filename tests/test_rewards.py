@@ -10,14 +10,11 @@ format counts, per model message, points of 0.2 (5 points = 1.0; the reward is 0
 xml, per model message: each tag used gives (1 - |#open - 1|) + (1 - |#close - 1|) over 2 checks.
 """
 import math
-import os
 import random
-import sys
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import rewards  # noqa: E402
+import rewards
 
 ALIASES = ["Bram Stoker", "Abraham Stoker"]
 SEARCH = '{"name": "wiki_search", "args": {"query": "Dracula author"}}'

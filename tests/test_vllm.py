@@ -36,7 +36,7 @@ vllm = pytest.importorskip("vllm", reason="vllm is not installed (CPU: `make vll
 
 import env  # noqa: E402
 from env import EnvConfig, HFPolicy, rollout  # noqa: E402
-from test_env import Recorder, check_trajectory, enc, make_bigram  # noqa: E402  (tests/ is on sys.path under pytest)
+from helpers import Recorder, check_trajectory, enc, make_bigram  # noqa: E402  (tests/ is on sys.path under pytest)
 from vllm_backend import VLLMPolicy, sync_weights  # noqa: E402
 
 pytestmark = pytest.mark.vllm
