@@ -9,6 +9,7 @@ those steps are redone.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import os
 import random
@@ -93,29 +94,71 @@ def truncate_metrics(path: Path, done: int) -> None:
         os.replace(tmp, path)  # atomic: a kill here leaves the old file or the new one
 
 
+REPORT_TO = ("none", "wandb", "tensorboard")
+# the package each --report-to value needs (requirements.txt pins both)
+REPORT_PACKAGES = {"wandb": "wandb", "tensorboard": "tensorboard"}
+
+
+class ReportError(CheckpointError):
+    """A --report-to this run cannot serve. A CheckpointError, so train.main reports it as one line."""
+
+
+def check_report_to(name: str) -> None:
+    """Fail before any heavy work on a --report-to value that is unknown or whose package is missing."""
+    if name not in REPORT_TO:
+        raise ReportError(f"--report-to {name!r}: choose none, wandb or tensorboard")
+    package = REPORT_PACKAGES.get(name)
+    if package and importlib.util.find_spec(package) is None:
+        raise ReportError(f"--report-to {name} needs the {package} package: pip install -r requirements.txt "
+                          f"(or make setup), or pass --report-to none")
+
+
 class Logger:
+    """metrics.jsonl, and the same rows to TensorBoard (``<out>/tensorboard``) or W&B (``<out>/wandb``).
+
+    W&B runs offline unless the user has set WANDB_MODE: nothing leaves the machine by default, and
+    ``wandb sync <out>/wandb/offline-run-*`` uploads a run later. Every step is flushed (a killed run
+    keeps its rows), and the backend is closed after the row of the last step, so its files are
+    complete when train() returns; ``close()`` does it earlier for a run that stops before that.
+    """
+
     def __init__(self, cfg, out: Path):
-        """``cfg``: train.Config (its report_to and, for wandb, all its fields)."""
-        self.path, self.backend = out / "metrics.jsonl", None
+        """``cfg``: train.Config (its report_to and max_steps, and for wandb all its fields)."""
+        check_report_to(cfg.report_to)
+        self.path, self.backend, self.kind, self.last_step = out / "metrics.jsonl", None, cfg.report_to, cfg.max_steps
         if cfg.report_to == "wandb":
+            os.environ.setdefault("WANDB_MODE", "offline")
             import wandb
 
-            self.backend = wandb.init(project="mt-grpo", config=dataclasses.asdict(cfg), dir=str(out))
+            # a resumed run starts a new W&B run (offline runs cannot be resumed): its first step is the
+            # step after the checkpoint, so together the runs hold every step once
+            self.backend = wandb.init(project="mt-grpo", name=out.name, config=dataclasses.asdict(cfg), dir=str(out))
         elif cfg.report_to == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
 
-            self.backend = SummaryWriter(str(out / "tensorboard"))
+            # on --resume, purge_step drops what an earlier writer logged for the steps about to be redone
+            done = len(self.path.read_text().splitlines()) if self.path.exists() else 0
+            self.backend = SummaryWriter(str(out / "tensorboard"), purge_step=done + 1 if done else None)
 
     def log(self, row: dict) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
             f.flush()
             os.fsync(f.fileno())
-        if hasattr(self.backend, "log"):
-            self.backend.log(row, step=row["step"])
-        elif self.backend is not None:
-            for k, v in row.items():
+        scalars = {k: v for k, v in row.items() if k != "step"}  # the step is the x axis, not a curve
+        if self.kind == "wandb" and self.backend is not None:
+            self.backend.log(scalars, step=row["step"])
+        elif self.kind == "tensorboard" and self.backend is not None:
+            for k, v in scalars.items():
                 self.backend.add_scalar(k, v, row["step"])
+            self.backend.flush()
+        if row["step"] >= self.last_step:
+            self.close()
+
+    def close(self) -> None:
+        if self.backend is not None:
+            self.backend.finish() if self.kind == "wandb" else self.backend.close()
+            self.backend = None
 
 
 def format_line(row: dict) -> str:
