@@ -2,19 +2,22 @@
 
     python eval.py base runs/mt_grpo-seed0-X                 # demo world's eval split, greedy
     python eval.py base runs/r1 --questions ../shared/data/triviaqa/questions.jsonl \\
-        --corpus ../shared/data/wiki/passages.jsonl.gz --holdout 300 --top-k 3   # real data
+        --corpus ../shared/data/wiki/passages.jsonl.gz --holdout 400   # real data
     python eval.py base --sampled --samples 4 --json out.json
 
 A model is ``base`` (the embedded SmolLM2-135M-Instruct), a run folder (its ``checkpoint/``), or any
 model folder. Each is rolled out through the same environment as training (env.py) with one episode
 per question (greedy) or ``--samples`` episodes (sampled at ``--temperature``) and scored by
-rewards.py. Columns (Zeng et al., Table 5): tool execution (0..0.2), search answer (0..0.5),
+rewards.py. A run folder's episodes use the settings it was trained with (its config.json: tool
+calls, token budgets, passages per search, few-shot, temperature); ``base`` and plain model folders
+use train.Config's defaults, the budget of the default training run; a flag overrides both. Columns (Zeng et al., Table 5): tool execution (0..0.2), search answer (0..0.5),
 XML format (0..0.2), exact match (0..1), plus answer presence, the share of episodes with a tool
 call, and EM in percent.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -22,17 +25,24 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 import data
 import env
 import rewards
 import search
+import train
 from policy import load_policy
 
 # (key, header) in the order of the paper's Table 5, then ours
 COLUMNS = [("tool_execution", "Tool exec (0-.2)"), ("search_answer", "Search ans (0-.5)"),
            ("xml", "XML fmt (0-.2)"), ("exact_match", "Exact match (0-1)"),
            ("answer_presence", "Ans present (0-.5)"), ("tool_call_rate", "Tool-call rate"), ("em_percent", "EM %")]
+
+
+# The episode settings a flag can override: the train.Config fields that train.env_config reads.
+EPISODE_FIELDS = ("max_tool_calls", "max_turn_tokens", "max_completion_tokens", "top_k", "result_max_tokens",
+                  "few_shot", "temperature")
 
 
 class EvalError(ValueError):
@@ -51,6 +61,47 @@ def resolve_model(name: str) -> str | None:
     raise EvalError(f"{name}: neither 'base', a run folder with checkpoint/, nor a model folder with config.json")
 
 
+def run_config(name: str, overrides: dict | None = None) -> train.Config:
+    """The train.Config a model is evaluated under: a run folder's own config.json (what train.py wrote),
+    else train.Config's defaults; then ``overrides`` (flags; None = not given)."""
+    folder = Path(name)
+    if folder.name == "checkpoint":  # runs/x/checkpoint is evaluated as runs/x
+        folder = folder.parent
+    cfg, path = train.Config(), folder / "config.json"
+    if name != "base" and (folder / "checkpoint").is_dir() and path.is_file():
+        try:
+            saved = json.loads(path.read_text())
+        except ValueError as e:
+            raise EvalError(f"{path}: not valid JSON ({e}); restore it from the run or pass the episode flags "
+                            f"with a model folder (its checkpoint/) instead") from None
+        if not isinstance(saved, dict):
+            raise EvalError(f"{path}: expected train.py's settings (a JSON object)")
+        # only fields this Config knows: a run written by an older or newer train.py still evaluates
+        fields = {f.name for f in dataclasses.fields(train.Config)}
+        cfg = dataclasses.replace(cfg, **{k: v for k, v in saved.items() if k in fields})
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in (overrides or {}).items() if v is not None})
+    check_episode(cfg, f"{name}: ")
+    return cfg
+
+
+def check_episode(cfg: train.Config, where: str = "") -> None:
+    """env.rollout's own limits, as one clear message naming the flag, before any model is loaded."""
+    # max_completion_tokens: room for a short turn and the chat markers that close it
+    low = {"max_turn_tokens": 1, "max_completion_tokens": 8, "top_k": 1, "result_max_tokens": 1, "max_tool_calls": 0}
+    for k, lo in low.items():
+        v = getattr(cfg, k)
+        if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+            raise EvalError(f"{where}{k} = {v!r}: pass --{k.replace('_', '-')} N with N >= {lo}")
+    if not isinstance(cfg.temperature, (int, float)) or cfg.temperature < 0:
+        raise EvalError(f"{where}temperature = {cfg.temperature!r}: pass --temperature T with T >= 0")
+
+
+def episode_config(cfg: train.Config, sampled: bool) -> env.EnvConfig:
+    """train.env_config, greedy unless --sampled (then at the run's or --temperature's temperature)."""
+    env_cfg = train.env_config(cfg)
+    return env_cfg if sampled else dataclasses.replace(env_cfg, temperature=0.0)
+
+
 def load_questions(questions: str | None, holdout: int, n: int | None) -> list[dict]:
     """The evaluation questions: the demo world's eval split, or the ``holdout`` rows that
     ``train.py --holdout`` kept out of training (all rows when holdout is 0), first ``n`` of them."""
@@ -66,16 +117,26 @@ def load_questions(questions: str | None, holdout: int, n: int | None) -> list[d
 
 
 def evaluate(policy, tokenizer, questions: list[dict], index, env_cfg: env.EnvConfig, samples: int = 1,
-             batch: int = 64) -> dict:
+             batch: int = 64, desc: str | None = None) -> dict:
     """Roll out ``samples`` episodes per question with ``policy`` (env.HFPolicy or any object with
     its ``generate``; ``env_cfg.temperature`` 0 = greedy) in chunks of ``batch`` episodes and
-    average each reward over all episodes."""
+    average each reward over all episodes. ``desc``: show a progress bar (episodes) under that name.
+
+    An untrained model rarely writes <tool> or <answer>: each such turn gets a format reminder and
+    the episode goes on, so its turns end only at the budgets, max_turn_tokens per turn and
+    max_completion_tokens per episode. Those come from train.Config (or the run), the budget the
+    policies were trained under, so a model is never cut shorter than it was trained to write, and
+    the cost of a model that never stops is known in advance: with the CPU defaults its episode ends
+    at 256 completion tokens, three turns (64, 64 and the 40-odd left) with two format reminders
+    between them. A bound on the number of reminders would cut a trained model's retries too."""
     per_chunk = max(1, batch // samples)
     trajectories = []
-    with torch.no_grad():
+    bar = tqdm(total=len(questions) * samples, desc=desc, unit="episode", disable=desc is None, dynamic_ncols=True)
+    with torch.no_grad(), bar:
         for i in range(0, len(questions), per_chunk):
             chunk = questions[i:i + per_chunk]
             trajectories += env.rollout(policy, tokenizer, [q["question"] for q in chunk], samples, index, env_cfg)
+            bar.update(len(chunk) * samples)
     aliases = [q["aliases"] for q in questions for _ in range(samples)]
     scores = rewards.compute([t.messages for t in trajectories], aliases)
     result = rewards.means(scores)
@@ -105,20 +166,28 @@ def parse_args(argv=None):
     ap.add_argument("--holdout", type=int, default=0, help="evaluate on the rows train.py --holdout kept out")
     ap.add_argument("--n", type=int, default=200, help="first N questions (0 = all)")
     ap.add_argument("--sampled", action="store_true", help="sample at --temperature instead of greedy")
-    ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--samples", type=int, default=1, help="episodes per question when --sampled")
     ap.add_argument("--batch", type=int, default=64, help="episodes per rollout call")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--json", help="also write the results here")
-    # the environment, defaults as train.py's
-    ap.add_argument("--top-k", type=int, default=1)
-    ap.add_argument("--max-turn-tokens", type=int, default=64)
-    ap.add_argument("--max-completion-tokens", type=int, default=256)
-    ap.add_argument("--result-max-tokens", type=int, default=96)
-    ap.add_argument("--max-tool-calls", type=int, default=2)
-    ap.add_argument("--few-shot", action="store_true")
+    # the episode settings: None = the run folder's config.json, else train.Config's default (one source)
+    defaults = train.Config()
+    for k in EPISODE_FIELDS:
+        flag = "--" + k.replace("_", "-")
+        if k == "few_shot":
+            ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                            help=f"a worked exchange in the prompt (default: the run's, else {defaults.few_shot})")
+        else:
+            ap.add_argument(flag, type=type(getattr(defaults, k)), default=None,
+                            help=f"default: the run's, else {getattr(defaults, k)}"
+                                 + (" (used with --sampled)" if k == "temperature" else ""))
     args = ap.parse_args(argv)
+    for k in ("n", "samples", "batch", "holdout"):
+        if getattr(args, k) < (1 if k in ("samples", "batch") else 0):
+            raise EvalError(f"--{k} {getattr(args, k)}: must be >= {1 if k in ('samples', 'batch') else 0}")
+    if args.temperature is not None and not args.sampled:
+        raise EvalError("--temperature needs --sampled (without it every episode is greedy)")
     if args.samples > 1 and not args.sampled:
         raise EvalError("--samples > 1 needs --sampled (greedy episodes of one question are identical)")
     if (args.questions is None) != (args.corpus is None):
@@ -127,33 +196,48 @@ def parse_args(argv=None):
         path = getattr(args, name)
         if path is not None and not Path(path).is_file():
             raise EvalError(f"--{name} {path}: file not found")
+    if args.json and not Path(args.json).resolve().parent.is_dir():
+        raise EvalError(f"--json {args.json}: no folder {Path(args.json).parent} to write it in (create it first)")
     return args
 
 
-def run(args) -> dict[str, dict]:
+def episode_settings(args) -> dict[str, env.EnvConfig]:
+    """Each model's EnvConfig, all resolved (and checked) before any model is loaded."""
+    overrides = {k: getattr(args, k) for k in EPISODE_FIELDS}
+    return {name: episode_config(run_config(name, overrides), args.sampled) for name in args.models}
+
+
+def run(args) -> tuple[dict[str, dict], dict[str, env.EnvConfig]]:
     models = {name: resolve_model(name) for name in args.models}  # fail on a bad name before any work
+    settings = episode_settings(args)
+    if len({dataclasses.astuple(c) for c in settings.values()}) > 1:
+        # each run keeps its own settings; a reader comparing rows should know they differ
+        print("note: the models' episode settings differ (see each model's line below, or pass the flags "
+              "to evaluate all under one)", file=sys.stderr)
     if args.threads:
         torch.set_num_threads(args.threads)
     questions = load_questions(args.questions, args.holdout, args.n)
     index = search.load_index(args.corpus or data.demo_world()["corpus"])
-    env_cfg = env.EnvConfig(max_tool_calls=args.max_tool_calls, max_turn_tokens=args.max_turn_tokens,
-                            max_completion_tokens=args.max_completion_tokens, top_k=args.top_k,
-                            result_max_tokens=args.result_max_tokens, few_shot=args.few_shot,
-                            temperature=args.temperature if args.sampled else 0.0)
     results = {}
     for name, path in models.items():
+        env_cfg = settings[name]
+        print(f"{name}: {describe(env_cfg)}", file=sys.stderr)
         model, tokenizer = load_policy(path)
         policy = env.HFPolicy(model.eval(), tokenizer, seed=args.seed)
         results[name] = evaluate(policy, tokenizer, questions, index, env_cfg, args.samples if args.sampled else 1,
-                                 args.batch)
+                                 args.batch, desc=name)
         print(f"{name}: {json.dumps({k: round(v, 4) for k, v in results[name].items()})}", file=sys.stderr)
-    return results
+    return results, settings
+
+
+def describe(env_cfg: env.EnvConfig) -> str:
+    return " ".join(f"{k}={v}" for k, v in dataclasses.asdict(env_cfg).items())
 
 
 def main(argv=None) -> int:
     try:
         args = parse_args(argv)
-        results = run(args)
+        results, settings = run(args)
     except (EvalError, data.DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -161,7 +245,8 @@ def main(argv=None) -> int:
     if args.json:
         tmp = Path(args.json).with_suffix(".tmp")
         tmp.write_text(json.dumps({"questions": args.questions or "demo-world eval", "holdout": args.holdout,
-                                   "n": args.n, "sampled": args.sampled, "results": results}, indent=1))
+                                   "n": args.n, "sampled": args.sampled, "results": results,
+                                   "settings": {k: dataclasses.asdict(c) for k, c in settings.items()}}, indent=1))
         os.replace(tmp, args.json)
     return 0
 
