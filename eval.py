@@ -158,6 +158,21 @@ def table(results: dict[str, dict]) -> str:
     return "\n".join([head, rule, *rows])
 
 
+def add_episode_flags(ap: argparse.ArgumentParser, temperature_note: str = "") -> None:
+    """--max-tool-calls ... --temperature, default None: the run folder's config.json, else train.Config's
+    default (one source; run_config resolves them)."""
+    defaults = train.Config()
+    for k in EPISODE_FIELDS:
+        flag = "--" + k.replace("_", "-")
+        if k == "few_shot":
+            ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                            help=f"a worked exchange in the prompt (default: the run's, else {defaults.few_shot})")
+        else:
+            ap.add_argument(flag, type=type(getattr(defaults, k)), default=None,
+                            help=f"default: the run's, else {getattr(defaults, k)}"
+                                 + (f" {temperature_note}" if k == "temperature" and temperature_note else ""))
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("models", nargs="+", help="'base', run folders or model folders")
@@ -171,17 +186,7 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--json", help="also write the results here")
-    # the episode settings: None = the run folder's config.json, else train.Config's default (one source)
-    defaults = train.Config()
-    for k in EPISODE_FIELDS:
-        flag = "--" + k.replace("_", "-")
-        if k == "few_shot":
-            ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
-                            help=f"a worked exchange in the prompt (default: the run's, else {defaults.few_shot})")
-        else:
-            ap.add_argument(flag, type=type(getattr(defaults, k)), default=None,
-                            help=f"default: the run's, else {getattr(defaults, k)}"
-                                 + (" (used with --sampled)" if k == "temperature" else ""))
+    add_episode_flags(ap, "(used with --sampled)")
     args = ap.parse_args(argv)
     for k in ("n", "samples", "batch", "holdout"):
         if getattr(args, k) < (1 if k in ("samples", "batch") else 0):

@@ -13,6 +13,7 @@ and turn 2 (the answer) differently: a good search followed by a wrong answer is
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import html
 import json
 import os
@@ -23,18 +24,21 @@ import torch
 
 import data
 import env
-import mt_grpo
+import eval as evaluation
 import rewards
 import search
+import train
 
 LABELS = {"grpo_or": "GRPO-OR", "grpo_mr": "GRPO-MR", "mt_grpo": "MT-GRPO"}
 
 
-def method_advantages(trajectories, scores: dict, G: int, lam: float = 1.0) -> dict[str, torch.Tensor]:
-    """{method: (N, 2) per-turn advantages} for one batch of whole groups, as train.py computes them."""
-    R_T, R_O = (torch.tensor(r, dtype=torch.float32) for r in rewards.reward_levels(scores))
-    has_result = torch.tensor([t.has_result for t in trajectories])
-    return {m: mt_grpo.turn_advantages(R_T, R_O, G, m, lam=lam, has_result=has_result) for m in LABELS}
+def method_advantages(trajectories, scores: dict, G: int, lam: float | None = None, cfg: train.Config | None = None,
+                      rows: list[dict] | None = None) -> dict[str, torch.Tensor]:
+    """{method: (N, K) per-turn advantages} for one batch of whole groups: train.advantages itself, under
+    ``cfg`` (a run's settings: lam, convention, k_turn; default train.Config) with each method in turn.
+    ``rows``: the question of each rollout, which --k-turn runs need."""
+    cfg = dataclasses.replace(cfg or train.Config(), G=G, **({} if lam is None else {"lam": lam}))
+    return {m: train.advantages(dataclasses.replace(cfg, method=m), scores, trajectories, rows)[0] for m in LABELS}
 
 
 def token_pieces(tokenizer, traj, A_row) -> list[tuple[str, float | None]]:
@@ -73,6 +77,11 @@ def render_compact(tokenizer, trajectories, advs: dict, width: int = 38) -> str:
     return "\n".join(lines)
 
 
+def turn_values(A_row, sep: str = ", ") -> str:
+    """One rollout's advantage per turn: two for the paper's MT-GRPO, K = max_tool_calls + 1 with --k-turn."""
+    return sep.join(f"{a:+.2f}" for a in A_row.tolist())
+
+
 def _scale(advs: dict) -> float:
     return max(1e-6, max(float(a.abs().max()) for a in advs.values()))
 
@@ -92,7 +101,7 @@ def render_terminal(tokenizer, question: str, trajectories, scores: dict, advs: 
     for m, A in advs.items():
         out.append(f"\n== {LABELS[m]} ==")
         for i, traj in enumerate(trajectories):
-            head = f"[{i}] R_T={R_T[i]:.2f} R_O={R_O[i]:.2f} A=({A[i, 0]:+.2f},{A[i, 1]:+.2f}) "
+            head = f"[{i}] R_T={R_T[i]:.2f} R_O={R_O[i]:.2f} A=({turn_values(A[i], ',')}) "
             body = "".join(f"\x1b[48;2;{r};{g};{b}m\x1b[30m{t.replace(chr(10), ' ')}\x1b[0m"
                            for t, a in token_pieces(tokenizer, traj, A[i]) for r, g, b in [_rgb(a, scale)])
             out.append(head + body)
@@ -114,7 +123,7 @@ def render_html(tokenizer, question: str, trajectories, scores: dict, advs: dict
         for m, A in advs.items():
             spans = "".join(f"<span style='background:rgb{_rgb(a, scale)}' title='{'env' if a is None else f'{a:+.3f}'}'>"
                             f"{html.escape(t)}</span>" for t, a in token_pieces(tokenizer, traj, A[i]))
-            cells.append(f"<td><b>A = ({A[i, 0]:+.2f}, {A[i, 1]:+.2f})</b><div class=t>{spans}</div></td>")
+            cells.append(f"<td><b>A = ({turn_values(A[i])})</b><div class=t>{spans}</div></td>")
         parts.append(f"<tr><td>{i}</td><td>R_T {R_T[i]:.2f}<br>R_O {R_O[i]:.2f}</td>{''.join(cells)}</tr>")
     return "\n".join(parts + ["</table>"])
 
@@ -140,19 +149,37 @@ def scripted_group(tokenizer, index, cfg: env.EnvConfig | None = None):
              [call(q["question"]), reply(wrong, "I am not sure.")],
              [call("famous old river"), reply(wrong, "I am not sure.")],
              [reply(answer, "I think I know this.")]]
-    cfg = cfg or env.EnvConfig(few_shot=False, max_turn_tokens=64, max_completion_tokens=256, result_max_tokens=96)
+    cfg = cfg or train.env_config(train.Config())  # the default training run's episodes
     trajs = env.rollout(env.ScriptedPolicy(tokenizer, turns), tokenizer, [q["question"]], len(turns), index, cfg)
     return q, trajs
 
 
-def sampled_group(model_dir: str, G: int, seed: int, question_index: int, index):
+def sampled_group(model_dir: str, G: int, seed: int, question_index: int, index, cfg: env.EnvConfig | None = None):
+    """G episodes of one demo-world eval question sampled from ``model_dir``, under ``cfg`` (the run's
+    episode settings; default: train.Config's, as the default training run samples them)."""
     from policy import load_policy
 
     model, tokenizer = load_policy(model_dir)
     q = data.load_questions(data.demo_world()["eval"])[question_index]
-    cfg = env.EnvConfig(few_shot=False, max_turn_tokens=64, max_completion_tokens=256, result_max_tokens=96)
+    cfg = cfg or train.env_config(train.Config())
     trajs = env.rollout(env.HFPolicy(model.eval(), tokenizer, seed=seed), tokenizer, [q["question"]], G, index, cfg)
     return tokenizer, q, trajs
+
+
+def check_args(args) -> tuple[train.Config, str | None]:
+    """The settings to roll out under and the model path, or one EvalError naming the fix (before any work)."""
+    overrides = {k: getattr(args, k) for k in evaluation.EPISODE_FIELDS}
+    cfg = evaluation.run_config("base" if args.scripted else args.model, overrides)
+    path = None if args.scripted else evaluation.resolve_model(args.model)
+    if not args.scripted and args.G < 2:
+        raise evaluation.EvalError(f"--G {args.G}: a group needs at least 2 rollouts to compare")
+    n = len(data.load_questions(data.demo_world()["eval"]))
+    if not 0 <= args.question_index < n:
+        raise evaluation.EvalError(f"--question-index {args.question_index}: the demo world has {n} eval "
+                                   f"questions, 0..{n - 1}")
+    if args.html and not Path(args.html).resolve().parent.is_dir():
+        raise evaluation.EvalError(f"--html {args.html}: no folder {Path(args.html).parent} (create it first)")
+    return cfg, path
 
 
 def main(argv=None) -> int:
@@ -164,24 +191,25 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--question-index", type=int, default=0, help="which demo-world eval question")
     ap.add_argument("--html", help="write the HTML page here")
+    # with --model: the run's episode settings (its config.json), else train.Config's; a flag overrides
+    evaluation.add_episode_flags(ap)
     args = ap.parse_args(argv)
+    try:
+        cfg, path = check_args(args)
+    except evaluation.EvalError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     index = search.load_index(data.demo_world()["corpus"])
     if args.scripted:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(data.embedded_model_dir())
-        q, trajs = scripted_group(tokenizer, index)
+        q, trajs = scripted_group(tokenizer, index, train.env_config(cfg))
     else:
-        import eval as evaluation
-
-        try:
-            path = evaluation.resolve_model(args.model)
-        except evaluation.EvalError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        tokenizer, q, trajs = sampled_group(path, args.G, args.seed, args.question_index, index)
+        tokenizer, q, trajs = sampled_group(path, args.G, args.seed, args.question_index, index, train.env_config(cfg))
     scores = rewards.compute([t.messages for t in trajs], [q["aliases"]] * len(trajs))
-    advs = method_advantages(trajs, scores, len(trajs))
+    # the run's lam, convention and k_turn: the advantages its training would have given this group
+    advs = method_advantages(trajs, scores, len(trajs), cfg=cfg, rows=[q] * len(trajs))
     print(render_terminal(tokenizer, q["question"], trajs, scores, advs))
     if args.html:
         tmp = Path(args.html).with_suffix(".tmp")

@@ -2,9 +2,11 @@
 tokens are grey, and WALKTHROUGH.md's numbers are what the code produces today."""
 from __future__ import annotations
 
+import itertools
 import re
 
 import pytest
+import torch
 
 import data
 import search
@@ -72,3 +74,67 @@ def test_walkthrough_check_catches_a_changed_number(tmp_path, monkeypatch):
     monkeypatch.setattr(walkthrough, "DOC", tmp_path / "W.md")
     (tmp_path / "W.md").write_text(changed)
     assert walkthrough.main(["--check"]) == 1
+
+
+# ----------------------------------------------------------------------------- settings from the run
+def test_advantages_are_train_py_s_under_the_runs_settings(tok, group):
+    """The viewer's numbers are train.advantages' under a run's lam / k_turn: lam 0 leaves MT-GRPO's
+    turn 1 of a rollout that searched with A_O alone (the seed convention), and --k-turn gives one
+    column per turn (max_tool_calls + 1)."""
+    import train
+
+    q, trajs, scores, advs = group
+    rows = [q] * len(trajs)
+    half = viewer.method_advantages(trajs, scores, len(trajs), cfg=train.Config(lam=0.0), rows=rows)
+    for m in viewer.LABELS:
+        expect, _ = train.advantages(train.Config(G=len(trajs), method=m, lam=0.0), scores, trajs, rows)
+        assert torch.equal(half[m], expect)
+    assert not torch.equal(half["mt_grpo"], advs["mt_grpo"])  # lam moved turn 1...
+    searched = torch.tensor([t.has_result for t in trajs])  # (the others fall back to GRPO-MR's)
+    assert searched.sum() == 3
+    torch.testing.assert_close(half["mt_grpo"][searched, 0], half["grpo_or"][searched, 0])  # ...to A_O alone
+    k = viewer.method_advantages(trajs, scores, len(trajs), cfg=train.Config(k_turn=True, max_tool_calls=2), rows=rows)
+    assert all(A.shape == (len(trajs), 3) for A in k.values())
+    page = viewer.render_html(tok, q["question"], trajs, scores, k)
+    assert page.count("<b>A = (") == 3 * len(trajs) and all(
+        len(cell.split(")</b>")[0].split(", ")) == 3 for cell in page.split("<b>A = (")[1:])
+
+
+def test_a_run_folder_is_sampled_with_its_own_settings(tmp_path, tiny_model_dir, capsys, monkeypatch):
+    import dataclasses
+    import json
+
+    import env
+    import train
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoint").symlink_to(tiny_model_dir)
+    (run / "config.json").write_text(json.dumps(dataclasses.asdict(train.Config(max_turn_tokens=7,
+                                                                                max_completion_tokens=50))))
+    seen, real = [], env.rollout
+    monkeypatch.setattr(env, "rollout", lambda *a, **k: seen.extend(real(*a, **k)) or seen)
+    assert viewer.main(["--model", str(run), "--G", "2"]) == 0
+    turns = [sum(1 for _ in g) for t in seen for k, g in itertools.groupby(t.turn_idx) if k]
+    assert len(seen) == 2 and max(turns) == 7  # the random model writes to its budget: the run's 7
+    seen.clear()
+    assert viewer.main(["--model", str(run), "--G", "2", "--max-turn-tokens", "4"]) == 0
+    assert max(sum(1 for _ in g) for t in seen for k, g in itertools.groupby(t.turn_idx) if k) == 4
+    assert "MT-GRPO" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "/no/such/run"], "neither 'base'"),
+    (["--scripted", "--question-index", "100000"], "--question-index 100000"),
+    (["--scripted", "--html", "/no/such/folder/v.html"], "no folder /no/such/folder"),
+    (["--scripted", "--max-turn-tokens", "0"], "--max-turn-tokens N with N >= 1"),
+])
+def test_bad_input_is_one_clear_error(argv, message, capsys):
+    assert viewer.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1
+
+
+def test_a_group_of_one_is_refused(tiny_model_dir, capsys):
+    assert viewer.main(["--model", str(tiny_model_dir), "--G", "1"]) == 2
+    assert "at least 2 rollouts" in capsys.readouterr().err
