@@ -1,6 +1,7 @@
 """Rollout throughput: env.rollout with batched HFPolicy vs one episode at a time.
 
-Both modes run the same random-initialised Llama (big enough that compute matters) on the same
+Both modes run the same random-initialised Llama (common.random_llama, SmolLM2's shape in small,
+big enough that compute matters) on the same
 questions with the same EnvConfig, and count the tokens the *model* wrote (turn_idx >= 1) per
 second of wall time, prompt processing and environment steps included. A random model never
 writes a valid tool call or answer, so every episode runs until the completion budget: both modes
@@ -12,33 +13,13 @@ produce about the same number of tokens and the search tool is never called (a n
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import data  # noqa: E402
-import env  # noqa: E402
-
-
-class NullSearcher:
-    def search(self, query, k=1):
-        return []
-
-
-def tiny_llama(vocab_size: int, hidden: int, layers: int, seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=4 * hidden,
-                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4,
-                         max_position_embeddings=4096)
-    return LlamaForCausalLM(config).eval()
-
-
-def model_tokens(trajs) -> int:
-    return sum(t.model_tokens for t in trajs)
+from common import NullSearcher, demo_questions, model_tokens, random_llama, set_threads, tokenizer  # first: the repo root
+import env
 
 
 def main(argv=None) -> int:
@@ -51,13 +32,11 @@ def main(argv=None) -> int:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
 
-    from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(data.embedded_model_dir())
-    model = tiny_llama(len(tok), args.hidden, args.layers)
-    questions = [row["question"] for row in data.read_jsonl(data.demo_world()["eval"])[:args.questions]]
+    tok = tokenizer()
+    model = random_llama(tok, args.hidden, args.layers)
+    questions = [row["question"] for row in demo_questions(args.questions)]
     cfg = env.EnvConfig(max_turn_tokens=args.max_turn_tokens, max_completion_tokens=args.max_completion_tokens)
     n_params = sum(p.numel() for p in model.parameters()) / 1e6
     print(f"model: Llama hidden {args.hidden}, {args.layers} layers, {n_params:.1f}M params; "

