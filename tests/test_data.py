@@ -308,8 +308,9 @@ def test_refactor_kept_the_demo_world_byte_for_byte(world):
 
 
 def test_two_hop_questions_need_two_searches():
-    """Searching the question finds the bridge town, never the river; searching the town finds the
-    river. So a one-search agent cannot answer (except by guessing one of 40 rivers)."""
+    """Searching the question finds the bridge town, and the river only by chance (1 of these 200
+    questions); searching the town finds the river. So a one-search agent can rarely answer (except
+    by guessing one of 40 rivers)."""
     import search
 
     index = search.load_index(data.demo_world()["corpus"])
