@@ -295,7 +295,7 @@ def test_embedded_model_is_a_plain_checkpoint():
     assert any(folder.glob("*.safetensors")) and (folder / "tokenizer.json").is_file()
 
 
-# --------------------------------------------------------------------------- the two-hop task (issue 8)
+# --------------------------------------------------------------------------- the two-hop task (K turns)
 def test_refactor_kept_the_demo_world_byte_for_byte(world):
     """generate_demo_world draws from data._facts now; the v1 world must not have moved (cached
     folders are named after it). The digests are of the world the pre-refactor code generated."""
