@@ -20,7 +20,7 @@ import argparse
 import sys
 import time
 
-from common import ROOT  # noqa: F401  (first: puts the repo root on sys.path)
+import common  # noqa: F401  (first: puts the repo root on sys.path)
 import data
 import rewards
 import search
