@@ -46,8 +46,12 @@ def save_checkpoint(accelerator, out: Path, trainer, model, tokenizer, optimizer
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     weights = None
-    if is_zero3(accelerator):  # every process holds a shard of each weight: gather them (all must take part)
-        weights = {k.removeprefix("model."): v for k, v in accelerator.get_state_dict(trainer).items()}
+    if is_zero3(accelerator):
+        # every process holds a shard of each weight: all take part in gathering them, and DeepSpeed hands
+        # the consolidated dict to the main process only (None elsewhere, where nothing is written)
+        gathered = accelerator.get_state_dict(trainer)
+        if main:
+            weights = {k.removeprefix("model."): v for k, v in gathered.items()}
     if is_deepspeed(accelerator):  # DeepSpeed partitions the optimizer state: each process saves its part
         accelerator.save_state(str(tmp / "deepspeed"))
     if main:

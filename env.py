@@ -30,7 +30,8 @@ from __future__ import annotations
 
 import functools
 import json
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
 import torch
 
@@ -82,6 +83,9 @@ class Trajectory:
     tool_calls: list[str | None]       # per assistant turn: the raw <tool> content or None
     results: list[str]                 # the environment replies' inner text, in order
     truncated: bool = False
+    # per completion id: the sampler's log-prob of it (the policy's ``last_logprobs``), NaN on environment
+    # ids and where the policy reports none; train.py compares it with the trainer's (the mismatch meter)
+    sampler_logprobs: list[float] = field(default_factory=list)
 
     @property
     def has_result(self) -> bool:
@@ -157,6 +161,13 @@ def build_prompt(tokenizer, question: str, cfg: EnvConfig) -> list[int]:
     return _encode(tokenizer, text)
 
 
+def longest_prompt(tokenizer, questions: list[str], cfg: EnvConfig, candidates: int = 64) -> int:
+    """Tokens in the longest prompt of a question set, over its ``candidates`` longest questions by
+    characters (every prompt shares the system prompt, so the question decides)."""
+    longest = sorted(questions, key=lambda q: len(str(q)), reverse=True)[:candidates]
+    return max(len(build_prompt(tokenizer, q, cfg)) for q in longest)
+
+
 def call_tool(tool_text: str | None, searcher, cfg: EnvConfig, tokenizer) -> str:
     """Run one JSON tool command; returns the text to put inside ``<result>``. Never raises:
     the command is model output, so every failure is an ``Error: ...`` text the model can read."""
@@ -197,8 +208,9 @@ def _run_tool(tool_text, searcher, k: int) -> str:
 
 
 # ----------------------------------------------------------------------------- rollout
-def _step(traj: Trajectory, new: list[int], tokenizer, searcher, cfg: EnvConfig) -> bool:
-    """Append one model turn and the environment's reaction; returns whether the episode goes on."""
+def _step(traj: Trajectory, new: list[int], new_logprobs: list[float], tokenizer, searcher, cfg: EnvConfig) -> bool:
+    """Append one model turn (its ids and the sampler's log-probs of them) and the environment's reaction;
+    returns whether the episode goes on."""
     m = _markers(tokenizer)
     ends_turn = bool(new) and new[-1] == m.close[0]
     text = _decode(tokenizer, new[:-1] if ends_turn else new)
@@ -208,6 +220,7 @@ def _step(traj: Trajectory, new: list[int], tokenizer, searcher, cfg: EnvConfig)
     turn = sum(msg["role"] == "user" and msg["content"].startswith("<result>") for msg in traj.messages) + 1
     traj.completion_ids += new
     traj.turn_idx += [turn] * len(new)
+    traj.sampler_logprobs += new_logprobs
     traj.messages.append({"role": "assistant", "content": text})
     parsed = rewards.parse(text)
     traj.tool_calls.append(parsed["tool"])
@@ -233,12 +246,14 @@ def _step(traj: Trajectory, new: list[int], tokenizer, searcher, cfg: EnvConfig)
         if len(traj.completion_ids) + len(env) + 1 + len(m.close) <= cfg.max_completion_tokens:
             traj.completion_ids += env
             traj.turn_idx += [0] * len(env)
+            traj.sampler_logprobs += [math.nan] * len(env)
             traj.messages.append({"role": "user", "content": reply})
             traj.results.append(reply[len("<result>\n"):-len("\n</result>")] if reply.startswith("<result>") else reply)
             return True
         traj.truncated = True
     traj.completion_ids += close
     traj.turn_idx += [0] * len(close)
+    traj.sampler_logprobs += [math.nan] * len(close)
     return False
 
 
@@ -259,20 +274,49 @@ def rollout(policy, tokenizer, questions: list[str], G: int, searcher, cfg: EnvC
                                cfg.temperature, cfg.top_p, STOP)
         if len(outs) != len(live):
             raise RuntimeError(f"policy returned {len(outs)} rows for {len(live)} live episodes")
-        # cut_turn again: the environment trusts no policy about stops and budgets.
-        live = [t for t, out, limit in zip(live, outs, limits)
-                if _step(t, cut_turn(out, tokenizer, STOP, limit), tokenizer, searcher, cfg)]
+        logprobs = getattr(policy, "last_logprobs", None) or [[] for _ in outs]
+        # cut_turn again: the environment trusts no policy about stops and budgets. The cut keeps a prefix
+        # of each row, so the row's first len(ids) log-probs are those of its ids.
+        cuts = [cut_turn(out, tokenizer, STOP, limit) for out, limit in zip(outs, limits)]
+        live = [t for t, ids, lp in zip(live, cuts, logprobs)
+                if _step(t, ids, (list(lp) + [math.nan] * len(ids))[:len(ids)], tokenizer, searcher, cfg)]
     return trajs
 
 
 # ----------------------------------------------------------------------------- policies
+class SampledLogprobs:
+    """A ``generate`` logits processor that keeps the log-prob of each sampled token under the model's own
+    distribution (temperature 1, before top-p): the number the trainer computes for the same token.
+    transformers runs user processors before its temperature and top-p warpers, so ``scores`` here are the
+    raw logits. A call sees the token sampled by the previous step as ``input_ids[:, -1]``; ``finish``
+    adds the last one. Memory: one (rows x vocabulary) tensor, not one per step."""
+
+    def __init__(self):
+        self.prev, self.steps = None, []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.prev is not None:
+            self.steps.append(self.prev.gather(1, input_ids[:, -1:]).squeeze(1))
+        self.prev = torch.log_softmax(scores.float(), dim=-1)
+        return scores
+
+    def finish(self, sequences: torch.Tensor, new_tokens: int) -> list[list[float]]:
+        if self.prev is not None and len(self.steps) < new_tokens:
+            self.steps.append(self.prev.gather(1, sequences[:, -1:]).squeeze(1))
+        if not self.steps:
+            return [[] for _ in range(sequences.shape[0])]
+        return torch.stack(self.steps, dim=1).tolist()
+
+
 class HFPolicy:
     """Batched sampling with ``transformers`` ``generate`` (KV cache within a turn; each turn
     re-reads its context). Rows are left-padded; ``pad == eos`` for SmolLM2, so each row is cut by
-    ``cut_turn`` afterwards. ``seed`` gives a private, reproducible random stream."""
+    ``cut_turn`` afterwards. ``seed`` gives a private, reproducible random stream. After each call
+    ``last_logprobs`` holds, per row, the sampler's log-prob of each returned id."""
 
     def __init__(self, model, tokenizer, seed: int | None = None):
         self.model, self.tokenizer, self.seed, self.calls = model, tokenizer, seed, 0
+        self.last_logprobs: list[list[float]] | None = None
         self.stopping: dict[tuple, object] = {}  # stop strings -> StoppingCriteriaList, built once
 
     def stop_criteria(self, stop):
@@ -298,16 +342,20 @@ class HFPolicy:
                     else dict(do_sample=False, temperature=None, top_p=None, top_k=None))
         sampling.update(repetition_penalty=1.0)
         devices = [device] if device.type == "cuda" else []
+        from transformers import LogitsProcessorList
+        record = SampledLogprobs()
         with torch.random.fork_rng(devices=devices, enabled=self.seed is not None):
             if self.seed is not None:  # one derived seed per call: reproducible, never touches global RNG
                 torch.manual_seed(self.seed * 100_003 + self.calls)
             out = self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                                       max_new_tokens=max_new_tokens,
                                       stopping_criteria=self.stop_criteria(stop) if stop else None,
-                                      eos_token_id=ends, pad_token_id=pad,
+                                      eos_token_id=ends, pad_token_id=pad, logits_processor=LogitsProcessorList([record]),
                                       use_cache=True, **sampling)
         self.calls += 1
-        return [cut_turn(row, self.tokenizer, stop, max_new_tokens) for row in out[:, width:].tolist()]
+        rows = [cut_turn(row, self.tokenizer, stop, max_new_tokens) for row in out[:, width:].tolist()]
+        self.last_logprobs = [lp[:len(row)] for lp, row in zip(record.finish(out, out.shape[1] - width), rows)]
+        return rows
 
 
 class ScriptedPolicy:

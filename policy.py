@@ -2,9 +2,10 @@
 per-token log-probabilities of the tokens the model wrote."""
 from __future__ import annotations
 
-import importlib.util
+import warnings
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 import data
 
@@ -12,23 +13,36 @@ import data
 def load_policy(model_path: str | None, gradient_checkpointing: bool = False, flash_attention: bool = False):
     """(model, tokenizer) in float32 (bf16 comes from autocast); None = the embedded SmolLM2-135M.
 
-    flash_attention: use flash-attn 2 where it can run (the flash_attn package is installed and CUDA is
-    there), else transformers' default attention. Pass it only when every forward runs under 16-bit
-    autocast: flash-attn has no float32 kernel, and our weights stay float32.
+    flash_attention: use flash-attn 2 where it can run (see attention_implementation). Pass it only when
+    every forward runs under 16-bit autocast: flash-attn has no float32 kernel, and our weights stay float32.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = model_path or data.embedded_model_dir()
     tokenizer = AutoTokenizer.from_pretrained(path)
-    attention = {}
-    if flash_attention and torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
-        attention["attn_implementation"] = "flash_attention_2"  # find_spec: checked without importing it
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **attention)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                 attn_implementation=attention_implementation(flash_attention))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if gradient_checkpointing:
         model.gradient_checkpointing_enable()
     return model, tokenizer
+
+
+def attention_implementation(flash_attention: bool) -> str:
+    """flash_attention_2 when asked for, on CUDA, with a flash_attn that imports; else PyTorch's SDPA.
+
+    flash-attn is optional (requirements-gpu.txt says how to install it): its wheels exist for a few torch
+    and CUDA versions only, and elsewhere pip compiles it for hours. A wheel built against another torch
+    fails at import (undefined symbols), so the import itself is tried, and any failure means SDPA."""
+    if not (flash_attention and torch.cuda.is_available()):
+        return "sdpa"
+    try:
+        import flash_attn  # noqa: F401
+    except Exception as e:  # ImportError, or an OSError/RuntimeError from a wheel built for another torch
+        warnings.warn(f"flash-attn is not usable ({type(e).__name__}: {e}); using PyTorch's SDPA attention")
+        return "sdpa"
+    return "flash_attention_2"
 
 
 def pack(trajectories, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -46,6 +60,29 @@ def pack(trajectories, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.T
     return ids, attn, turn
 
 
+def pack_sampler_logprobs(trajectories, width: int) -> torch.Tensor:
+    """The sampler's log-probs of the ids ``pack`` laid out, (N, width - 1) aligned with token_logprobs
+    (column t - 1 holds the log-prob of id t); NaN on prompt, environment and padding ids and where the
+    sampler reported none."""
+    out = torch.full((len(trajectories), width - 1), float("nan"))
+    for i, t in enumerate(trajectories):
+        lp = list(t.sampler_logprobs) + [float("nan")] * (len(t.completion_ids) - len(t.sampler_logprobs))
+        start = len(t.prompt_ids) - 1
+        out[i, start:start + len(t.completion_ids)] = torch.tensor(lp[:len(t.completion_ids)], dtype=torch.float32)
+    return out
+
+
+def mismatch_sums(logp_trainer: torch.Tensor, logp_sampler: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Sums for the sampler-trainer mismatch meter over the model's tokens where the sampler reported a
+    log-prob: [sum |d|, sum (e^d - 1 - d), count], d = log p_trainer - log p_sampler of the sampled token.
+    e^d - 1 - d is the "k3" estimator of KL(sampler || trainer) from the sampler's own samples (unbiased,
+    never negative). Both are ~0 when the trainer computes the distribution the tokens were drawn from; a
+    skipped weight sync, a wrong dtype or a template drift show at once."""
+    ok = mask.bool() & logp_sampler.isfinite()
+    d = (logp_trainer.detach().double() - logp_sampler.double())[ok]
+    return torch.stack([d.abs().sum(), (d.exp() - 1 - d).sum(), ok.sum().double()])
+
+
 class LogProbs(torch.nn.Module):
     """token_logprobs as a module's forward. DDP and DeepSpeed hook their work into the forward of the
     module they wrap (DDP readies its gradient all-reduce, ZeRO-3 gathers each layer's shards), and
@@ -61,7 +98,14 @@ class LogProbs(torch.nn.Module):
         return token_logprobs(self.model, ids, attn, turn, self.bf16)
 
 
-def token_logprobs(model, ids: torch.Tensor, attn: torch.Tensor, turn: torch.Tensor, bf16: bool = True) -> torch.Tensor:
+# Positions per vocabulary projection in token_logprobs. Its float32 logits are (positions x vocabulary):
+# 2048 x 152k (Qwen2.5) is 1.2 GB, where a 12 x 1k-token micro-batch in one piece would take 7 GB, and
+# about 3x that with its backward.
+LOGPROB_CHUNK = 2048
+
+
+def token_logprobs(model, ids: torch.Tensor, attn: torch.Tensor, turn: torch.Tensor, bf16: bool = True,
+                   chunk: int = LOGPROB_CHUNK) -> torch.Tensor:
     """log pi(x_t | x_<t) at every position t >= 1, shape (N, L-1); 0 where turn_idx is 0.
 
     Only the model's own tokens need a log-prob, so the vocabulary projection (the largest
@@ -70,7 +114,23 @@ def token_logprobs(model, ids: torch.Tensor, attn: torch.Tensor, turn: torch.Ten
     device = ids.device.type
     with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
         hidden = model.base_model(input_ids=ids, attention_mask=attn).last_hidden_state[:, :-1]
-        sel = turn[:, 1:] > 0
-        logits = model.get_output_embeddings()(hidden[sel]).float()
-    logp_sel = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:][sel][:, None]).squeeze(-1)
+    sel = turn[:, 1:] > 0
+    h, targets, head = hidden[sel], ids[:, 1:][sel], model.get_output_embeddings()
+    if h.shape[0] <= chunk:  # one piece: nothing to bound
+        logp_sel = selected_logprobs(head, h, targets, bf16)
+    else:
+        # piece by piece, each recomputed in the backward pass (checkpoint), so that only one piece's
+        # logits are alive at a time, forward or backward
+        pieces = [checkpoint(selected_logprobs, head, h[i:i + chunk], targets[i:i + chunk], bf16, use_reentrant=False)
+                  if torch.is_grad_enabled() else selected_logprobs(head, h[i:i + chunk], targets[i:i + chunk], bf16)
+                  for i in range(0, h.shape[0], chunk)]
+        logp_sel = torch.cat(pieces)
     return torch.zeros(sel.shape, dtype=logp_sel.dtype, device=ids.device).masked_scatter(sel, logp_sel)
+
+
+def selected_logprobs(head, h: torch.Tensor, targets: torch.Tensor, bf16: bool) -> torch.Tensor:
+    """log softmax(head(h))[target] per row, as the target's logit minus the logsumexp: the same number
+    as gathering from a full log_softmax, without a second (rows x vocabulary) tensor."""
+    with torch.autocast(h.device.type, dtype=torch.bfloat16, enabled=bf16):
+        logits = head(h).float()
+    return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)

@@ -28,11 +28,13 @@ import random
 import sys
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs
 from accelerate.utils import broadcast_object_list, gather_object
 from tqdm import tqdm
 
@@ -44,7 +46,7 @@ from checkpoint import (CheckpointError, Logger, format_line, is_deepspeed, is_z
                         peak_rss_gb, save_checkpoint, truncate_metrics)
 import search
 import warmstart
-from policy import LogProbs, load_policy, pack, token_logprobs
+from policy import LogProbs, load_policy, mismatch_sums, pack, pack_sampler_logprobs, token_logprobs
 
 
 @dataclass
@@ -103,6 +105,14 @@ class Config:
                                     # weights synced from the trained model before every rollout (paper)
     vllm_gpu_memory: float = 0.3    # the engine's share of its GPU (vLLM's gpu_memory_utilization): it lives
                                     # in the main process, on that process's GPU, beside the trainer
+    vllm_max_model_len: int = 0     # the engine's longest sequence; 0 = the episode budget: the longest
+                                    # prompt of the question set + max_completion_tokens (vLLM would
+                                    # otherwise plan its KV cache for the model's whole context, 32k for Qwen2.5)
+    vllm_max_batched_tokens: int = 4096  # tokens per engine step (vLLM's max_num_batched_tokens, chunked prefill)
+    vllm_sleep: bool = True         # on a GPU, free the engine's weights and KV cache while the trainer
+                                    # runs (vLLM sleep mode), restore them for the sync and the sampling
+    dist_timeout_minutes: int = 60  # how long a collective waits (torch's default is 10 min for NCCL): the
+                                    # other ranks wait in one while the main process's engine samples the batch
 
 
 PRESETS = {
@@ -219,11 +229,20 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def make_accelerator() -> Accelerator:
-    # accelerate's launcher marks its processes as CPU ones only when it starts them with mpirun; the
-    # CPU config (configs/cpu_2proc.yaml) starts them with torchrun, so a machine without CUDA says it
-    # here, and the processes then join with gloo (MULTI_CPU). One plain process: the same CPU device.
-    return Accelerator(cpu=not torch.cuda.is_available())
+def make_accelerator(cfg: Config) -> Accelerator:
+    """The Accelerator of this launch: one plain process, DDP (MULTI_GPU / MULTI_CPU) or DeepSpeed."""
+    cuda = torch.cuda.is_available()
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"  # set by accelerate launch
+    # Without CUDA the processes join over gloo: DeepSpeed's CPU accelerator would ask for oneCCL, which a
+    # plain machine does not have. The timeout covers every collective of the run (see dist_timeout_minutes).
+    init = InitProcessGroupKwargs(backend="nccl" if cuda else "gloo", timeout=timedelta(minutes=cfg.dist_timeout_minutes))
+    # cpu=True only for DDP on a machine without CUDA: accelerate marks processes as CPU ones only when it
+    # starts them with mpirun, and configs/cpu_2proc.yaml uses torchrun. Under DeepSpeed it must stay False,
+    # or accelerate silently drops DeepSpeed and runs plain MULTI_CPU.
+    # A plain `python train.py` has no process group (a backend named here would make accelerate expect
+    # one); accelerate launch and torchrun set LOCAL_RANK, even for a single DeepSpeed process.
+    launched = "LOCAL_RANK" in os.environ
+    return Accelerator(cpu=not cuda and not deepspeed, kwargs_handlers=[init] if launched else [])
 
 
 def process_rows(batch_size: int, num_processes: int, process_index: int) -> slice:
@@ -280,16 +299,19 @@ def micro_batches(attn: torch.Tensor, size: int) -> list[tuple[torch.Tensor, int
     return [(c, int(attn[c].sum(1).max())) for c in chunks]
 
 
-def update(cfg: Config, model, ref_model, optimizer, scheduler, ids, attn, turn, A, accelerator=None) -> dict:
+def update(cfg: Config, model, ref_model, optimizer, scheduler, ids, attn, turn, A, accelerator=None,
+           sampler_logp=None) -> dict:
     """mu passes of the clipped objective over this process's rollouts, in micro-batches whose gradients
     add up to exactly the loss of the whole global batch: each micro-batch loss is weighted by its share
     of the global batch's model tokens (or rollouts, for aggregation "sequence").
+    ``sampler_logp`` (pack_sampler_logprobs): the sampler's log-probs of the same tokens, for the mismatch
+    meter, which compares them with the first pass's log-probs (the weights the batch was sampled with).
 
     In train(), ``model`` is the accelerate-prepared LogProbs of the policy and ``optimizer`` the prepared
     optimizer. Without ``accelerator`` (tests, bench/), ``model`` is a plain model and this is one process.
     """
     if accelerator is None:
-        accelerator, model = make_accelerator(), LogProbs(model, cfg.bf16)
+        accelerator, model = make_accelerator(cfg), LogProbs(model, cfg.bf16)
     device = next(model.parameters()).device
     ids, attn, turn, A = ids.to(device), attn.to(device), turn.to(device), A.to(device)
     turn_t = turn[:, 1:]  # the turn of each predicted token, aligned with token_logprobs
@@ -311,8 +333,8 @@ def update(cfg: Config, model, ref_model, optimizer, scheduler, ids, attn, turn,
         cut = [(ids[c, :n], attn[c, :n], turn[c, :n]) for c, n in zip(chunks, cols)]  # model inputs, per chunk
         logp_old = [model(*x) for x in cut] if cfg.mu > 1 else None
         logp_ref = [token_logprobs(ref_model, *x, cfg.bf16) for x in cut] if cfg.beta > 0 else None
-    stats = {}
-    for _ in range(cfg.mu):
+    stats, mismatch = {}, torch.zeros(3, dtype=torch.float64, device=device)
+    for rep in range(cfg.mu):
         agg = {}
         for j, (c, n) in enumerate(zip(chunks, cols)):
             with accelerator.accumulate(model):
@@ -323,6 +345,8 @@ def update(cfg: Config, model, ref_model, optimizer, scheduler, ids, attn, turn,
                                               beta=cfg.beta, aggregation=cfg.aggregation)
                 w = (mask[c].sum() / n_total) if cfg.aggregation == "token" else (len(c) / n_rows)
                 accelerator.backward(loss * w * scale)
+            if rep == 0 and sampler_logp is not None:
+                mismatch += mismatch_sums(old, sampler_logp[c, :n - 1].to(device), mask[c, :n - 1])
             agg["loss"] = agg.get("loss", 0.0) + (loss * w).item()
             for k in ("clip_frac", "kl"):
                 if k in s:
@@ -337,7 +361,12 @@ def update(cfg: Config, model, ref_model, optimizer, scheduler, ids, attn, turn,
     # the loss, clip fraction and KL of each process are its parts of globally weighted sums: add them up
     keys = [k for k in stats if k != "grad_norm"]
     totals = accelerator.reduce(torch.tensor([stats[k] for k in keys], dtype=torch.float64, device=device), "sum")
-    return {**dict(zip(keys, totals.tolist())), "grad_norm": stats["grad_norm"]}
+    row = {**dict(zip(keys, totals.tolist())), "grad_norm": stats["grad_norm"]}
+    if sampler_logp is not None:
+        abs_sum, k3_sum, count = accelerator.reduce(mismatch, "sum").tolist()
+        if count:  # (a scripted policy reports no log-probs)
+            row.update({"mismatch/abs_logp": abs_sum / count, "mismatch/kl": k3_sum / count})
+    return row
 
 
 # ------------------------------------------------------------------------------------------ the loop
@@ -353,7 +382,10 @@ def rollout(cfg: Config, accelerator, policy, model, tokenizer, rows: list[dict]
         # before every rollout, so the engine samples from the current policy (after --resume too); all
         # processes call it: under ZeRO-3 gathering each weight from its shards is a collective operation
         vllm_backend.sync_weights(policy, model)
-        trajectories = env.rollout(policy, tokenizer, questions, 1, index, env_cfg) if accelerator.is_main_process else None
+        trajectories = None
+        if accelerator.is_main_process:
+            trajectories = env.rollout(policy, tokenizer, questions, 1, index, env_cfg)
+            policy.sleep()  # on a GPU in sleep mode: the engine's memory goes to the update until the next sync
         return broadcast_object_list([trajectories])[0]  # the main process's engine sampled all of them
     # hf: each process samples its own rows; gather_object concatenates the slices in process order.
     # fp32 sampling on CPU, where bf16 autocast makes one-token decode steps slower; on CUDA under the
@@ -367,14 +399,17 @@ def rollout(cfg: Config, accelerator, policy, model, tokenizer, rows: list[dict]
 def train(cfg: Config) -> Path:
     validate(cfg)
     # before the model is loaded: under ZeRO-3 (zero3_init_flag) from_pretrained loads it already sharded
-    accelerator = make_accelerator()
+    accelerator = make_accelerator(cfg)
     validate_processes(cfg, accelerator)
     main, P = accelerator.is_main_process, accelerator.num_processes
     mine = process_rows(cfg.batch_size, P, accelerator.process_index)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
-    questions, index = load_task(cfg)
+    # a corpus not indexed yet is indexed once, by the main process; the others then load its cache
+    # (at Wikipedia scale the build takes a large share of a machine's memory: once, not P times at once)
+    with accelerator.main_process_first():
+        questions, index = load_task(cfg)
     out = Path(cfg.output_dir)
     # on --resume the policy comes straight from the checkpoint (loading the start model first would
     # read a 7B model twice); the reference model is always the starting policy. flash-attn (where
@@ -389,18 +424,19 @@ def train(cfg: Config) -> Path:
     ref_model = None
     if cfg.beta > 0:
         ref_model = load_policy(cfg.model, flash_attention=cfg.bf16)[0].to(accelerator.device).eval().requires_grad_(False)
+    env_cfg = env_config(cfg)
     if cfg.rollout_backend == "vllm":  # one engine, in the main process; the others get its trajectories
         import vllm_backend
 
-        # bf16 on a GPU (the trainer's precision); on CPU fp32, as HF sampling there. vLLM's default
-        # gpu_memory_utilization (0.9) would leave the trainer beside it no room.
-        engine = (dict(dtype="bfloat16", gpu_memory_utilization=cfg.vllm_gpu_memory) if torch.cuda.is_available()
-                  else dict(dtype="float32"))
-        policy = (vllm_backend.VLLMPolicy(str(start_path or data.embedded_model_dir()), tokenizer, seed=cfg.seed, **engine)
+        # sized for the longest episode: the longest prompt plus the completion budget (plus one id of slack)
+        max_len = cfg.vllm_max_model_len or (env.longest_prompt(tokenizer, [q["question"] for q in questions], env_cfg)
+                                             + cfg.max_completion_tokens + 1)
+        model_dir = str(start_path or data.embedded_model_dir())
+        policy = (vllm_backend.VLLMPolicy(model_dir, tokenizer, seed=cfg.seed, **vllm_backend.engine_kwargs(
+                      model_dir, max_len, cfg.vllm_max_batched_tokens, cfg.vllm_gpu_memory, cfg.vllm_sleep))
                   if main else None)
     else:
         policy = env.HFPolicy(model, tokenizer, seed=sample_seed(cfg.seed, accelerator.process_index))
-    env_cfg = env_config(cfg)
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
     # not prepared by accelerate: its wrapper would step the schedule once per process; ours counts steps
@@ -455,7 +491,8 @@ def train(cfg: Config) -> Path:
 
         model.train()
         ids, attn, turn = pack(trajectories[mine], tokenizer.pad_token_id)  # ...and trains on its own rows
-        upd = update(cfg, trainer, ref_model, optimizer, scheduler, ids, attn, turn, A[mine], accelerator)
+        sampler_logp = pack_sampler_logprobs(trajectories[mine], ids.shape[1])
+        upd = update(cfg, trainer, ref_model, optimizer, scheduler, ids, attn, turn, A[mine], accelerator, sampler_logp)
 
         n_tokens = sum(len(t.prompt_ids) + len(t.completion_ids) for t in trajectories)
         row = {"step": step + 1, **rewards.means(scores), **level_stats, **upd, **episode_stats(trajectories, rows),

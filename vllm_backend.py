@@ -32,10 +32,13 @@ Why the ids are exactly on-policy:
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import random
+import shutil
 import sys
 import tempfile
+import warnings
 from collections.abc import Mapping
 
 import numpy as np
@@ -108,6 +111,52 @@ def _on_cpu() -> bool:
     return current_platform.is_cpu()
 
 
+def engine_kwargs(model_path: str, max_model_len: int, max_batched_tokens: int, gpu_memory: float,
+                  sleep: bool) -> dict:
+    """What train.py builds its engine with. The engine is sized from the episode budget: vLLM otherwise
+    plans its KV cache for the model's whole context (32k tokens for Qwen2.5) and refuses to start when one
+    such sequence does not fit its share of the GPU. On a GPU: bf16 (the trainer's precision), the
+    ``gpu_memory`` share, checked up front (check_gpu_budget), and sleep mode if asked; on CPU fp32, as HF
+    sampling there. max_num_batched_tokens is at least one whole sequence, so a prompt prefills in one
+    engine step even where chunked prefill is off."""
+    sizes = dict(max_model_len=max_model_len, max_num_batched_tokens=max(max_batched_tokens, max_model_len))
+    if not torch.cuda.is_available():
+        return dict(dtype="float32", **sizes)
+    from transformers import AutoConfig
+
+    check_gpu_budget(AutoConfig.from_pretrained(model_path), max_model_len, gpu_memory,
+                     torch.cuda.get_device_properties(0).total_memory)
+    return dict(dtype="bfloat16", gpu_memory_utilization=gpu_memory, enable_sleep_mode=sleep, **sizes)
+
+
+GPU_MARGIN = 1 << 30  # activations, CUDA graphs, the sampler's buffers (vLLM profiles them; 1 GiB is a floor)
+
+
+def check_gpu_budget(config, max_model_len: int, gpu_memory: float, total_bytes: int) -> dict:
+    """Fail before the engine starts (minutes into a launch, with the other ranks waiting) when its share
+    of the GPU cannot hold the bf16 weights plus the KV cache of one max_model_len sequence. Returns the
+    sizes (bytes) it compared."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):  # counts the parameters without allocating them
+        n_params = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    kv_per_token = 2 * config.num_hidden_layers * kv_heads * head_dim * 2  # keys and values, bf16
+    sizes = {"weights": 2 * n_params, "kv_cache": kv_per_token * max_model_len, "margin": GPU_MARGIN,
+             "budget": int(gpu_memory * total_bytes)}
+    need = sizes["weights"] + sizes["kv_cache"] + sizes["margin"]
+    if need > sizes["budget"]:
+        gib = 2**30
+        raise ValueError(
+            f"the vLLM engine needs {need / gib:.1f} GiB ({sizes['weights'] / gib:.1f} weights, {sizes['kv_cache'] / gib:.1f} "
+            f"KV cache for one {max_model_len}-token sequence, {GPU_MARGIN / gib:.0f} margin) but --vllm-gpu-memory "
+            f"{gpu_memory} of this {total_bytes / gib:.0f} GiB GPU is {sizes['budget'] / gib:.1f} GiB: raise "
+            f"--vllm-gpu-memory to {min(need / total_bytes + 0.05, 1):.2f}, or shorten episodes (--max-completion-tokens, "
+            f"--vllm-max-model-len)")
+    return sizes
+
+
 class VLLMPolicy:
     """Batched sampling with a vLLM engine. ``generate`` has ``env.HFPolicy.generate``'s contract;
     ``calls`` counts generate calls (train.py checkpoints it), and each request's seed is derived from
@@ -131,6 +180,11 @@ class VLLMPolicy:
         from vllm import LLM
 
         self.tokenizer, self.seed, self.calls = tokenizer, seed, 0
+        self.last_logprobs: list[list[float]] | None = None
+        self.max_model_len = engine_kwargs.get("max_model_len")
+        # Sleep mode (vLLM's, CUDA only): between samplings the engine frees its GPU memory for the trainer
+        self.sleeps = bool(engine_kwargs.get("enable_sleep_mode"))
+        self.asleep: set[str] = set()
         self.end_ids = sorted(env.end_ids(tokenizer))
         if _on_cpu() and "kv_cache_memory_bytes" not in engine_kwargs and "gpu_memory_utilization" not in engine_kwargs:
             # On CPU the KV cache would otherwise claim 92% of *all* memory (vLLM refuses to start when
@@ -141,6 +195,8 @@ class VLLMPolicy:
         # The engine's weight dtype (dtype="auto" on CPU gives bfloat16 even for a float32 checkpoint):
         # the sync casts to it, as vLLM would, without a warning per tensor.
         self.dtype = self.llm.apply_model(_weight_dtype)[0]
+        if not self.in_process:  # the weights will travel through a file: is there room for one? (ask now, not mid-run)
+            weight_file_folder(self.llm.apply_model(_weight_bytes)[0])
 
     def _sampling_params(self, row: int, max_new_tokens: int, temperature: float, top_p: float, stop):
         from vllm import SamplingParams
@@ -153,23 +209,54 @@ class VLLMPolicy:
             n=1, temperature=0.0 if greedy else temperature, top_p=1.0 if greedy else top_p,
             top_k=0, min_p=0.0, repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0,
             max_tokens=max_new_tokens, seed=seed,
+            # the sampled token's log-prob, from the raw logits (vLLM's default logprobs_mode): the model's
+            # own distribution, as the trainer computes it, for train.py's mismatch meter
+            logprobs=0,
             # Stop early on the same strings and ids that cut_turn cuts at; keep the stop text, since
             # the ids that complete it belong to the turn.
             stop=list(stop) or None, include_stop_str_in_output=True, stop_token_ids=self.end_ids,
             skip_special_tokens=False, spaces_between_special_tokens=False)
 
     def generate(self, batch, max_new_tokens, temperature, top_p, stop) -> list[list[int]]:
-        from vllm.inputs import TokensPrompt
-
         if max_new_tokens < 1:  # vLLM wants max_tokens >= 1; an empty turn is what HFPolicy's cut gives
             self.calls += 1
             return [[] for _ in batch]
+        longest = max(len(row) for row in batch) + max_new_tokens
+        if self.max_model_len and longest > self.max_model_len:
+            raise ValueError(f"a rollout needs {longest} tokens of context, the engine holds {self.max_model_len}: "
+                             f"raise --vllm-max-model-len (0 sizes it from the questions and --max-completion-tokens)")
+        from vllm.inputs import TokensPrompt
+
+        self.wake()
         prompts = [TokensPrompt(prompt_token_ids=list(row)) for row in batch]
         params = [self._sampling_params(i, max_new_tokens, temperature, top_p, stop) for i in range(len(batch))]
         with _keep_global_rng():
             outputs = self.llm.generate(prompts, params, use_tqdm=False)  # returned in prompt order
         self.calls += 1
-        return [env.cut_turn(list(out.outputs[0].token_ids), self.tokenizer, stop, max_new_tokens) for out in outputs]
+        rows = [env.cut_turn(list(out.outputs[0].token_ids), self.tokenizer, stop, max_new_tokens) for out in outputs]
+        self.last_logprobs = [[pos[t].logprob for pos, t in zip(out.outputs[0].logprobs or [], row)]
+                              for out, row in zip(outputs, rows)]
+        return rows
+
+    # ------------------------------------------------------------------ GPU memory
+    def sleep(self) -> None:
+        """After a rollout: free the engine's weights and KV cache (sleep level 2: the weights are not kept,
+        since the next sync replaces them anyway), so the update has the GPU. No-op without sleep mode."""
+        if self.sleeps and not self.asleep:
+            self.llm.sleep(level=2)
+            self.asleep = {"weights", "kv_cache"}
+
+    def wake(self, part: str | None = None) -> None:
+        """Give back what ``sleep`` freed: ``part`` "weights" (before a sync writes them) or everything still
+        asleep (before sampling). The trainer's cached blocks are released first: vLLM allocates outside
+        PyTorch's caching allocator, which would otherwise hold on to them."""
+        tags = sorted(self.asleep) if part is None else sorted(self.asleep & {part})
+        if not tags:
+            return
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        self.llm.wake_up(tags=tags)
+        self.asleep -= set(tags)
 
     # ------------------------------------------------------------------ weights
     def load_weights(self, named_tensors) -> None:
@@ -181,19 +268,50 @@ class VLLMPolicy:
         prepacked form, so a plain copy has nowhere to go. Names are the HF checkpoint's; vLLM maps
         them onto its fused layers (q/k/v -> qkv_proj, gate/up -> gate_up_proj).
         """
+        self.wake("weights")
         weights = ((name, t.to(self.dtype)) for name, t in named_tensors)
         if self.in_process:
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
         else:
             # vLLM's messages decode untyped tensors as plain lists, so the weights go through a file
-            # (shared memory where there is one) that the engine's process maps and reloads from.
-            folder = "/dev/shm" if os.path.isdir("/dev/shm") else None
+            # (shared memory where there is room) that the engine's process maps and reloads from.
+            tensors = [(name, t.cpu()) for name, t in weights]
+            folder = weight_file_folder(sum(t.numel() * t.element_size() for _, t in tensors))
             with tempfile.NamedTemporaryFile(dir=folder, suffix=".pt") as f:
-                torch.save([(name, t.cpu()) for name, t in weights], f.name)
+                torch.save(tensors, f.name)
                 self.llm.collective_rpc(_reload_from_file, args=(f.name,))
         if _on_cpu():
             self.llm.apply_model(_repack_cpu_embeddings)
         self.llm.reset_prefix_cache()  # cached keys/values were computed by the old weights
+
+
+def weight_file_folder(nbytes: int, folders=("/dev/shm", None), free=None) -> str | None:
+    """Where a sync's weight file goes: the first of ``folders`` (None = the temporary folder, TMPDIR) with
+    room for ``nbytes`` and a margin. /dev/shm is memory, so the sync costs no disk; but Docker gives a
+    container 64 MB of it unless run with --shm-size, and a 7B model's bf16 weights are 15 GB: a full
+    /dev/shm would kill the main process mid-write (SIGBUS) and leave the others waiting in a collective."""
+    free = free or (lambda folder: shutil.disk_usage(folder).free)
+    need = int(nbytes * 1.05) + (64 << 20)
+    seen = []
+    for folder in folders:
+        path = folder or tempfile.gettempdir()
+        if not os.path.isdir(path):
+            continue
+        room = free(path)
+        if room >= need:
+            if seen:
+                warnings.warn(f"vLLM weight sync: {seen[0][0]} has {seen[0][1] / 2**30:.2f} GiB free, a sync needs "
+                              f"{need / 2**30:.2f}; writing to {path} instead (slower: start the container with "
+                              f"--shm-size={math.ceil(need / 2**30) + 1}g)")
+            return folder
+        seen.append((path, room))
+    where = ", ".join(f"{p} {r / 2**30:.2f} GiB" for p, r in seen)
+    raise RuntimeError(f"vLLM weight sync needs {need / 2**30:.2f} GiB for its weight file, free: {where}. Start the "
+                       f"container with --shm-size={math.ceil(need / 2**30) + 1}g, or point TMPDIR at a disk with room")
+
+
+def _weight_bytes(vllm_model) -> int:
+    return sum(p.numel() * p.element_size() for p in vllm_model.parameters())
 
 
 def _reload_from_file(worker, path: str) -> None:

@@ -13,8 +13,11 @@ Each process also writes ``<output-dir>/record-<process index>.json``: per step,
 update received, and how accelerate set the process up.
 """
 import json
+import os
 import random
+import shutil
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,9 +27,15 @@ import env  # noqa: E402
 import train  # noqa: E402
 from data import read_jsonl  # noqa: E402
 
+# The questions both distributed tests train on (written to --questions by the tests)
+QUESTIONS = [
+    {"question": "Who wrote the novel Dracula?", "answer": "Bram Stoker", "aliases": ["Bram Stoker", "Abraham Stoker"]},
+    {"question": "What is the capital of France?", "answer": "Paris", "aliases": ["Paris"]},
+    {"question": "What is Earth's highest mountain?", "answer": "Mount Everest", "aliases": ["Mount Everest", "Everest"]},
+    {"question": "Which river runs through Paris?", "answer": "Seine", "aliases": ["Seine", "the Seine"]},
+]
 ANSWERS: dict[str, str] = {}   # question -> answer, from --questions
 RECORD: list[dict] = []
-calls = {"rollout": 0}
 real_rollout, real_update = env.rollout, train.update
 
 
@@ -47,27 +56,116 @@ def turns(step: int, row: int, question: str) -> list[str]:
 
 
 def scripted_rollout(policy, tokenizer, questions, G, searcher, cfg):
-    """Stands in for env.rollout inside train.rollout: ``questions`` are this process's rows."""
+    """Stands in for env.rollout inside train.rollout: ``questions`` are this process's rows, or with
+    --rollout-backend vllm the whole batch, sampled by the main process's engine."""
     from accelerate import PartialState
 
     state = PartialState()
-    first_row = train.process_rows(len(questions) * state.num_processes, state.num_processes, state.process_index).start
-    script = [turns(calls["rollout"], first_row + i, q) for i, q in enumerate(questions)]
-    calls["rollout"] += 1
+    first_row = 0 if isinstance(policy, StubEngine) else \
+        train.process_rows(len(questions) * state.num_processes, state.num_processes, state.process_index).start
+    # the policy's call counter numbers the rollouts: checkpoints keep it, so a resumed run goes on with
+    # the turns the uninterrupted run has at the same step
+    script = [turns(policy.calls, first_row + i, q) for i, q in enumerate(questions)]
+    policy.calls += 1
     return real_rollout(env.ScriptedPolicy(tokenizer, script), tokenizer, questions, G, searcher, cfg)
 
 
-def recording_update(cfg, model, ref_model, optimizer, scheduler, ids, attn, turn, A, accelerator=None):
+def collective_timeout():
+    """How long this process's collectives wait, read off its default process group (None: one process)."""
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return None
+    return dist.distributed_c10d._get_default_group()._get_backend(torch.device("cpu")).options._timeout.total_seconds()
+
+
+def recording_update(cfg, model, ref_model, optimizer, scheduler, ids, attn, turn, A, accelerator=None, *rest):
     from accelerate import PartialState
 
+    params = list(model.parameters())
     RECORD.append({"A": A.tolist(), "rows": ids.shape[0], "num_processes": accelerator.num_processes,
+                   # ZeRO-3: every parameter is a partitioned one, and this process holds only its shard
+                   "zero3_partitioned": all(hasattr(p, "ds_id") for p in params)
+                   and sum(p.ds_tensor.numel() for p in params) < sum(p.ds_numel for p in params),
                    "distributed_type": str(accelerator.distributed_type).split(".")[-1],
-                   "backend": PartialState().backend})
-    return real_update(cfg, model, ref_model, optimizer, scheduler, ids, attn, turn, A, accelerator)
+                   "backend": PartialState().backend, "timeout_s": collective_timeout()})
+    return real_update(cfg, model, ref_model, optimizer, scheduler, ids, attn, turn, A, accelerator, *rest)
+
+
+class StubEngine:
+    """Stands in for vllm_backend.VLLMPolicy where vLLM cannot run (ZeRO-3 on CPU in the main venv): the
+    real vllm_backend.sync_weights gathers the sharded weights and hands them to ``load_weights``, which
+    saves what arrived as ``<output-dir>/synced-<call>.safetensors``, the weights the engine would sample
+    the next step with. Sampling itself is scripted (above)."""
+
+    def __init__(self, model_path, tokenizer, seed=None, **engine_kwargs):
+        self.calls, self.syncs = 0, 0
+        (OUT / "engine.json").write_text(json.dumps({"model_path": model_path, **engine_kwargs}))
+
+    def load_weights(self, named_tensors):
+        from safetensors.torch import save_file
+
+        self.syncs += 1
+        weights = {name: t.detach().clone().contiguous() for name, t in named_tensors}
+        save_file(weights, str(OUT / f"synced-{self.syncs}.safetensors"))
+
+    def sleep(self):
+        pass
+
+
+def hang_after(step: int):
+    """Every process stops for good after checkpointing ``step``, so the test can SIGKILL the job in a known
+    state: the checkpoint of ``step`` written, nothing of the next step done."""
+    real_save = train.save_checkpoint
+
+    def save(accelerator, out, *args):
+        real_save(accelerator, out, *args)
+        if args[-2] == step:
+            if accelerator.is_main_process:
+                (out / "hanging").write_text(str(step))
+            while True:
+                time.sleep(60)
+    train.save_checkpoint = save
+
+
+def copy_each_checkpoint():
+    """Keep a copy of every checkpoint (``checkpoint-<step>``): each step's model, for the comparisons."""
+    real_save = train.save_checkpoint
+
+    def save(accelerator, out, *args):
+        real_save(accelerator, out, *args)
+        if accelerator.is_main_process:
+            shutil.copytree(out / "checkpoint", out / f"checkpoint-{args[-2]}", dirs_exist_ok=True)
+    train.save_checkpoint = save
+
+
+def count_index_builds():
+    import search
+
+    real_build = search._build_bm25s
+
+    def build(*args, **kwargs):
+        from accelerate import PartialState
+
+        with open(OUT / f"index-built-{PartialState().process_index}", "a") as f:
+            f.write("1\n")
+        return real_build(*args, **kwargs)
+    search._build_bm25s = build
 
 
 if __name__ == "__main__":
     argv = sys.argv[1:]
+    OUT = Path(argv[argv.index("--output-dir") + 1])
+    OUT.mkdir(parents=True, exist_ok=True)
+    if "vllm" in argv:  # --rollout-backend vllm: the stub engine, the real sync
+        import vllm_backend
+
+        vllm_backend.VLLMPolicy, train.vllm_installed = StubEngine, lambda: True
+    copy_each_checkpoint()
+    if os.environ.get("HANG_AFTER_STEP"):
+        hang_after(int(os.environ["HANG_AFTER_STEP"]))
+    count_index_builds()
     ANSWERS.update({q["question"]: q["answer"] for q in read_jsonl(argv[argv.index("--questions") + 1])})
     env.rollout, train.update = scripted_rollout, recording_update
     code = train.main(argv)

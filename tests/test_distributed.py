@@ -24,16 +24,11 @@ from safetensors.torch import load_file
 import mt_grpo
 import rewards
 import train
-from conftest import FAKE_PASSAGES
+from distributed_worker import QUESTIONS
+from helpers import FAKE_PASSAGES
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "distributed_worker.py"
-QUESTIONS = [
-    {"question": "Who wrote the novel Dracula?", "answer": "Bram Stoker", "aliases": ["Bram Stoker", "Abraham Stoker"]},
-    {"question": "What is the capital of France?", "answer": "Paris", "aliases": ["Paris"]},
-    {"question": "What is Earth's highest mountain?", "answer": "Mount Everest", "aliases": ["Mount Everest", "Everest"]},
-    {"question": "Which river runs through Paris?", "answer": "Seine", "aliases": ["Seine", "the Seine"]},
-]
 # 3 questions x G = 4 per step, 6 rollouts per process: process 0 has rows 0-5, process 1 rows 6-11, so
 # the second question's group (rows 4-7) is split between them. mu = 2: two optimizer steps per step.
 G, BATCH, STEPS = 4, 12, 2
