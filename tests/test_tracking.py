@@ -110,3 +110,24 @@ def test_train_main_fails_cleanly_before_any_work(tmp_path, capsys, monkeypatch,
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1
     assert not out.exists()
+
+
+def test_tensorboard_after_resume_holds_each_step_once(tmp_path):
+    """--resume redoes the steps after the checkpoint: the new writer purges what the killed one logged
+    for them, so TensorBoard, like metrics.jsonl, ends with every step once and the redone values."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = train.Config(report_to="tensorboard", max_steps=4)
+    first = checkpoint.Logger(cfg, tmp_path)
+    for s in (1, 2, 3):
+        first.log({"step": s, "loss": float(s)})
+    first.close()  # the killed run got to step 3; its checkpoint holds step 1
+    checkpoint.truncate_metrics(tmp_path / "metrics.jsonl", 1)
+    second = checkpoint.Logger(cfg, tmp_path)
+    for s in (2, 3, 4):
+        second.log({"step": s, "loss": 10.0 * s})
+    assert second.backend is None  # closed by itself after the last step
+    acc = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("loss")] == [(1, 1.0), (2, 20.0), (3, 30.0), (4, 40.0)]
+    assert [r["loss"] for r in metrics(tmp_path)] == [1.0, 20.0, 30.0, 40.0]
