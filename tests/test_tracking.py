@@ -69,7 +69,8 @@ def wandb_history(run_dir: Path) -> list[dict]:
 
 
 def test_wandb_offline_run_holds_the_metrics(tmp_path, tiny_model_dir, passages, monkeypatch):
-    monkeypatch.delenv("WANDB_MODE", raising=False)  # the Logger must choose offline by itself
+    monkeypatch.setenv("WANDB_MODE", "unset")  # (so that monkeypatch restores its absence afterwards)
+    monkeypatch.delenv("WANDB_MODE")  # the Logger must choose offline by itself
     monkeypatch.setenv("WANDB_SILENT", "true")
     assert train.main(tiny_run(tmp_path, tiny_model_dir, passages, "--report-to", "wandb")) == 0
     assert os.environ["WANDB_MODE"] == "offline"
