@@ -167,10 +167,11 @@ class Logger:
 
 def format_line(row: dict) -> str:
     keys = ["tool_execution", "search_answer", "exact_match", "answer_presence", "format", "xml",
-            "reward_turn", "reward_outcome", "tool_call_rate", "zero_var_share/outcome", "clip_frac", "step_seconds"]
+            "reward_turn", "reward_outcome", "tool_call_rate", "zero_var_share/outcome", "clip_frac",
+            "mismatch/abs_logp", "step_seconds"]
     short = {"tool_execution": "tool", "search_answer": "srch", "exact_match": "em", "answer_presence": "pres",
              "reward_turn": "R_T", "reward_outcome": "R_O", "tool_call_rate": "calls",
-             "zero_var_share/outcome": "flat_O", "clip_frac": "clip", "step_seconds": "s"}
+             "zero_var_share/outcome": "flat_O", "clip_frac": "clip", "mismatch/abs_logp": "mm", "step_seconds": "s"}
     return f"step {row['step']:>3} " + " ".join(f"{short.get(k, k)}={row[k]:.3f}" for k in keys if k in row)
 
 

@@ -10,7 +10,7 @@ question, ending with the assistant header. Then, turn by turn:
      - ``max_tool_calls`` calls were already made     -> it ends too (this was the "one more turn");
      - a ``<tool>`` call                              -> it runs the search and replies, as a user
        message, ``<result>\\n...\\n</result>`` (failures read ``Error: ...`` and the episode goes on);
-     - neither (the seed's rule)                      -> it replies with a plain ``Error: ...``
+     - neither (the seed's rule; DEVIATIONS.md, 10) -> it replies with a plain ``Error: ...``
        format reminder, *not* wrapped in ``<result>``, and the turn does not count as a tool call;
   3. if the reply plus one more model token would not fit in ``max_completion_tokens``, the episode
      ends with ``truncated=True`` and the reply is dropped (as it also does when the budget cuts a
@@ -23,7 +23,7 @@ A model turn's message is the decode of its ids (less a trailing end-of-turn tok
 ends the environment appends the template's close (``<|im_end|>\\n``), so ``decode(completion_ids)``
 is exactly the chat template's rendering of ``messages`` after the prompt, truncated or not.
 ``turn_idx`` marks every id: 0 = environment, k = the model's k-th turn, where turn k is what the
-model writes after k-1 tool results (the seed's split at the first ``<result>``): a message answered
+model writes after k-1 tool results (the seed's split at the first ``<result>``; DEVIATIONS.md, item 16): a message answered
 by a format reminder, not a result, keeps the turn number it had.
 """
 from __future__ import annotations
@@ -51,7 +51,8 @@ Wikipedia passages that best match the query. Steps:
 4. Think about the output inside <reasoning> tags.
 5. Give just the name, word or number asked for inside <answer> tags."""
 
-# One worked exchange shown as prior chat turns: small models copy a format far better than they follow it.
+# One worked exchange shown as prior chat turns: small models copy a format far better than they follow it
+# (DEVIATIONS.md, item 11).
 FEW_SHOT = [
     {"role": "user", "content": "Who wrote the novel Dracula?"},
     {"role": "assistant", "content": "<reasoning>\nI need the author of the novel Dracula. I will search for it.\n"
@@ -64,14 +65,17 @@ FEW_SHOT = [
 
 @dataclass
 class EnvConfig:
-    max_tool_calls: int = 2            # the seed's max_steps: at most this many tool calls, then one more turn
-    max_turn_tokens: int = 256         # new tokens per model turn
-    max_completion_tokens: int = 1024  # model + environment tokens of one episode; past it -> truncated
-    top_k: int = 1                     # passages returned by the search tool
-    result_max_tokens: int = 200       # token budget of the text inside <result>...</result>
-    temperature: float = 1.0
+    """One episode's settings: the one source of their defaults (train.Config's environment fields read
+    them; eval.py and viewer.py take a run's own from its config.json). The defaults are the CPU run's;
+    the paper's values are beside them (DEVIATIONS.md, items 9-13)."""
+    max_tool_calls: int = 2            # at most this many tool calls, then one more turn (the seed's max_steps: 2)
+    max_turn_tokens: int = 64          # new tokens per model turn (paper: 1,024 for the whole completion)
+    max_completion_tokens: int = 256   # model + environment tokens of one episode; past it -> truncated (paper: 1,024)
+    top_k: int = 1                     # passages returned by the search tool (the seed: 1)
+    result_max_tokens: int = 96        # token budget of the text inside <result>...</result>
+    temperature: float = 1.0           # sampling temperature (paper: 1)
     top_p: float = 1.0
-    few_shot: bool = True              # one worked exchange as prior chat turns
+    few_shot: bool = False             # one worked exchange as prior chat turns (the CPU run's warm start replaces it)
 
 
 @dataclass
@@ -81,7 +85,8 @@ class Trajectory:
     turn_idx: list[int]                # per completion id: 0 = environment, k = model turn k
     messages: list[dict]               # {"role": "assistant"|"user", "content"} after the prompt
     tool_calls: list[str | None]       # per assistant turn: the raw <tool> content or None
-    results: list[str]                 # the environment replies' inner text, in order
+    results: list[str]                 # the inner text of each <result> the environment returned, in order
+                                       # (format reminders are not results: they are in messages only)
     truncated: bool = False
     # per completion id: the sampler's log-prob of it (the policy's ``last_logprobs``), NaN on environment
     # ids and where the policy reports none; train.py compares it with the trainer's (the mismatch meter)
@@ -90,7 +95,7 @@ class Trajectory:
     @property
     def has_result(self) -> bool:
         """A ``<result>`` came back for a tool call (the seed's test for MT-GRPO's turn split)."""
-        return any(m["role"] == "user" and m["content"].startswith("<result>") for m in self.messages)
+        return bool(self.results)
 
     @property
     def model_tokens(self) -> int:
@@ -217,7 +222,7 @@ def _step(traj: Trajectory, new: list[int], new_logprobs: list[float], tokenizer
     n_calls = sum(c is not None for c in traj.tool_calls)
     # MT-GRPO's turn k is everything the model writes after k-1 tool results (the seed splits at the
     # first <result>); a turn answered with a format reminder instead of a result does not start a new one.
-    turn = sum(msg["role"] == "user" and msg["content"].startswith("<result>") for msg in traj.messages) + 1
+    turn = len(traj.results) + 1
     traj.completion_ids += new
     traj.turn_idx += [turn] * len(new)
     traj.sampler_logprobs += new_logprobs
@@ -248,7 +253,8 @@ def _step(traj: Trajectory, new: list[int], new_logprobs: list[float], tokenizer
             traj.turn_idx += [0] * len(env)
             traj.sampler_logprobs += [math.nan] * len(env)
             traj.messages.append({"role": "user", "content": reply})
-            traj.results.append(reply[len("<result>\n"):-len("\n</result>")] if reply.startswith("<result>") else reply)
+            if reply.startswith("<result>"):
+                traj.results.append(reply[len("<result>\n"):-len("\n</result>")])
             return True
         traj.truncated = True
     traj.completion_ids += close
@@ -281,6 +287,21 @@ def rollout(policy, tokenizer, questions: list[str], G: int, searcher, cfg: EnvC
         live = [t for t, ids, lp in zip(live, cuts, logprobs)
                 if _step(t, ids, (list(lp) + [math.nan] * len(ids))[:len(ids)], tokenizer, searcher, cfg)]
     return trajs
+
+
+def episode_stats(trajectories: list[Trajectory], aliases: list[list[str]] | None = None) -> dict:
+    """How a batch of episodes went, beyond the rewards: the share that called the tool, calls per
+    episode, the share whose searches found an answer alias, the share cut by the budget, mean
+    completion length, and the model's own tokens in all (train.py logs these, eval.py reports them)."""
+    aliases = aliases if aliases is not None else [[] for _ in trajectories]
+    found = [any(a.strip() and a.lower().strip() in r.lower() for a in al for r in t.results)
+             for t, al in zip(trajectories, aliases)]
+    n = max(len(trajectories), 1)
+    return {"tool_call_rate": sum(any(c is not None for c in t.tool_calls) for t in trajectories) / n,
+            "calls_per_episode": sum(len(t.results) for t in trajectories) / n, "answer_found": sum(found) / n,
+            "truncated": sum(t.truncated for t in trajectories) / n,
+            "completion_tokens": sum(len(t.completion_ids) for t in trajectories) / n,
+            "model_tokens": sum(t.model_tokens for t in trajectories)}
 
 
 # ----------------------------------------------------------------------------- policies

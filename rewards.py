@@ -90,6 +90,12 @@ def _tool_replies(msgs: list[tuple[str, str]]) -> list[str]:
             and msgs[i + 1][0] == "user"]
 
 
+def tool_results(conversation) -> list[str | None]:
+    """Per tool call, in order: the text inside the ``<result>`` the environment replied with, or None
+    (no result came back). Every turn-level reward reads its evidence from here, and only from here."""
+    return [find_tag(reply, "result") for reply in _tool_replies(_messages(conversation))]
+
+
 def last_answer(conversation) -> str | None:
     """The answer of the last model message that has one (seed: ``get_last_answer``)."""
     for role, text in reversed(_messages(conversation)):
@@ -102,12 +108,11 @@ def last_answer(conversation) -> str | None:
 # ----------------------------------------------------------------------------- turn level
 def tool_execution(conversation, aliases=None) -> float:
     """0.2 x (tool calls whose reply is a ``<result>`` not starting with ``Error:``) / tool calls."""
-    replies = _tool_replies(_messages(conversation))
-    if not replies:
+    results = tool_results(conversation)
+    if not results:
         return 0.0
-    results = [find_tag(reply, "result") for reply in replies]
     ok = sum(r is not None and not r.startswith("Error:") for r in results)
-    return 0.2 * (ok / len(replies))
+    return 0.2 * (ok / len(results))
 
 
 def search_answer(conversation, aliases) -> float:
@@ -117,8 +122,7 @@ def search_answer(conversation, aliases) -> float:
     that writes ``<result>Paris</result>`` itself gets nothing. Like the seed we take the first
     reply that holds a ``<result>``; an ``Error:`` result scores 0 (see DEVIATIONS.md, item 5).
     """
-    results = (find_tag(reply, "result") for reply in _tool_replies(_messages(conversation)))
-    first = next((r for r in results if r is not None), None)
+    first = next((r for r in tool_results(conversation) if r is not None), None)
     if first is None or first.startswith("Error:"):
         return 0.0
     return 0.5 if any(a in first.lower() for a in _aliases(aliases)) else 0.0
@@ -226,8 +230,7 @@ def call_rewards(conversation, aliases, support=(), max_calls: int | None = None
     """
     items = [_aliases(a) for a in support] + [_aliases(aliases)]
     found, out = set(), []
-    for reply in _tool_replies(_messages(conversation)):
-        result = find_tag(reply, "result")
+    for result in tool_results(conversation):
         ok = result is not None and not result.startswith("Error:")
         new = {j for j, item in enumerate(items)
                if ok and j not in found and any(a in result.lower() for a in item)}

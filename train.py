@@ -14,17 +14,23 @@ question-major; process p samples the contiguous rows [p*n, (p+1)*n), n = batch_
 so the G rollouts of one question may be split between processes. The trajectories are gathered,
 every process scores the whole batch and normalises each group whole (mt_grpo.turn_advantages),
 then trains on its own rows with every loss weight taken over the global batch: the update equals
-the 1-process one (tests/test_distributed.py). Only the main process logs and checkpoints.
+the 1-process one (tests/test_distributed.py; ZeRO-3: tests/test_zero3.py). Only the main process logs
+and checkpoints (checkpoint.py).
+
+Where this code differs from the paper and from the original code, and why: DEVIATIONS.md, one numbered
+list; the Config comments below point at its items.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import importlib.util
+import inspect
 import json
 import math
 import os
 import random
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -42,11 +48,14 @@ import data
 import env
 import mt_grpo
 import rewards
-from checkpoint import (CheckpointError, Logger, format_line, is_deepspeed, is_zero3, load_checkpoint,
+from checkpoint import (CheckpointError, Logger, check_report_to, format_line, is_deepspeed, is_zero3, load_checkpoint,
                         peak_rss_gb, save_checkpoint, truncate_metrics)
 import search
 import warmstart
 from policy import LogProbs, load_policy, mismatch_sums, pack, pack_sampler_logprobs, token_logprobs
+
+
+EPISODE = env.EnvConfig()  # the episode defaults
 
 
 @dataclass
@@ -56,13 +65,16 @@ class Config:
     questions: str | None = None    # question JSONL; None = the demo world's train split (paper: TriviaQA train)
     corpus: str | None = None       # passage JSONL(.gz); None = the demo world's corpus (paper: Wikipedia)
     holdout: int = 0                # keep this many of --questions out of training (a seeded split that
-                                    # eval.py --holdout reproduces); the demo world has its own eval split
+                                    # eval.py --holdout reproduces; DEVIATIONS.md, item 14); the demo world
+                                    # has its own eval split
     # --- algorithm ---------------------------------------------------------------------------
     method: str = "mt_grpo"         # mt_grpo | grpo_or | grpo_mr
     lam: float = 1.0                # lambda, weight of the second advantage on turn 1 (paper: 1)
-    convention: str = "seed"        # seed: turn 1 gets A_O + lam*A_T; paper: A_T + lam*A_O (equal at lam=1)
-    k_turn: bool = False            # issue 8: a turn-level reward per tool call and K = max_tool_calls + 1
-                                    # turns of advantages (mt_grpo.k_turn_advantages); off = the paper's two turns
+    convention: str = "seed"        # seed: turn 1 gets A_O + lam*A_T; paper: A_T + lam*A_O (equal at lam=1;
+                                    # DEVIATIONS.md, item 1)
+    k_turn: bool = False            # a turn-level reward per tool call and K = max_tool_calls + 1 turns of
+                                    # advantages (mt_grpo.k_turn_advantages; DEVIATIONS.md, items 16-17);
+                                    # off = the paper's two turns
     G: int = 8                      # rollouts per question, the group (paper: 21)
     batch_size: int = 16            # rollouts per step, whole groups: batch_size / G questions (seed: 336 =
                                     # 12 per GPU x 7 GPUs x 4 accumulation = 16 questions x 21)
@@ -70,8 +82,9 @@ class Config:
     beta: float = 0.0               # KL weight to the initial policy; 0 = no reference model (paper: 0; seed script 0.01)
     mu: int = 1                     # optimisation passes over each batch of rollouts (paper: 2)
     aggregation: str = "token"      # token: the seed's sum / n_tokens over the batch; sequence: GRPO's
+                                    # (DEVIATIONS.md, item 4)
     # --- optimisation ------------------------------------------------------------------------
-    max_steps: int = 12             # (paper: 300)
+    max_steps: int = 12             # RL steps (paper: 300; the CPU-sized values: DEVIATIONS.md, item 13)
     lr: float = 2e-5                # (paper: 1e-6 for 7B; a 135M model must move within 12 CPU steps)
     warmup_steps: int = 2           # linear warm-up, then constant (paper: 20)
     adam_betas: tuple = (0.9, 0.99) # (paper)
@@ -80,16 +93,17 @@ class Config:
     micro_batch: int = 4            # rollouts per forward/backward; gradients are accumulated (memory)
     bf16: bool = True               # bf16 autocast (paper: bf16); on CPU ~3x faster than fp32
     gradient_checkpointing: bool = False  # (paper: on; saves memory on 7B, costs time on a 135M CPU run)
-    # --- environment -------------------------------------------------------------------------
-    max_tool_calls: int = 2         # the seed's max_steps
-    max_turn_tokens: int = 64       # new tokens per model turn (paper: 1,024 for the whole completion)
-    max_completion_tokens: int = 256
-    top_k: int = 1                  # passages per search (the seed: 1)
-    result_max_tokens: int = 96
-    temperature: float = 1.0
-    few_shot: bool = False          # a worked exchange in the prompt (the warm start below replaces it on CPU)
+    # --- environment (defaults: env.EnvConfig, their one source, where the paper's values are too) --
+    max_tool_calls: int = EPISODE.max_tool_calls  # tool calls per episode, then one more turn (DEVIATIONS.md, item 10)
+    max_turn_tokens: int = EPISODE.max_turn_tokens  # new tokens per model turn (DEVIATIONS.md, item 13)
+    max_completion_tokens: int = EPISODE.max_completion_tokens  # model + environment tokens per episode
+    top_k: int = EPISODE.top_k      # passages per search (DEVIATIONS.md, item 9)
+    result_max_tokens: int = EPISODE.result_max_tokens  # token budget of a search result (item 9)
+    temperature: float = EPISODE.temperature  # sampling temperature
+    few_shot: bool = EPISODE.few_shot  # a worked exchange in the prompt (DEVIATIONS.md, item 11)
     # --- cold start (see warmstart.py) -------------------------------------------------------
     warmstart_steps: int = 7        # supervised steps on demo-world protocol demonstrations; 0 = none
+                                    # (DEVIATIONS.md, item 12)
     warmstart_lr: float = 5e-5
     # --- bookkeeping -------------------------------------------------------------------------
     seed: int = 0
@@ -102,7 +116,8 @@ class Config:
     # --- scale-out (accelerate launch --config_file configs/...; see configs/) -----------------
     rollout_backend: str = "hf"     # hf: every process samples its rows with HF generate; vllm: the main
                                     # process samples the whole batch with vLLM (vllm_backend.py), its
-                                    # weights synced from the trained model before every rollout (paper)
+                                    # weights synced from the trained model before every rollout (paper;
+                                    # where the engine runs: DEVIATIONS.md, item 15)
     vllm_gpu_memory: float = 0.3    # the engine's share of its GPU (vLLM's gpu_memory_utilization): it lives
                                     # in the main process, on that process's GPU, beside the trainer
     vllm_max_model_len: int = 0     # the engine's longest sequence; 0 = the episode budget: the longest
@@ -117,7 +132,8 @@ class Config:
 
 PRESETS = {
     "cpu": {},
-    "real": {"questions": "../shared/data/triviaqa/questions.jsonl", "corpus": "../shared/data/wiki/passages.jsonl.gz",
+    "real": {"questions": str(data.SHARED_DATA / "triviaqa" / "questions.jsonl"),
+             "corpus": str(data.SHARED_DATA / "wiki" / "passages.jsonl.gz"),
              "top_k": 3, "result_max_tokens": 128, "max_completion_tokens": 320, "max_steps": 10},
     "paper": {"model": "Qwen/Qwen2.5-7B", "questions": "triviaqa", "G": 21, "batch_size": 336, "lr": 1e-6,
               "warmup_steps": 20, "mu": 2, "max_steps": 300, "max_turn_tokens": 512, "max_completion_tokens": 1024,
@@ -146,8 +162,7 @@ def validate(cfg: Config) -> None:
                           f"the G rollouts of a question are normalised together")
     if cfg.micro_batch < 1 or cfg.mu < 1 or cfg.max_steps < 1:
         raise ConfigError("--micro-batch, --mu and --max-steps must be >= 1")
-    if cfg.report_to not in ("none", "wandb", "tensorboard"):
-        raise ConfigError("--report-to must be none, wandb or tensorboard")
+    check_report_to(cfg.report_to)  # an unknown value or a missing package, before any heavy work
     if cfg.rollout_backend not in ("hf", "vllm"):
         raise ConfigError(f"--rollout-backend {cfg.rollout_backend!r}: choose hf or vllm")
     if cfg.rollout_backend == "vllm" and not vllm_installed():
@@ -261,118 +276,148 @@ def sample_seed(seed: int, process_index: int) -> int:
 # ------------------------------------------------------------------------------------------ the math glue
 
 
-def advantages(cfg: Config, scores: dict[str, list[float]], trajectories, rows=None) -> tuple[torch.Tensor, dict]:
-    """Per-turn advantages of the batch: (N, 2), or (N, max_tool_calls + 1) with --k-turn (which
-    needs ``rows``, the question of each rollout, for its aliases and support)."""
+def reward_levels(cfg: Config, scores: dict[str, list[float]], trajectories, rows):
+    """R_T and R_O per rollout (rewards.py). With --k-turn, R_T is (N, max_tool_calls): one turn-level
+    reward per tool call (new evidence found), and ``turns`` counts each rollout's model turns."""
     R_T, R_O = (torch.tensor(r, dtype=torch.float32) for r in rewards.reward_levels(scores))
+    if not cfg.k_turn:
+        return R_T, R_O, None
+    R_Tk, turns = rewards.k_turn_levels([t.messages for t in trajectories], [q["aliases"] for q in rows],
+                                        [q.get("support") for q in rows], cfg.max_tool_calls)
+    return torch.tensor(R_Tk, dtype=torch.float32), R_O, torch.tensor(turns)
+
+
+def advantages(cfg: Config, scores: dict[str, list[float]], trajectories, rows=None) -> torch.Tensor:
+    """Per-turn advantages of the batch, (N, 2): MT-GRPO's turn split (mt_grpo.turn_advantages), or
+    (N, max_tool_calls + 1) with --k-turn (mt_grpo.k_turn_advantages, which needs ``rows``, the question
+    of each rollout, for its aliases and support)."""
+    R_T, R_O, turns = reward_levels(cfg, scores, trajectories, rows)
     has_result = torch.tensor([t.has_result for t in trajectories])
-    if cfg.k_turn:  # one turn-level reward per call (new evidence found), turns counted from the results
-        R_Tk, turns = rewards.k_turn_levels([t.messages for t in trajectories], [q["aliases"] for q in rows],
-                                            [q.get("support") for q in rows], cfg.max_tool_calls)
-        R_Tk = torch.tensor(R_Tk, dtype=torch.float32)
-        A = mt_grpo.k_turn_advantages(R_Tk, R_O, torch.tensor(turns), cfg.G, cfg.method, lam=cfg.lam,
-                                      convention=cfg.convention, has_result=has_result)
-        R_T = R_Tk.sum(dim=1)
-    else:
-        A = mt_grpo.turn_advantages(R_T, R_O, cfg.G, cfg.method, lam=cfg.lam, convention=cfg.convention,
-                                    has_result=has_result)
-    return A, {"reward_turn": R_T.mean().item(), "reward_outcome": R_O.mean().item(),
-               **mt_grpo.collapse_stats(R_T, R_O, cfg.G)}
+    if cfg.k_turn:
+        return mt_grpo.k_turn_advantages(R_T, R_O, turns, cfg.G, cfg.method, lam=cfg.lam, convention=cfg.convention,
+                                         has_result=has_result)
+    return mt_grpo.turn_advantages(R_T, R_O, cfg.G, cfg.method, lam=cfg.lam, convention=cfg.convention,
+                                   has_result=has_result)
 
 
-def episode_stats(trajectories, rows) -> dict:
-    """How the agent used the tool: calls per episode, and whether any search found an answer alias."""
-    results = [[m["content"].lower() for m in t.messages if m["role"] == "user" and m["content"].startswith("<result>")]
-               for t in trajectories]
-    found = [any(a.strip() and a.lower().strip() in r for a in q["aliases"] for r in res) for res, q in zip(results, rows)]
-    return {"tool_call_rate": float(np.mean([any(c is not None for c in t.tool_calls) for t in trajectories])),
-            "calls_per_episode": float(np.mean([len(r) for r in results])), "answer_found": float(np.mean(found))}
+def level_stats(cfg: Config, scores: dict[str, list[float]], trajectories, rows=None) -> dict:
+    """The logged means of R_T and R_O and the share of groups whose rewards do not vary (no signal)."""
+    R_T, R_O, _ = reward_levels(cfg, scores, trajectories, rows)
+    R_T = R_T.sum(dim=1) if cfg.k_turn else R_T
+    return {"reward_turn": R_T.mean().item(), "reward_outcome": R_O.mean().item(), **mt_grpo.collapse_stats(R_T, R_O, cfg.G)}
 
 
 def micro_batches(attn: torch.Tensor, size: int) -> list[tuple[torch.Tensor, int]]:
     """(row indices, columns) of each micro-batch: rows of similar length together, each micro-batch cut
     to its own longest row. A short row padded to the batch's longest is compute for nothing (-15% on a
-    SmolLM2 update: bench/bench_step.py --padding-ab); the loss is a weighted sum over rows, so which rows
+    SmolLM2 update: bench/bench_padding.py); the loss is a weighted sum over rows, so which rows
     share a micro-batch changes nothing but the order of the additions. Rows are right-padded."""
     order = attn.sum(1).argsort(descending=True, stable=True)
     chunks = [order[i:i + size] for i in range(0, attn.shape[0], size)]
     return [(c, int(attn[c].sum(1).max())) for c in chunks]
 
 
-def update(cfg: Config, model, ref_model, optimizer, scheduler, ids, attn, turn, A, accelerator=None,
-           sampler_logp=None) -> dict:
-    """mu passes of the clipped objective over this process's rollouts, in micro-batches whose gradients
-    add up to exactly the loss of the whole global batch: each micro-batch loss is weighted by its share
-    of the global batch's model tokens (or rollouts, for aggregation "sequence").
-    ``sampler_logp`` (pack_sampler_logprobs): the sampler's log-probs of the same tokens, for the mismatch
-    meter, which compares them with the first pass's log-probs (the weights the batch was sampled with).
+def prepare(cfg: Config, accelerator, model, rows: int):
+    """(trainer, optimizer, scheduler) for ``update`` on ``rows`` rollouts per process: the optimizer and the
+    forward that accelerate wraps (LogProbs: DDP and DeepSpeed hook into the forward of what they wrap,
+    policy.py says why); ``model`` stays the plain policy, sharing its parameters, for sampling and saving."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
+    # not prepared by accelerate: its wrapper would step the schedule once per process; ours counts steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
+    # one optimizer step per pass over the rows, in micro-batches: accelerate syncs gradients (DeepSpeed
+    # steps) every gradient_accumulation_steps backward calls, so that is the micro-batch count
+    accelerator.gradient_accumulation_steps = math.ceil(rows / cfg.micro_batch)
+    if is_deepspeed(accelerator):  # values DeepSpeed's config leaves "auto" and cannot infer without a DataLoader
+        ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+        ds_config["train_micro_batch_size_per_gpu"] = cfg.micro_batch
+        ds_config["gradient_clipping"] = cfg.max_grad_norm  # DeepSpeed clips inside its own step
+    trainer, optimizer = accelerator.prepare(LogProbs(model, cfg.bf16), optimizer)
+    return trainer, optimizer, scheduler
 
-    In train(), ``model`` is the accelerate-prepared LogProbs of the policy and ``optimizer`` the prepared
-    optimizer. Without ``accelerator`` (tests, bench/), ``model`` is a plain model and this is one process.
-    """
-    if accelerator is None:
-        accelerator, model = make_accelerator(cfg), LogProbs(model, cfg.bf16)
-    device = next(model.parameters()).device
+
+def update(cfg: Config, trainer, ref_model, optimizer, scheduler, ids, attn, turn, A, accelerator,
+           sampler_logp=None) -> dict:
+    """mu passes of the clipped objective (mt_grpo.policy_loss) over this process's rollouts, one optimizer
+    step per pass. Each micro-batch's loss is weighted by its share of the *global* batch's model tokens
+    (or rollouts, for aggregation "sequence"), so the gradients of all micro-batches of all processes add
+    up to exactly the loss of the whole batch. ``trainer`` etc. come from ``prepare``. Logged: loss, clip
+    fraction and KL averaged over the mu passes (the first pass of mu > 1 never clips: its ratio is 1),
+    each pass's gradient norm averaged, the mean token advantage of each turn, and the mismatch meter."""
+    device = accelerator.device
     ids, attn, turn, A = ids.to(device), attn.to(device), turn.to(device), A.to(device)
     turn_t = turn[:, 1:]  # the turn of each predicted token, aligned with token_logprobs
     A_tok, mask = mt_grpo.token_advantages(A, turn_t)
     # the weights' denominators count the whole global batch, over all processes
     counts = accelerator.reduce(torch.stack([mask.sum(), torch.tensor(ids.shape[0], device=device)]), "sum")
     n_total, n_rows = counts[0].clamp(min=1), int(counts[1])
-    chunks, cols = zip(*micro_batches(attn, cfg.micro_batch))
-    # accumulate() below syncs (DDP all-reduce, DeepSpeed optimizer step) every gradient_accumulation_steps
-    # micro-batches; train() sets that to len(chunks), so it happens once per pass, on the last one
+    chunks = micro_batches(attn, cfg.micro_batch)
     if len(chunks) % accelerator.gradient_accumulation_steps:
         raise ValueError(f"{len(chunks)} micro-batches per pass do not fill whole accumulation rounds of "
-                         f"{accelerator.gradient_accumulation_steps}")
-    # DDP and DeepSpeed *average* the processes' gradients, and accelerator.backward divides each loss by
-    # the accumulation steps. Our weighted losses already add up to the global batch's loss (their sum over
-    # processes and micro-batches), so multiplying by both turns that average back into the plain sum.
+                         f"{accelerator.gradient_accumulation_steps} (prepare() was given another row count)")
+    # Distributed, in one line: DDP and DeepSpeed *average* the processes' gradients, and accelerator.backward
+    # divides each loss by the accumulation steps; our weighted losses already *sum* to the global batch's
+    # loss, so multiplying by both turns that average back into the plain sum.
     scale = accelerator.num_processes * accelerator.gradient_accumulation_steps
     with torch.no_grad():
-        cut = [(ids[c, :n], attn[c, :n], turn[c, :n]) for c, n in zip(chunks, cols)]  # model inputs, per chunk
-        logp_old = [model(*x) for x in cut] if cfg.mu > 1 else None
+        cut = [(ids[c, :n], attn[c, :n], turn[c, :n]) for c, n in chunks]  # model inputs, per micro-batch
+        logp_old = [trainer(*x) for x in cut] if cfg.mu > 1 else None
         logp_ref = [token_logprobs(ref_model, *x, cfg.bf16) for x in cut] if cfg.beta > 0 else None
-    stats, mismatch = {}, torch.zeros(3, dtype=torch.float64, device=device)
-    for rep in range(cfg.mu):
-        agg = {}
-        for j, (c, n) in enumerate(zip(chunks, cols)):
-            with accelerator.accumulate(model):
-                logp = model(*cut[j])  # (rows, n-1), aligned with the first n-1 columns of turn_t and A_tok
+    sums = {"loss": 0.0, "clip_frac": 0.0, "kl": 0.0, "grad_norm": 0.0}
+    mismatch = torch.zeros(3, dtype=torch.float64, device=device)
+    for p in range(cfg.mu):
+        for j, (c, n) in enumerate(chunks):
+            with accelerator.accumulate(trainer):
+                logp = trainer(*cut[j])  # (rows, n-1), aligned with the first n-1 columns of turn_t and A_tok
                 old = logp.detach() if logp_old is None else logp_old[j]
-                ref = None if logp_ref is None else logp_ref[j]
-                loss, s = mt_grpo.policy_loss(logp, old, ref, A_tok[c, :n - 1], turn_t[c, :n - 1], eps=cfg.eps,
-                                              beta=cfg.beta, aggregation=cfg.aggregation)
+                loss, s = mt_grpo.policy_loss(logp, old, None if logp_ref is None else logp_ref[j], A_tok[c, :n - 1],
+                                              turn_t[c, :n - 1], eps=cfg.eps, beta=cfg.beta, aggregation=cfg.aggregation)
                 w = (mask[c].sum() / n_total) if cfg.aggregation == "token" else (len(c) / n_rows)
                 accelerator.backward(loss * w * scale)
-            if rep == 0 and sampler_logp is not None:
+            sums["loss"] += (loss * w).item() / cfg.mu
+            sums["clip_frac"] += s["clip_frac"] * float(w) / cfg.mu
+            sums["kl"] += s.get("kl", 0.0) * float(w) / cfg.mu
+            if p == 0 and sampler_logp is not None:  # the weights the batch was sampled with
                 mismatch += mismatch_sums(old, sampler_logp[c, :n - 1].to(device), mask[c, :n - 1])
-            agg["loss"] = agg.get("loss", 0.0) + (loss * w).item()
-            for k in ("clip_frac", "kl"):
-                if k in s:
-                    agg[k] = agg.get(k, 0.0) + s[k] * float(w)
         # the norm of the summed gradient (under DeepSpeed: the one its step clipped, from its config)
-        norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-        agg["grad_norm"] = float("nan") if norm is None else float(norm)
+        norm = accelerator.clip_grad_norm_(trainer.parameters(), cfg.max_grad_norm)
+        sums["grad_norm"] += (float("nan") if norm is None else float(norm)) / cfg.mu
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        stats = agg
     scheduler.step()
-    # the loss, clip fraction and KL of each process are its parts of globally weighted sums: add them up
-    keys = [k for k in stats if k != "grad_norm"]
-    totals = accelerator.reduce(torch.tensor([stats[k] for k in keys], dtype=torch.float64, device=device), "sum")
-    row = {**dict(zip(keys, totals.tolist())), "grad_norm": stats["grad_norm"]}
-    if sampler_logp is not None:
-        abs_sum, k3_sum, count = accelerator.reduce(mismatch, "sum").tolist()
-        if count:  # (a scripted policy reports no log-probs)
-            row.update({"mismatch/abs_logp": abs_sum / count, "mismatch/kl": k3_sum / count})
-    return row
+    return {**global_stats(sums, accelerator, cfg.beta > 0), **turn_advantage_means(A_tok, turn_t, accelerator),
+            **mismatch_stats(mismatch, accelerator)}
+
+
+def global_stats(sums: dict, accelerator, with_kl: bool) -> dict:
+    """Each process's loss, clip fraction and KL are its parts of globally weighted sums: add them up.
+    The gradient norm is already global (taken after the processes' gradients were combined)."""
+    keys = ["loss", "clip_frac"] + (["kl"] if with_kl else [])
+    totals = accelerator.reduce(torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=accelerator.device), "sum")
+    return {**dict(zip(keys, totals.tolist())), "grad_norm": sums["grad_norm"]}
+
+
+def turn_advantage_means(A_tok: torch.Tensor, turn_t: torch.Tensor, accelerator) -> dict:
+    """adv_mean/turn{k}: the mean advantage of turn k's tokens over the global batch. Under GRPO-OR and
+    GRPO-MR every turn gets one trajectory-level number; MT-GRPO's turn 1 carries the turn reward on top."""
+    K = int(accelerator.gather(turn_t.max().reshape(1)).max())  # the most turns any process's rows have
+    sums = A_tok.new_zeros(K, 2)
+    for k in range(1, K + 1):
+        sums[k - 1] = torch.stack([A_tok[turn_t == k].sum(), (turn_t == k).sum().to(A_tok.dtype)])
+    sums = accelerator.reduce(sums.double(), "sum")
+    return {f"adv_mean/turn{k + 1}": (s / n).item() for k, (s, n) in enumerate(sums) if n > 0}
+
+
+def mismatch_stats(sums: torch.Tensor, accelerator) -> dict:
+    """mismatch/abs_logp and mismatch/kl (policy.mismatch_sums) over the global batch; none when the
+    sampler reported no log-probs (a scripted policy)."""
+    abs_sum, k3_sum, count = accelerator.reduce(sums, "sum").tolist()
+    return {"mismatch/abs_logp": abs_sum / count, "mismatch/kl": k3_sum / count} if count else {}
 
 
 # ------------------------------------------------------------------------------------------ the loop
 
 
-def rollout(cfg: Config, accelerator, policy, model, tokenizer, rows: list[dict], mine: slice, index, env_cfg):
+def sample_batch(cfg: Config, accelerator, policy, model, tokenizer, rows: list[dict], mine: slice, index, env_cfg):
     """The trajectories of the whole global batch (``rows``: one question row per rollout, question-major),
     in row order, on every process. ``rows`` already repeat each question G times, hence G = 1 below."""
     questions = [q["question"] for q in rows]
@@ -396,13 +441,30 @@ def rollout(cfg: Config, accelerator, policy, model, tokenizer, rows: list[dict]
     return gather_object(trajectories)
 
 
-def train(cfg: Config) -> Path:
-    validate(cfg)
+@dataclass
+class Run:
+    """Everything one training run holds, built once by ``setup``."""
+    accelerator: Accelerator
+    model: torch.nn.Module      # the plain policy: sampling, saving
+    trainer: torch.nn.Module    # its accelerate-prepared LogProbs: the update
+    ref_model: torch.nn.Module | None
+    tokenizer: object
+    policy: object              # env.HFPolicy, vllm_backend.VLLMPolicy, or None (vLLM, not the main process)
+    optimizer: object
+    scheduler: object
+    questions: list[dict]
+    index: object
+    env_cfg: env.EnvConfig
+    mine: slice                 # this process's rows of the global batch
+    out: Path
+    start: int                  # steps already done (--resume)
+
+
+def setup(cfg: Config) -> Run:
     # before the model is loaded: under ZeRO-3 (zero3_init_flag) from_pretrained loads it already sharded
     accelerator = make_accelerator(cfg)
     validate_processes(cfg, accelerator)
-    main, P = accelerator.is_main_process, accelerator.num_processes
-    mine = process_rows(cfg.batch_size, P, accelerator.process_index)
+    is_main, out = accelerator.is_main_process, Path(cfg.output_dir)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
@@ -410,106 +472,110 @@ def train(cfg: Config) -> Path:
     # (at Wikipedia scale the build takes a large share of a machine's memory: once, not P times at once)
     with accelerator.main_process_first():
         questions, index = load_task(cfg)
-    out = Path(cfg.output_dir)
-    # on --resume the policy comes straight from the checkpoint (loading the start model first would
-    # read a 7B model twice); the reference model is always the starting policy. flash-attn (where
-    # installed, on CUDA) only under bf16 autocast: it has no float32 kernel.
+    # on --resume the policy comes straight from the checkpoint (loading the start model first would read a
+    # 7B model twice); the reference model is always the starting policy. flash-attn only under bf16 autocast.
     start_path = out / "checkpoint" if cfg.resume else cfg.model
     model, tokenizer = load_policy(start_path, cfg.gradient_checkpointing, flash_attention=cfg.bf16)
     if not is_zero3(accelerator):  # (ZeRO-3 placed its shards while loading)
         model.to(accelerator.device)
-    if main:
+    if is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
     ref_model = None
     if cfg.beta > 0:
         ref_model = load_policy(cfg.model, flash_attention=cfg.bf16)[0].to(accelerator.device).eval().requires_grad_(False)
     env_cfg = env_config(cfg)
-    if cfg.rollout_backend == "vllm":  # one engine, in the main process; the others get its trajectories
-        import vllm_backend
-
-        # sized for the longest episode: the longest prompt plus the completion budget (plus one id of slack)
-        max_len = cfg.vllm_max_model_len or (env.longest_prompt(tokenizer, [q["question"] for q in questions], env_cfg)
-                                             + cfg.max_completion_tokens + 1)
-        model_dir = str(start_path or data.embedded_model_dir())
-        policy = (vllm_backend.VLLMPolicy(model_dir, tokenizer, seed=cfg.seed, **vllm_backend.engine_kwargs(
-                      model_dir, max_len, cfg.vllm_max_batched_tokens, cfg.vllm_gpu_memory, cfg.vllm_sleep))
-                  if main else None)
-    else:
-        policy = env.HFPolicy(model, tokenizer, seed=sample_seed(cfg.seed, accelerator.process_index))
-
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
-    # not prepared by accelerate: its wrapper would step the schedule once per process; ours counts steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
+    policy = make_policy(cfg, accelerator, model, tokenizer, questions, env_cfg, str(start_path or data.embedded_model_dir()))
     if not cfg.resume and cfg.warmstart_steps > 0:
         # every process runs the same warm start; DDP then starts from the main process's weights anyway
         ws = warmstart.run(model, tokenizer, index, questions, env_cfg, steps=cfg.warmstart_steps,
                            lr=cfg.warmstart_lr, seed=cfg.seed, bf16=cfg.bf16, micro_batch=cfg.micro_batch)
-        if main:
+        if is_main:
             print(f"warm start: {cfg.warmstart_steps} supervised steps on {ws['demonstrations']} demonstrations, "
                   f"loss {ws['first_loss']:.3f} -> {ws['last_loss']:.3f}, peak memory so far {peak_rss_gb():.2f} GB")
-
-    # One optimizer step per pass over this process's rows, in micro-batches: accelerate syncs gradients
-    # (DeepSpeed steps) every gradient_accumulation_steps backward calls, so that is the micro-batch count.
-    accelerator.gradient_accumulation_steps = math.ceil(cfg.batch_size // P / cfg.micro_batch)
-    if is_deepspeed(accelerator):  # values DeepSpeed's config leaves "auto" and cannot infer without a DataLoader
-        ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
-        ds_config["train_micro_batch_size_per_gpu"] = cfg.micro_batch
-        ds_config["gradient_clipping"] = cfg.max_grad_norm  # DeepSpeed clips inside its own step
-    # the forward that DDP / DeepSpeed wrap is LogProbs (policy.py says why); model stays the plain
-    # policy, sharing its parameters, for sampling and saving
-    trainer, optimizer = accelerator.prepare(LogProbs(model, cfg.bf16), optimizer)
+    mine = process_rows(cfg.batch_size, accelerator.num_processes, accelerator.process_index)
+    trainer, optimizer, scheduler = prepare(cfg, accelerator, model, mine.stop - mine.start)
     start = 0
     if cfg.resume:
         start = load_checkpoint(accelerator, out, optimizer, scheduler, policy)
-        if main:
+        if is_main:
             truncate_metrics(out / "metrics.jsonl", start)
             print(f"resumed from {out}/checkpoint at step {start}")
-    logger = Logger(cfg, out) if main else None
+    return Run(accelerator, model, trainer, ref_model, tokenizer, policy, optimizer, scheduler, questions, index,
+               env_cfg, mine, out, start)
 
-    # the question stream: a seeded permutation, reshuffled every epoch; step s reads a fixed slice
+
+def make_policy(cfg: Config, accelerator, model, tokenizer, questions, env_cfg, model_dir: str):
+    """The sampler: HF generate on every process, or one vLLM engine in the main process."""
+    if cfg.rollout_backend != "vllm":
+        return env.HFPolicy(model, tokenizer, seed=sample_seed(cfg.seed, accelerator.process_index))
+    if not accelerator.is_main_process:
+        return None  # the others get the main process's trajectories
+    import vllm_backend
+
+    # sized for the longest episode: the longest prompt plus the completion budget (plus one id of slack)
+    max_len = cfg.vllm_max_model_len or (env.longest_prompt(tokenizer, [q["question"] for q in questions], env_cfg)
+                                         + cfg.max_completion_tokens + 1)
+    return vllm_backend.VLLMPolicy(model_dir, tokenizer, seed=cfg.seed, **vllm_backend.engine_kwargs(
+        model_dir, max_len, cfg.vllm_max_batched_tokens, cfg.vllm_gpu_memory, cfg.vllm_sleep))
+
+
+def batch_questions(cfg: Config, questions: list[dict], step: int) -> list[dict]:
+    """The question stream: a seeded permutation, reshuffled every epoch; step s reads a fixed slice."""
     per_step = cfg.batch_size // cfg.G
-    def batch_questions(step: int) -> list[dict]:
-        epoch_len = len(questions) // per_step
-        order = np.random.default_rng([cfg.seed, step // epoch_len]).permutation(len(questions))
-        j = (step % epoch_len) * per_step
-        return [questions[i] for i in order[j:j + per_step]]
+    epoch_len = len(questions) // per_step
+    order = np.random.default_rng([cfg.seed, step // epoch_len]).permutation(len(questions))
+    j = (step % epoch_len) * per_step
+    return [questions[i] for i in order[j:j + per_step]]
 
-    bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, desc="MT-GRPO", dynamic_ncols=True,
-               disable=not main)
+
+def train_step(cfg: Config, run: Run, step: int) -> tuple[dict, list, torch.Tensor]:
+    """One MT-GRPO step: sample, score, advantages, update. Returns the metrics row, the trajectories and A."""
+    t0 = time.time()
+    rows = [q for q in batch_questions(cfg, run.questions, step) for _ in range(cfg.G)]  # one row per rollout
+    run.model.eval()
+    with torch.no_grad():
+        trajectories = sample_batch(cfg, run.accelerator, run.policy, run.model, run.tokenizer, rows, run.mine,
+                                    run.index, run.env_cfg)
+    t_roll = time.time() - t0
+    # every process scores the whole batch (cheap string checks) and normalises each group whole, so a
+    # group whose rollouts were sampled by two processes is normalised exactly as in one process
+    scores = rewards.compute([t.messages for t in trajectories], [q["aliases"] for q in rows])
+    A = advantages(cfg, scores, trajectories, rows)
+    run.model.train()
+    mine = trajectories[run.mine]  # ...and each trains on its own rows
+    ids, attn, turn = pack(mine, run.tokenizer.pad_token_id)
+    upd = update(cfg, run.trainer, run.ref_model, run.optimizer, run.scheduler, ids, attn, turn, A[run.mine],
+                 run.accelerator, pack_sampler_logprobs(mine, ids.shape[1]))
+    seconds = time.time() - t0
+    row = {"step": step + 1, **rewards.means(scores), **level_stats(cfg, scores, trajectories, rows), **upd,
+           **env.episode_stats(trajectories, [q["aliases"] for q in rows]),
+           "rollout_seconds": t_roll, "step_seconds": seconds,
+           "tokens_per_second": sum(len(t.prompt_ids) + len(t.completion_ids) for t in trajectories) / seconds,
+           "lr": run.scheduler.get_last_lr()[0], "peak_rss_gb": peak_rss_gb()}
+    return row, trajectories, A
+
+
+def train(cfg: Config) -> Path:
+    validate(cfg)
+    run = setup(cfg)
+    is_main = run.accelerator.is_main_process
+    logger = Logger(cfg, run.out) if is_main else None  # only the main process logs
+    bar = tqdm(range(run.start, cfg.max_steps), initial=run.start, total=cfg.max_steps, desc="MT-GRPO",
+               dynamic_ncols=True, disable=not is_main)
     for step in bar:
-        t0 = time.time()
-        rows = [q for q in batch_questions(step) for _ in range(cfg.G)]  # the global batch, one row per rollout
-        model.eval()
-        with torch.no_grad():
-            trajectories = rollout(cfg, accelerator, policy, model, tokenizer, rows, mine, index, env_cfg)
-        t_roll = time.time() - t0
-        # every process scores the whole batch (cheap string checks) and normalises each group whole, so a
-        # group whose rollouts were sampled by two processes is normalised exactly as in one process
-        scores = rewards.compute([t.messages for t in trajectories], [q["aliases"] for q in rows])
-        A, level_stats = advantages(cfg, scores, trajectories, rows)
-
-        model.train()
-        ids, attn, turn = pack(trajectories[mine], tokenizer.pad_token_id)  # ...and trains on its own rows
-        sampler_logp = pack_sampler_logprobs(trajectories[mine], ids.shape[1])
-        upd = update(cfg, trainer, ref_model, optimizer, scheduler, ids, attn, turn, A[mine], accelerator, sampler_logp)
-
-        n_tokens = sum(len(t.prompt_ids) + len(t.completion_ids) for t in trajectories)
-        row = {"step": step + 1, **rewards.means(scores), **level_stats, **upd, **episode_stats(trajectories, rows),
-               "truncated": float(np.mean([t.truncated for t in trajectories])),
-               "completion_tokens": float(np.mean([len(t.completion_ids) for t in trajectories])),
-               "rollout_seconds": t_roll, "step_seconds": time.time() - t0,
-               "tokens_per_second": n_tokens / (time.time() - t0),
-               "model_tokens": sum(t.model_tokens for t in trajectories),
-               "lr": scheduler.get_last_lr()[0], "peak_rss_gb": peak_rss_gb()}
-        if main:
+        row, trajectories, A = train_step(cfg, run, step)
+        if is_main:
             logger.log(row)
             bar.write(format_line(row))
             if cfg.sample_every and (step + 1) % cfg.sample_every == 0:
-                bar.write(sample_text(tokenizer, trajectories[0], A[0]))
-        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps:
-            save_checkpoint(accelerator, out, trainer, model, tokenizer, optimizer, scheduler, step + 1, policy)
-    return out
+                bar.write(sample_text(run.tokenizer, trajectories[0], A[0]))
+        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps:  # every process: saving is collective
+            save_checkpoint(run.accelerator, run.out, run.trainer, run.model, run.tokenizer, run.optimizer,
+                            run.scheduler, step + 1, run.policy)
+    if logger is not None:
+        logger.close()
+    return run.out
 
 
 def sample_text(tokenizer, traj, A) -> str:
@@ -520,18 +586,38 @@ def sample_text(tokenizer, traj, A) -> str:
 # ------------------------------------------------------------------------------------------ CLI
 
 
+def field_docs() -> dict[str, str]:
+    """Each Config field's comment (with its continuation lines), for --help: the comments hold the
+    paper's values, so --help shows them, as CleanRL's tyro-generated help shows its field docs."""
+    docs, name = {}, None
+    for line in inspect.getsource(Config).splitlines()[2:]:
+        field = re.match(r"\s+(\w+): [^#]*?(?:#\s?(.*))?$", line)
+        comment = re.match(r"\s+#\s?(.*)$", line)
+        if field:
+            name = field.group(1)
+            docs[name] = (field.group(2) or "").strip()
+        elif comment and name and not comment.group(1).startswith("---"):
+            docs[name] += " " + comment.group(1).strip()
+        elif comment:
+            name = None  # a section header ends the previous field's comment
+    return docs
+
+
 def parse_args(argv: list[str] | None = None) -> Config:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
+                    help="cpu: the defaults below; real: TriviaQA + Wikipedia from the shared data; paper: the paper's GPU run")
+    docs = field_docs()
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
+        text = f"{docs.get(f.name, '')} (default: {f.default})".strip().replace("%", "%%")
         if f.type in ("bool", bool):
-            ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+            ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
         elif f.name == "adam_betas":
-            ap.add_argument(flag, type=float, nargs=2, default=None)
+            ap.add_argument(flag, type=float, nargs=2, default=None, help=text)
         else:
             kind = {"int": int, "float": float}.get(str(f.type), str)
-            ap.add_argument(flag, type=kind, default=None, help=f"default {f.default}")
+            ap.add_argument(flag, type=kind, default=None, help=text)
     args = vars(ap.parse_args(argv))
     cfg = Config(**PRESETS[args.pop("preset")])
     cfg = dataclasses.replace(cfg, **{k: (tuple(v) if k == "adam_betas" else v) for k, v in args.items() if v is not None})

@@ -38,7 +38,7 @@ def method_advantages(trajectories, scores: dict, G: int, lam: float | None = No
     ``cfg`` (a run's settings: lam, convention, k_turn; default train.Config) with each method in turn.
     ``rows``: the question of each rollout, which --k-turn runs need."""
     cfg = dataclasses.replace(cfg or train.Config(), G=G, **({} if lam is None else {"lam": lam}))
-    return {m: train.advantages(dataclasses.replace(cfg, method=m), scores, trajectories, rows)[0] for m in LABELS}
+    return {m: train.advantages(dataclasses.replace(cfg, method=m), scores, trajectories, rows) for m in LABELS}
 
 
 def token_pieces(tokenizer, traj, A_row) -> list[tuple[str, float | None]]:

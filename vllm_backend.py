@@ -19,7 +19,8 @@ Where the engine runs (``VLLM_ENABLE_V1_MULTIPROCESSING``, unless you set it):
     forever for the ranks without an engine. The weights then travel serialised, once per sync.
 Either way it uses this process's first visible device: on a GPU it shares it with the trainer (as
 TRL's "colocate" mode does), and ``gpu_memory_utilization`` (an engine kwarg) sets its share. A GPU of
-its own (the paper's 1 vLLM + 7 training GPUs) needs a vLLM server and a weight broadcast: not here.
+its own (the paper's 1 vLLM + 7 training GPUs) needs a vLLM server and a weight broadcast: not here
+(DEVIATIONS.md, item 15).
 
 Why the ids are exactly on-policy:
   - prompts go in as token ids (``TokensPrompt``), never re-tokenised text;

@@ -89,6 +89,7 @@ import time
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
 
 from common import (NullSearcher, demo_questions, mean, model_tokens, quiet_transformers,  # first: the repo root
                     save_random_llama, set_threads, synthetic_batch)
@@ -131,9 +132,9 @@ class OurLoop:
         self.cfg, self.env_cfg = train_config(args), env_cfg
         self.model, self.tok = load_policy(str(folder))
         self.policy = env.HFPolicy(self.model, self.tok, seed=0)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.cfg.lr, betas=self.cfg.adam_betas,
-                                           weight_decay=self.cfg.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: 1.0)
+        self.accelerator = Accelerator(cpu=True)
+        self.trainer, self.optimizer, self.scheduler = train.prepare(self.cfg, self.accelerator, self.model,
+                                                                     self.cfg.batch_size)
 
     def step(self, batch: list[dict]) -> dict:
         cfg, model, tok = self.cfg, self.model, self.tok
@@ -143,11 +144,11 @@ class OurLoop:
             trajs = env.rollout(self.policy, tok, [q["question"] for q in batch], cfg.G, NullSearcher(), self.env_cfg)
         t1 = time.perf_counter()
         scores = rewards.compute([t.messages for t in trajs], [q["aliases"] for q in batch for _ in range(cfg.G)])
-        A, _ = train.advantages(cfg, scores, trajs)
+        A = train.advantages(cfg, scores, trajs)
         model.train()
         ids, attn, turn = pack(trajs, tok.pad_token_id)
         t2 = time.perf_counter()
-        train.update(cfg, model, None, self.optimizer, self.scheduler, ids, attn, turn, A)
+        train.update(cfg, self.trainer, None, self.optimizer, self.scheduler, ids, attn, turn, A, self.accelerator)
         t3 = time.perf_counter()
         n = len(trajs)
         return {"rollout": t1 - t0, "score": t2 - t1, "update": t3 - t2, "step": t3 - t0,
@@ -282,14 +283,14 @@ def update_flops(model, attn: torch.Tensor, turn: torch.Tensor, micro_batch: int
 def time_updates(model, cfg, batch, n: int, warmup: int = 1) -> float:
     """Mean seconds of train.update on one fixed batch (advantages random: the work does not care)."""
     ids, attn, turn = batch
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    accelerator = Accelerator(cpu=True)
+    trainer, optimizer, scheduler = train.prepare(cfg, accelerator, model, ids.shape[0])
     A = torch.randn(ids.shape[0], 2)
     model.train()
     times = []
     for i in range(warmup + n):
         t0 = time.perf_counter()
-        train.update(cfg, model, None, optimizer, scheduler, ids, attn, turn, A)
+        train.update(cfg, trainer, None, optimizer, scheduler, ids, attn, turn, A, accelerator)
         times.append(time.perf_counter() - t0)
     return sum(times[warmup:]) / n
 
@@ -300,12 +301,12 @@ def profile_update(model, cfg, batch, warm: bool, top: int = 14) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     ids, attn, turn = batch
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    accelerator = Accelerator(cpu=True)
+    trainer, optimizer, scheduler = train.prepare(cfg, accelerator, model, ids.shape[0])
     if not warm:
-        train.update(cfg, model, None, optimizer, scheduler, ids, attn, turn, torch.randn(ids.shape[0], 2))
+        train.update(cfg, trainer, None, optimizer, scheduler, ids, attn, turn, torch.randn(ids.shape[0], 2), accelerator)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        train.update(cfg, model, None, optimizer, scheduler, ids, attn, turn, torch.randn(ids.shape[0], 2))
+        train.update(cfg, trainer, None, optimizer, scheduler, ids, attn, turn, torch.randn(ids.shape[0], 2), accelerator)
     events = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in events)
     kinds = {"matmul (mm/addmm/bmm)": ("aten::mm", "aten::addmm", "aten::bmm"),

@@ -27,6 +27,7 @@ from common import demo_questions, model_tokens, set_threads  # first: the repo 
 import data
 import env
 import search
+import train
 
 
 def main(argv=None) -> int:
@@ -54,9 +55,7 @@ def main(argv=None) -> int:
     tok = AutoTokenizer.from_pretrained(path)
     questions = [row["question"] for row in demo_questions(args.questions, "train")]
     index = search.load_index(data.demo_world()["corpus"])
-    # train.py's Config defaults, as train.env_config builds them
-    cfg = env.EnvConfig(max_tool_calls=2, max_turn_tokens=64, max_completion_tokens=256, top_k=1,
-                        result_max_tokens=96, temperature=1.0, few_shot=False)
+    cfg = train.env_config(train.Config())  # train.py's episode, as the CPU default runs it
 
     start = time.perf_counter()
     engine = VLLMPolicy(str(path), tok, seed=0, dtype=args.dtype, enforce_eager=args.eager)
@@ -94,7 +93,7 @@ def main(argv=None) -> int:
             totals[name][1] += seconds
             totals[name][2] += len(trajs)
             print(f"round {r + 1} {name:<12} {n:>6} model tokens {seconds:>7.1f} s {n / seconds:>7.1f} tok/s "
-                  f"(tool calls in {sum(any(c is not None for c in t.tool_calls) for t in trajs)}/{len(trajs)}, "
+                  f"(tool-call rate {env.episode_stats(trajs)['tool_call_rate']:.2f}, "
                   f"truncated {sum(t.truncated for t in trajs)})")
 
     print(f"{'backend':<14}{'episodes':>9}{'model tokens':>14}{'seconds':>10}{'tokens/s':>10}")

@@ -85,7 +85,9 @@ def recording_update(cfg, model, ref_model, optimizer, scheduler, ids, attn, tur
 
     params = list(model.parameters())
     RECORD.append({"A": A.tolist(), "rows": ids.shape[0], "num_processes": accelerator.num_processes,
-                   # ZeRO-3: every parameter is a partitioned one, and this process holds only its shard
+                   # ZeRO-3: every parameter is a DeepSpeed-partitioned one, and (2+ processes) this
+                   # process holds only its shards
+                   "zero3_params": all(hasattr(p, "ds_id") for p in params),
                    "zero3_partitioned": all(hasattr(p, "ds_id") for p in params)
                    and sum(p.ds_tensor.numel() for p in params) < sum(p.ds_numel for p in params),
                    "distributed_type": str(accelerator.distributed_type).split(".")[-1],

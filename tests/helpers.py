@@ -75,7 +75,7 @@ def check_trajectory(t, tok, question, cfg):
     assert len(t.tool_calls) == len(model_msgs)
     assert t.tool_calls == [rewards.parse(c)["tool"] for c in model_msgs]
     assert [m["role"] for m in t.messages][::2] == ["assistant"] * len(model_msgs)  # they alternate
-    assert len(t.results) == sum(m["role"] == "user" for m in t.messages)
+    assert len(t.results) == sum(m["role"] == "user" and m["content"].startswith("<result>") for m in t.messages)
     # Model turn k is what the model writes after k-1 tool results (the seed's split at the first
     # <result>): turns are non-decreasing, and each assistant message is one contiguous run of ids
     # that decodes to it, numbered 1 + the <result> replies before it.
@@ -136,3 +136,16 @@ def make_bigram(model, chain):
             model.model.embed_tokens.weight[src, j] = 1.0
             model.lm_head.weight[dst, j] = 10.0
     return model
+
+
+def mismatch(model, trajectories, bf16: bool) -> tuple[float, float, int]:
+    """The sampler-trainer mismatch meter as train.update computes it, for ``model`` as the trainer:
+    (mean |log p_trainer - log p_sampler|, KL estimate, tokens compared)."""
+    from policy import mismatch_sums, pack, pack_sampler_logprobs, token_logprobs
+
+    ids, attn, turn = pack(trajectories, 0)
+    sampler = pack_sampler_logprobs(trajectories, ids.shape[1])
+    with torch.no_grad():
+        trainer = token_logprobs(model, ids, attn, turn, bf16=bf16)
+    abs_sum, k3, count = mismatch_sums(trainer, sampler, turn[:, 1:] > 0).tolist()
+    return abs_sum / count, k3 / count, int(count)

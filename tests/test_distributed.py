@@ -150,7 +150,7 @@ def test_a_group_split_between_processes_is_normalised_whole():
     scores = {k: torch.randint(0, 3, (N,), generator=gen).float().mul(0.1).tolist() for k in rewards.REWARD_MAX}
     trajectories = [SimpleNamespace(has_result=bool(h)) for h in torch.randint(0, 2, (N,), generator=gen)]
     cfg = train.Config(G=G, batch_size=N)
-    single, _ = train.advantages(cfg, scores, trajectories)
+    single = train.advantages(cfg, scores, trajectories)
 
     slices = [train.process_rows(N, P, p) for p in range(P)]
     assert [(s.start, s.stop) for s in slices] == [(0, 6), (6, 12)]
@@ -159,7 +159,7 @@ def test_a_group_split_between_processes_is_normalised_whole():
     gathered = [i for s in slices for i in range(N)[s]]
     assert gathered == list(range(N))
     kept = torch.cat([train.advantages(cfg, {k: [v[i] for i in gathered] for k, v in scores.items()},
-                                       [trajectories[i] for i in gathered])[0][s] for s in slices])
+                                       [trajectories[i] for i in gathered])[s] for s in slices])
     assert torch.equal(kept, single)
     assert single[4:8].abs().sum() > 0
     R_T, R_O = (torch.tensor(r) for r in rewards.reward_levels(scores))

@@ -6,6 +6,7 @@ training step takes well under a second; the learning itself is shown by the REA
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from accelerate import Accelerator
 from safetensors.torch import load_file
 
 import env
@@ -94,12 +96,13 @@ def test_micro_batches_add_up_to_the_full_batch_gradient(tok, tiny_model_dir, se
     for micro in (1, 3, 8):
         cfg = train.Config(micro_batch=micro, G=4, batch_size=8, bf16=False, max_grad_norm=1e9, mu=1)
         m = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-        opt = torch.optim.SGD(m.parameters(), lr=0.0)  # lr 0: we only want the gradient
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+        # lr 0: we only want the gradient
+        accelerator = Accelerator(cpu=True)
+        trainer, opt, sched = train.prepare(dataclasses.replace(cfg, lr=0.0), accelerator, m, ids.shape[0])
         grads_seen = {}
         for name, p in m.named_parameters():
             p.register_hook(lambda g, name=name: grads_seen.__setitem__(name, grads_seen.get(name, 0) + g))
-        stats = train.update(cfg, m, None, opt, sched, ids, attn, turn, A)
+        stats = train.update(cfg, trainer, None, opt, sched, ids, attn, turn, A, accelerator)
         grads.append(torch.cat([grads_seen[n].flatten() for n in sorted(grads_seen)]))
         assert stats["clip_frac"] == 0.0  # one pass: ratio is exactly 1
     assert grads[0].abs().sum() > 0
@@ -143,11 +146,14 @@ def test_resume_after_kill_is_bit_identical(tmp_path, tiny_model_dir):
     assert [r["step"] for r in rows_cut] == [1, 2, 3, 4, 5, 6]
     for key in REWARD_KEYS + ("reward_turn", "reward_outcome", "tool_call_rate", "loss"):
         assert [r[key] for r in rows_cut] == [r[key] for r in rows_full], key
-    for key in REWARD_KEYS + ("reward_turn", "reward_outcome", "tool_call_rate", "step_seconds"):
+    for key in REWARD_KEYS + ("reward_turn", "reward_outcome", "tool_call_rate", "step_seconds", "adv_mean/turn1"):
         assert key in rows_cut[0]
+    # the mismatch meter is logged every step: HF samples in fp32, the update runs under bf16 autocast, so
+    # it reads bf16's rounding, small but not zero (tests/test_gpu_path.py compares it with fp32 and stale weights)
+    assert all(0 < r["mismatch/abs_logp"] < 0.5 and r["mismatch/kl"] >= 0 for r in rows_cut)
 
 
-# ----------------------------------------------------------------------------- K turns (issue 8)
+# ----------------------------------------------------------------------------- K turns
 def test_k_turn_with_one_call_gives_the_two_turn_advantages(tok, searcher):
     """--k-turn with max_tool_calls 1 (K = 2) is the paper's two-turn MT-GRPO on real trajectories."""
     script = [['<tool>{"name": "wiki_search", "args": {"query": "Dracula"}}</tool>', "<answer>Bram Stoker</answer>"],
@@ -158,13 +164,16 @@ def test_k_turn_with_one_call_gives_the_two_turn_advantages(tok, searcher):
     rows = [{"question": "Who wrote Dracula?", "aliases": ["Bram Stoker"]}] * 4
     scores = rewards.compute([t.messages for t in trajs], [r["aliases"] for r in rows])
     for method in ("mt_grpo", "grpo_mr", "grpo_or"):
-        two, _ = train.advantages(train.Config(G=4, method=method, max_tool_calls=1), scores, trajs, rows)
-        k, _ = train.advantages(train.Config(G=4, method=method, max_tool_calls=1, k_turn=True), scores, trajs, rows)
+        two = train.advantages(train.Config(G=4, method=method, max_tool_calls=1), scores, trajs, rows)
+        k = train.advantages(train.Config(G=4, method=method, max_tool_calls=1, k_turn=True), scores, trajs, rows)
         assert torch.equal(two, k)
+    three = train.advantages(train.Config(G=4, max_tool_calls=2, k_turn=True), scores, trajs, rows)
+    assert three.shape == (4, 3)  # K = max_tool_calls + 1 columns, one per possible turn
 
 
 def test_k_turn_training_step_on_two_hop_questions(tmp_path, tiny_model_dir):
-    """A real --k-turn run: three columns of advantages, the new tool-use metrics logged."""
+    """A real --k-turn run on the two-hop world trains and logs the tool-use metrics and turn 1's mean
+    advantage (a tiny random model rarely gets a result back, so later turns may have no tokens)."""
     import data
 
     world = data.two_hop_world()
@@ -173,4 +182,4 @@ def test_k_turn_training_step_on_two_hop_questions(tmp_path, tiny_model_dir):
                                "--questions", str(world["train"]), "--corpus", str(world["corpus"])))
     assert proc.wait(timeout=300) == 0, proc.stderr.read()[-2000:]
     row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
-    assert {"calls_per_episode", "answer_found", "tool_call_rate", "reward_turn"} <= set(row)
+    assert {"calls_per_episode", "answer_found", "tool_call_rate", "reward_turn", "adv_mean/turn1"} <= set(row)

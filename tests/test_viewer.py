@@ -87,7 +87,7 @@ def test_advantages_are_train_py_s_under_the_runs_settings(tok, group):
     rows = [q] * len(trajs)
     half = viewer.method_advantages(trajs, scores, len(trajs), cfg=train.Config(lam=0.0), rows=rows)
     for m in viewer.LABELS:
-        expect, _ = train.advantages(train.Config(G=len(trajs), method=m, lam=0.0), scores, trajs, rows)
+        expect = train.advantages(train.Config(G=len(trajs), method=m, lam=0.0), scores, trajs, rows)
         assert torch.equal(half[m], expect)
     assert not torch.equal(half["mt_grpo"], advs["mt_grpo"])  # lam moved turn 1...
     searched = torch.tensor([t.has_result for t in trajs])  # (the others fall back to GRPO-MR's)

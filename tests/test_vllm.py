@@ -1,7 +1,7 @@
 """vllm_backend.py, run for real on a vLLM engine (CPU build: ``make test-vllm``).
 
 What the vLLM backend must get right, each checked against the HF backend or the trained model:
-  - its rollouts keep every trajectory invariant of tests/test_env.py (``check_trajectory``);
+  - its rollouts keep every trajectory invariant (``helpers.check_trajectory``);
   - it cuts turns exactly where ``HFPolicy`` does (stop strings, end-of-turn id, budget), and on a
     deterministic model its rollouts are HF's, id for id; on a random model greedy decoding agrees
     with HF up to numerical near-ties, and the log-probs agree;
@@ -36,7 +36,7 @@ vllm = pytest.importorskip("vllm", reason="vllm is not installed (CPU: `make vll
 
 import env  # noqa: E402
 from env import EnvConfig, HFPolicy, rollout  # noqa: E402
-from helpers import Recorder, check_trajectory, enc, make_bigram  # noqa: E402  (tests/ is on sys.path under pytest)
+from helpers import Recorder, check_trajectory, enc, make_bigram, mismatch  # noqa: E402  (tests/ is on sys.path under pytest)
 from vllm_backend import VLLMPolicy, sync_weights  # noqa: E402
 
 pytestmark = pytest.mark.vllm
@@ -58,7 +58,7 @@ def llama(tok, tied: bool, seed: int = 0):
 
 
 def bigram_model(tok, chain):
-    """Writes chain[token] after token (tests/test_env.py's make_bigram) at hidden 256, untied."""
+    """Writes chain[token] after token (helpers.make_bigram) at hidden 256, untied."""
     return make_bigram(llama(tok, tied=False), chain)
 
 
@@ -252,6 +252,23 @@ def test_sync_weights_puts_the_trained_weights_into_the_engine(tok, base):
     # A skipped sync fails the check above: the step moved these log-probs far beyond its tolerance.
     assert max(abs(after.get(t, -99.0) - v) for t, v in before.items()) > 0.05
     assert not torch.equal(engine_param(policy, "model.embed_tokens.weight"), model.model.embed_tokens.weight)
+
+
+def test_the_mismatch_meter_is_zero_after_a_sync_and_large_without_it(tok, base, searcher):
+    """train.py's meter (helpers.mismatch: the same functions) compares the engine's log-probs of its own
+    samples with the trainer's. After a sync they agree to fp32 kernel noise; a skipped sync (the engine
+    still on the weights before an update) shows at once."""
+    model, policy = base
+    trained = copy.deepcopy(model)
+    train_one_step(trained, tok)
+    cfg = EnvConfig(few_shot=False, max_turn_tokens=16, max_completion_tokens=128)
+    sync_weights(policy, trained)
+    synced, kl_synced, count = mismatch(trained, rollout(policy, tok, QUESTIONS, 4, searcher, cfg), bf16=False)
+    sync_weights(policy, model)  # the engine keeps the old weights: the trainer's are not what sampled
+    skipped, kl_skipped, _ = mismatch(trained, rollout(policy, tok, QUESTIONS, 4, searcher, cfg), bf16=False)
+    assert count > 0
+    assert synced < 1e-3 and abs(kl_synced) < 1e-5
+    assert skipped > 0.05 and kl_skipped > 1e-3 and skipped > 50 * synced
 
 
 def test_sync_weights_under_zero3_gathers_module_by_module(tok, base, monkeypatch):
