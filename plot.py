@@ -7,7 +7,8 @@ A RUN is a run folder (its metrics.jsonl, one JSON row per step, as train.py wri
 itself. Groups (GROUPS below): the rewards per level (R_T, R_O) and the six reward columns, the tool
 use, exact match, the share of groups with zero reward variance (their advantages are all 0: no
 signal), the PPO clip fraction, and the sampler-trainer mismatch (mismatch/*) where a run logs it.
-A group whose metrics no run has is skipped. Benchmarks reuse ``plot_runs``.
+A group whose metrics no run has is skipped. Benchmarks draw their curves with ``plot_seeds`` (a
+mean over seeds per method, with the seeds' spread as a band).
 """
 from __future__ import annotations
 
@@ -45,6 +46,9 @@ class PlotError(ValueError):
 class Plot:
     path: Path     # the PNG written
     figure: object  # its matplotlib Figure (legend texts = the run labels); close it when done
+
+    def close(self) -> None:
+        plt.close(self.figure)
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -101,51 +105,89 @@ def number(v) -> float:
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else math.nan
 
 
-def plot_group(runs: dict[str, list[dict]], title: str, keys: list[str]):
-    """One figure: a panel per key, each run one line (one colour per run across panels), one legend."""
+def curve(rows: list[dict], key: str) -> dict[int, float]:
+    """step -> value of ``key`` in one run's rows (the steps that log it)."""
+    return {r["step"]: number(r[key]) for r in rows if key in r}
+
+
+def over_seeds(seeds: list[list[dict]], key: str) -> tuple[list[int], list[float], list[float], list[float]]:
+    """(steps, mean, lowest, highest) of ``key`` over several runs of one method (its seeds): at each
+    step that every run logging ``key`` has reached, so a run that stopped early does not turn the
+    mean into a mean of fewer seeds part-way. A NaN in any run makes that step a gap."""
+    curves = [c for c in (curve(rows, key) for rows in seeds) if c]
+    if not curves:
+        return [], [], [], []
+    steps = sorted(set.intersection(*(set(c) for c in curves)))
+    values = [[c[s] for c in curves] for s in steps]
+    mean = [sum(v) / len(v) for v in values]  # NaN where any run has NaN
+    # min/max would pass over a NaN unless it came first: the band has the mean's gaps instead
+    lo = [m if math.isnan(m) else min(v) for m, v in zip(mean, values)]
+    hi = [m if math.isnan(m) else max(v) for m, v in zip(mean, values)]
+    return steps, mean, lo, hi
+
+
+def seeds_figure(seeds: dict[str, list[list[dict]]], title: str, keys: list[str]):
+    """One figure: a panel per key, one colour per label across panels, one legend. A label with one
+    run is its line; with several (seeds), their mean, in a band from the lowest to the highest run."""
     cols = min(4, len(keys))
     rows_n = math.ceil(len(keys) / cols)
     fig, axes = plt.subplots(rows_n, cols, figsize=(4 * cols, 3 * rows_n + 0.8), squeeze=False)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, key in zip(axes.flat, keys):
-        for i, (label, rows) in enumerate(runs.items()):
-            pts = [(r["step"], number(r[key])) for r in rows if key in r]
-            if pts:
-                steps, values = zip(*sorted(pts))
-                ax.plot(steps, values, marker="o", markersize=3, color=colours[i % len(colours)], label=label)
+        for i, (label, runs) in enumerate(seeds.items()):
+            steps, mean, lo, hi = over_seeds(runs, key)
+            if len(runs) > 1 and steps:
+                ax.fill_between(steps, lo, hi, color=colours[i % len(colours)], alpha=0.2, linewidth=0)
+            if steps:
+                ax.plot(steps, mean, marker="o", markersize=3, color=colours[i % len(colours)], label=label)
         ax.set_title(key, fontsize=10)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(keys):]:
         ax.set_visible(False)
     handles = [plt.Line2D([], [], color=colours[i % len(colours)], marker="o", markersize=3)
-               for i in range(len(runs))]
+               for i in range(len(seeds))]
+    if any(len(runs) > 1 for runs in seeds.values()):
+        title += "\n(line: mean over runs; band: lowest to highest run)"  # a reader must not take it for one run
     fig.suptitle(title)
-    fig.legend(handles, list(runs), loc="lower center", ncol=min(len(runs), 4), frameon=False)
+    fig.legend(handles, list(seeds), loc="lower center", ncol=min(len(seeds), 4), frameon=False)
     fig.tight_layout(rect=(0, 0.08 if rows_n == 1 else 0.05, 1, 1))
     return fig
+
+
+def plot_group(runs: dict[str, list[dict]], title: str, keys: list[str]):
+    """One figure: a panel per key, each run (label -> its rows) one line."""
+    return seeds_figure({label: [rows] for label, rows in runs.items()}, title, keys)
+
+
+def plot_seeds(seeds: dict[str, list[list[dict]]], out_dir, groups: dict = GROUPS) -> dict[str, Plot]:
+    """Like ``plot_runs``, but each label (a method) has several runs (``seeds``: label -> the metrics
+    rows of each of its runs), drawn as their mean per step with a band from the lowest to the highest
+    run: how far seeds disagree shows without a line per seed."""
+    if not seeds or not all(seeds.values()):
+        raise PlotError("no runs to plot")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pooled = {label: [row for rows in runs for row in rows] for label, runs in seeds.items()}
+    plots = {}
+    for name, (title, spec) in groups.items():
+        keys = keys_of(spec, pooled)
+        if not keys:
+            continue  # e.g. mismatch/* where no run sampled with vLLM
+        fig = seeds_figure(seeds, title, keys)
+        path, tmp = out_dir / f"{name}.png", out_dir / f".{name}.png.tmp"
+        fig.savefig(tmp, format="png", dpi=100,
+                    metadata={"Title": title, "Description": "runs: " + ", ".join(seeds)})
+        os.replace(tmp, path)
+        plots[name] = Plot(path, fig)
+    return plots
 
 
 def plot_runs(runs: dict[str, list[dict]], out_dir, groups: dict = GROUPS) -> dict[str, Plot]:
     """Write ``<out_dir>/<group>.png`` for every group some run has metrics for; ``runs``: label -> its
     metrics rows. Returns group -> Plot (path, figure). Each PNG is written whole or not at all, and
     carries the run labels in its metadata (``Description``)."""
-    if not runs:
-        raise PlotError("no runs to plot")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    plots = {}
-    for name, (title, spec) in groups.items():
-        keys = keys_of(spec, runs)
-        if not keys:
-            continue  # e.g. mismatch/* where no run sampled with vLLM
-        fig = plot_group(runs, title, keys)
-        path, tmp = out_dir / f"{name}.png", out_dir / f".{name}.png.tmp"
-        fig.savefig(tmp, format="png", dpi=100,
-                    metadata={"Title": title, "Description": "runs: " + ", ".join(runs)})
-        os.replace(tmp, path)
-        plots[name] = Plot(path, fig)
-    return plots
+    return plot_seeds({label: [rows] for label, rows in runs.items()}, out_dir, groups)
 
 
 def main(argv=None) -> int:
@@ -172,7 +214,7 @@ def main(argv=None) -> int:
         print(f"error: cannot write the plots to {args.out}: {e.strerror} (pass another --out)", file=sys.stderr)
         return 2
     for name, p in plots.items():
-        plt.close(p.figure)
+        p.close()
         print(f"wrote {p.path}")
     return 0
 

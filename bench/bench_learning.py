@@ -37,6 +37,7 @@ from pathlib import Path
 
 from common import ROOT  # first: puts the repo root on sys.path
 import data
+import plot
 
 METHODS = {"grpo_or": "GRPO-OR", "grpo_mr": "GRPO-MR", "mt_grpo": "MT-GRPO"}
 CURVES = [("tool_execution", "tool execution (0-0.2)"), ("search_answer", "search answer (0-0.5)"),
@@ -135,7 +136,7 @@ def run_comparison(c: Comparison, start: Path) -> tuple[dict, dict, dict]:
     for seed in c.seeds:  # seed-major: a partial benchmark still compares the methods
         for m in c.methods:
             folder = train_run(c, start, m, seed)
-            curves.setdefault(m, []).append([json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()])
+            curves.setdefault(m, []).append(plot.load_run(str(folder)))
             evals.setdefault(m, []).append(evaluate(c, {m: str(folder)}, f"{m}-seed{seed}")[m])
     return first, evals, curves
 
@@ -192,33 +193,13 @@ def summarise(c: Comparison, first: dict, evals: dict, curves: dict, curve_keys=
     return "\n".join(lines)
 
 
-def plot(curves: dict, path: Path, methods=METHODS, curve_keys=CURVES) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    fig, axes = plt.subplots(1, len(curve_keys), figsize=(13, 3.2), dpi=80)
-    colors = {"grpo_or": "tab:gray", "grpo_mr": "tab:blue", "mt_grpo": "tab:red"}
-    for ax, (key, title) in zip(axes, curve_keys):
-        for (m, label) in methods.items():
-            color = colors[m]
-            runs = curves.get(m, [])
-            if not runs:
-                continue
-            n = min(len(r) for r in runs)
-            ys = np.array([[row[key] for row in r[:n]] for r in runs])
-            steps = np.arange(1, n + 1)
-            for y in ys:
-                ax.plot(steps, y, color=color, alpha=0.25, lw=1)
-            ax.plot(steps, ys.mean(0), color=color, lw=2, label=label)
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel("step")
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+def plot_curves(curves: dict, results: Path, name: str, methods=METHODS, curve_keys=CURVES) -> None:
+    """<results>/<name>_curves.png: the training curves of ``curve_keys``, one colour per method, the
+    mean over its seeds with their spread (plot.py draws it, as it draws any run's curves)."""
+    seeds = {label: curves[m] for m, label in methods.items() if curves.get(m)}
+    group = {f"{name}_curves": ("Training rollouts (sampled)", [k for k, _ in curve_keys])}
+    for drawn in plot.plot_seeds(seeds, results, group).values():
+        drawn.close()
 
 
 def write_results(results: Path, name: str, title: str, script: str, setup: str, report: str, minutes: float) -> None:
@@ -275,7 +256,7 @@ def main(argv=None) -> int:
     report = summarise(c, first, evals, curves)
     write_results(Path(args.results), name, title, "bench_learning.py", setup_text(c, ws, cfg.lr), report,
                   (time.time() - t0) / 60)
-    plot(curves, Path(args.results) / f"{name}_curves.png", c.methods)
+    plot_curves(curves, Path(args.results), name, c.methods)
     print(report)
     return 0
 

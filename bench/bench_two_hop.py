@@ -25,7 +25,8 @@ from pathlib import Path
 
 from common import ROOT  # first: puts the repo root on sys.path
 import data
-from bench_learning import Comparison, plot, run_comparison, setup_text, shared_warm_start, summarise, write_results
+from bench_learning import (Comparison, plot_curves, run_comparison, setup_text, shared_warm_start, summarise,
+                            write_results)
 
 METHODS = {"grpo_mr": "GRPO-MR", "mt_grpo": "MT-GRPO (K-turn)"}
 CURVES = [("calls_per_episode", "tool calls per episode"), ("search_answer", "first search found answer"),
@@ -66,7 +67,7 @@ def main(argv=None) -> int:
     report = summarise(c, first, evals, curves, CURVES)
     write_results(Path(args.results), "two_hop", "Two-hop benchmark (K = 3 turns)", "bench_two_hop.py",
                   setup_text(c, ws, cfg.lr), report, (time.time() - t0) / 60)
-    plot(curves, Path(args.results) / "two_hop_curves.png", c.methods, CURVES)
+    plot_curves(curves, Path(args.results), "two_hop", c.methods, CURVES)
     print(report)
     return 0
 

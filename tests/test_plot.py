@@ -105,3 +105,28 @@ def test_two_runs_with_one_label_and_an_unwritable_out(tmp_path, capsys):
     assert plot.main([str(a), "--out", str(tmp_path / "file" / "sub")]) == 2
     err = capsys.readouterr().err
     assert "cannot write the plots" in err and "Traceback" not in err
+
+
+def test_seeds_are_one_mean_line_per_method_in_a_band(tmp_path):
+    rows = lambda shift, steps: plot.load_run(str(fake_run(tmp_path / f"r{shift}-{steps}", shift, steps=steps)))
+    seeds = {"MT-GRPO": [rows(0.2, 4), rows(0.4, 3)], "GRPO-MR": [rows(0.6, 4)]}
+    plots = plot.plot_seeds(seeds, tmp_path / "out", {"curves": ("Training rollouts", ["exact_match", "clip_frac"])})
+    (p,) = plots.values()
+    assert p.path == tmp_path / "out" / "curves.png" and p.path.stat().st_size > 5000
+    assert legend_texts(p.figure) == ["MT-GRPO", "GRPO-MR"]
+    with Image.open(p.path) as im:
+        assert im.format == "PNG" and im.text["Description"] == "runs: MT-GRPO, GRPO-MR"
+    assert "band: lowest to highest run" in p.figure.texts[0].get_text()  # the title says what the band is
+    ax = next(ax for ax in p.figure.axes if ax.get_title() == "exact_match")
+    mt, mr = ax.get_lines()
+    # the mean over seeds at the steps both reached (the second seed stopped at 3); one seed: its own values
+    assert list(mt.get_xdata()) == [1, 2, 3] and mt.get_ydata() == pytest.approx([0.3 + 0.01 * s for s in (1, 2, 3)])
+    assert list(mr.get_ydata()) == [0.6 + 0.01 * s for s in range(1, 5)]
+    (band,) = ax.collections  # only the method with two seeds has a band, from its lower to its higher seed
+    lo, hi = band.get_paths()[0].vertices[:, 1].min(), band.get_paths()[0].vertices[:, 1].max()
+    assert (lo, hi) == pytest.approx((0.21, 0.43))
+    p.close()
+    two_seeds = [[{"step": 1, "x": 1.0}, {"step": 2, "x": None}], [{"step": 1, "x": 3.0}, {"step": 2, "x": 0.5}]]
+    steps, mean, low, high = plot.over_seeds(two_seeds, "x")
+    assert steps == [1, 2] and (mean[0], low[0], high[0]) == (2.0, 1.0, 3.0)
+    assert all(math.isnan(v) for v in (mean[1], low[1], high[1]))  # a NaN in one seed is a gap, not a narrower band
