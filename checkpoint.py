@@ -2,7 +2,9 @@
 
 A checkpoint folder holds the model in ``save_pretrained`` format (loadable by transformers, eval.py and
 vLLM) and ``state.pt``: step, optimizer, scheduler and each process's random states. It is written to a
-temporary folder and renamed, so a kill mid-save leaves the last good one. ``metrics.jsonl`` gets one
+temporary folder and renamed, so a kill mid-save leaves the last good one. A LoRA run (lora.py) saves the
+merged model there (so every loader still sees one plain model) and adds what --resume needs: the
+adapter (peft's save_pretrained, in ``adapter/``) and ``lora.json`` (the start model and the LoRA flags). ``metrics.jsonl`` gets one
 JSON object per step, flushed and fsynced; on resume the rows after the checkpoint are dropped, since
 those steps are redone.
 """
@@ -20,6 +22,8 @@ import numpy as np
 import torch
 from accelerate.utils import DistributedType, gather_object
 
+import lora
+
 
 class CheckpointError(ValueError):
     """A checkpoint that this run cannot continue; the message names the fix."""
@@ -33,11 +37,13 @@ def is_zero3(accelerator) -> bool:
     return is_deepspeed(accelerator) and accelerator.state.deepspeed_plugin.zero_stage == 3
 
 
-def save_checkpoint(accelerator, out: Path, trainer, model, tokenizer, optimizer, scheduler, step: int, policy) -> None:
+def save_checkpoint(accelerator, out: Path, trainer, model, tokenizer, optimizer, scheduler, step: int, policy,
+                    peft_model=None, lora_record: dict | None = None) -> None:
     """Model (save_pretrained: loadable by transformers and vLLM) + everything --resume needs,
     written to a temporary folder and renamed, so a kill mid-save leaves the last good checkpoint.
     Every process calls it (the RNG states are gathered; DeepSpeed saves collectively); the main
-    process writes. ``trainer`` is the prepared LogProbs, ``model`` the plain policy model."""
+    process writes. ``trainer`` is the prepared LogProbs, ``model`` the plain policy model. Under LoRA,
+    ``peft_model`` is the PeftModel around ``model`` and ``lora_record`` goes to lora.json."""
     tmp, main = out / ".checkpoint-tmp", accelerator.is_main_process
     rng = gather_object([{"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
                           "policy_calls": None if policy is None else policy.calls}])  # one dict per process
@@ -55,6 +61,10 @@ def save_checkpoint(accelerator, out: Path, trainer, model, tokenizer, optimizer
     if is_deepspeed(accelerator):  # DeepSpeed partitions the optimizer state: each process saves its part
         accelerator.save_state(str(tmp / "deepspeed"))
     if main:
+        if peft_model is not None:  # the merged copy W + scale * B@A under plain names; the adapter beside it
+            weights = dict(lora.merged_weights(model))
+            peft_model.save_pretrained(tmp / "adapter")
+            (tmp / "lora.json").write_text(json.dumps(lora_record, indent=1))
         model.save_pretrained(tmp, state_dict=weights)
         tokenizer.save_pretrained(tmp)
         torch.save({"step": step, "optimizer": None if is_deepspeed(accelerator) else optimizer.state_dict(),

@@ -46,6 +46,7 @@ from tqdm import tqdm
 
 import data
 import env
+import lora
 import mt_grpo
 import rewards
 from checkpoint import (CheckpointError, Logger, check_report_to, format_line, is_deepspeed, is_zero3, load_checkpoint,
@@ -93,6 +94,13 @@ class Config:
     micro_batch: int = 4            # rollouts per forward/backward; gradients are accumulated (memory)
     bf16: bool = True               # bf16 autocast (paper: bf16); on CPU ~3x faster than fp32
     gradient_checkpointing: bool = False  # (paper: on; saves memory on 7B, costs time on a 135M CPU run)
+    lora_r: int = 0                 # LoRA rank (lora.py): train a rank-r update B@A beside each frozen target
+                                    # projection; 0 = full fine-tuning (the paper's). LoRA wants a larger
+                                    # --lr than full fine-tuning (e.g. 2e-4)
+    lora_alpha: float = 32.0        # LoRA scale: the update is (alpha / r) * B@A
+    lora_target_modules: str = lora.DEFAULT_TARGETS  # comma-separated module names LoRA adapts; default:
+                                    # every linear projection of a Llama / Qwen block
+    lora_dropout: float = 0.0       # dropout on the LoRA branch's input (0: the update stays deterministic)
     # --- environment (defaults: env.EnvConfig, their one source, where the paper's values are too) --
     max_tool_calls: int = EPISODE.max_tool_calls  # tool calls per episode, then one more turn (DEVIATIONS.md, item 10)
     max_turn_tokens: int = EPISODE.max_turn_tokens  # new tokens per model turn (DEVIATIONS.md, item 13)
@@ -177,11 +185,49 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"--{name} {path}: file not found (omit it to use the demo world)")
     if cfg.model is not None and not Path(cfg.model).exists() and not looks_like_hub_name(cfg.model):
         raise ConfigError(f"--model {cfg.model}: no such folder (omit it to use the embedded SmolLM2-135M)")
+    validate_lora(cfg)
     out = Path(cfg.output_dir)
     if cfg.resume and not (out / "checkpoint" / "state.pt").is_file():
         raise ConfigError(f"--resume: no checkpoint in {out}/checkpoint (start without --resume)")
+    if cfg.resume:
+        record = lora.read_record(out / "checkpoint")
+        if bool(record) != bool(cfg.lora_r):
+            raise ConfigError(f"--resume: {out}/checkpoint is a {'LoRA' if record else 'full fine-tuning'} run; "
+                              f"pass the flags it was started with ({'--lora-r ' + str(record['lora']['r']) if record else '--lora-r 0'})")
+        if record and (record["lora"] != lora.describe(cfg) or record["start_model"] != cfg.model):
+            raise ConfigError(f"--resume: {out}/checkpoint was started with --model {record['start_model']} and LoRA "
+                              f"{record['lora']}; pass the same flags")
     if not cfg.resume and (out / "metrics.jsonl").exists():
         raise ConfigError(f"{out} already holds a run: pass --resume to continue it or another --output-dir")
+
+
+def validate_lora(cfg: Config) -> None:
+    """LoRA flags, and that every target module names a linear layer of the model: checked on a model built
+    from its config on the meta device (no weights read), since peft skips a target that matches nothing
+    as long as another one matches."""
+    if cfg.lora_r < 0:
+        raise ConfigError(f"--lora-r {cfg.lora_r}: the LoRA rank is >= 1, or 0 for full fine-tuning")
+    if not cfg.lora_r:
+        return
+    if cfg.lora_alpha <= 0:
+        raise ConfigError(f"--lora-alpha {cfg.lora_alpha}: must be > 0 (the update is scaled by alpha / r)")
+    if not 0 <= cfg.lora_dropout < 1:
+        raise ConfigError(f"--lora-dropout {cfg.lora_dropout}: must be in [0, 1)")
+    if not lora.target_list(cfg.lora_target_modules):
+        raise ConfigError("--lora-target-modules is empty: name the projections to adapt, e.g. q_proj,v_proj")
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        model_config = AutoConfig.from_pretrained(cfg.model or data.embedded_model_dir())
+    except OSError:
+        return  # a hub name this machine cannot reach: peft's own check runs at load time
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(model_config)
+    missing = lora.unmatched_targets(meta, cfg.lora_target_modules)
+    if missing:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in meta.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise ConfigError(f"--lora-target-modules: {', '.join(missing)} match no linear layer of the model "
+                          f"(its linear layers: {', '.join(linear)})")
 
 
 def looks_like_hub_name(name: str) -> bool:
@@ -207,6 +253,9 @@ def validate_processes(cfg: Config, accelerator) -> None:
         if cfg.warmstart_steps:
             raise ConfigError("DeepSpeed ZeRO-3: pass --warmstart-steps 0 (the warm start trains the unsharded "
                               "model; run it in a 1-process run and pass that checkpoint as --model)")
+        if cfg.lora_r:
+            raise ConfigError("DeepSpeed ZeRO-3: --lora-r is not supported (the LoRA merge for the vLLM sync and "
+                              "the checkpoint reads whole weights, which ZeRO-3 shards); use DDP, or --lora-r 0")
         if cfg.beta > 0:
             raise ConfigError("DeepSpeed ZeRO-3: --beta > 0 needs a reference model, which this loop does not "
                               "shard; use --beta 0 (the paper's) or DDP")
@@ -321,7 +370,8 @@ def prepare(cfg: Config, accelerator, model, rows: int):
     """(trainer, optimizer, scheduler) for ``update`` on ``rows`` rollouts per process: the optimizer and the
     forward that accelerate wraps (LogProbs: DDP and DeepSpeed hook into the forward of what they wrap,
     policy.py says why); ``model`` stays the plain policy, sharing its parameters, for sampling and saving."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
+    # under LoRA only the adapter's parameters require gradients: the optimizer holds state for those alone
+    optimizer = torch.optim.AdamW(lora.trainable(model), lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
     # not prepared by accelerate: its wrapper would step the schedule once per process; ours counts steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
     # one optimizer step per pass over the rows, in micro-batches: accelerate syncs gradients (DeepSpeed
@@ -445,7 +495,8 @@ def sample_batch(cfg: Config, accelerator, policy, model, tokenizer, rows: list[
 class Run:
     """Everything one training run holds, built once by ``setup``."""
     accelerator: Accelerator
-    model: torch.nn.Module      # the plain policy: sampling, saving
+    model: torch.nn.Module      # the plain policy: sampling, saving (under LoRA: with the LoRA layers injected)
+    peft_model: object          # under LoRA the PeftModel around ``model`` (it saves the adapter); else None
     trainer: torch.nn.Module    # its accelerate-prepared LogProbs: the update
     ref_model: torch.nn.Module | None
     tokenizer: object
@@ -474,8 +525,16 @@ def setup(cfg: Config) -> Run:
         questions, index = load_task(cfg)
     # on --resume the policy comes straight from the checkpoint (loading the start model first would read a
     # 7B model twice); the reference model is always the starting policy. flash-attn only under bf16 autocast.
-    start_path = out / "checkpoint" if cfg.resume else cfg.model
+    # Under LoRA the checkpoint's model is the merged one: --resume loads the start model and the saved
+    # adapter instead (the merged model plus the adapter would apply the update twice).
+    start_path = out / "checkpoint" if cfg.resume and not cfg.lora_r else cfg.model
     model, tokenizer = load_policy(start_path, cfg.gradient_checkpointing, flash_attention=cfg.bf16)
+    peft_model = None
+    if cfg.lora_r:
+        model, peft_model = (lora.load(model, out / "checkpoint" / "adapter") if cfg.resume else
+                             lora.wrap(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_target_modules, cfg.lora_dropout))
+        if cfg.gradient_checkpointing:  # the frozen embedding's output needs a gradient for checkpointed layers
+            model.enable_input_require_grads()
     if not is_zero3(accelerator):  # (ZeRO-3 placed its shards while loading)
         model.to(accelerator.device)
     if is_main:
@@ -487,7 +546,8 @@ def setup(cfg: Config) -> Run:
     env_cfg = env_config(cfg)
     policy = make_policy(cfg, accelerator, model, tokenizer, questions, env_cfg, str(start_path or data.embedded_model_dir()))
     if not cfg.resume and cfg.warmstart_steps > 0:
-        # every process runs the same warm start; DDP then starts from the main process's weights anyway
+        # every process runs the same warm start; DDP then starts from the main process's weights anyway.
+        # Under LoRA it trains the adapter only, so start model + adapter is still the whole policy (--resume)
         ws = warmstart.run(model, tokenizer, index, questions, env_cfg, steps=cfg.warmstart_steps,
                            lr=cfg.warmstart_lr, seed=cfg.seed, bf16=cfg.bf16, micro_batch=cfg.micro_batch)
         if is_main:
@@ -501,7 +561,7 @@ def setup(cfg: Config) -> Run:
         if is_main:
             truncate_metrics(out / "metrics.jsonl", start)
             print(f"resumed from {out}/checkpoint at step {start}")
-    return Run(accelerator, model, trainer, ref_model, tokenizer, policy, optimizer, scheduler, questions, index,
+    return Run(accelerator, model, peft_model, trainer, ref_model, tokenizer, policy, optimizer, scheduler, questions, index,
                env_cfg, mine, out, start)
 
 
@@ -572,7 +632,8 @@ def train(cfg: Config) -> Path:
                 bar.write(sample_text(run.tokenizer, trajectories[0], A[0]))
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps:  # every process: saving is collective
             save_checkpoint(run.accelerator, run.out, run.trainer, run.model, run.tokenizer, run.optimizer,
-                            run.scheduler, step + 1, run.policy)
+                            run.scheduler, step + 1, run.policy, run.peft_model,
+                            {"start_model": cfg.model, "lora": lora.describe(cfg)} if cfg.lora_r else None)
     if logger is not None:
         logger.close()
     return run.out

@@ -46,6 +46,7 @@ import numpy as np
 import torch
 
 import env
+import lora
 
 
 @contextlib.contextmanager
@@ -369,6 +370,14 @@ def sync_weights(policy, model) -> None:
     update, with the unwrapped model (``accelerator.unwrap_model``); ``policy`` is the VLLMPolicy where
     the engine lives and None elsewhere. Without ZeRO-3 the ranks without an engine have nothing to do;
     with it they still take part in each module's gather."""
+    if lora.is_lora(model):
+        # LoRA: the merged weights W + scale * B@A, computed as copies under the plain transformers names and
+        # sent like any full model's (vLLM's own LoRA adapter loading would need enable_lora, its punica
+        # kernels and a new adapter id every step; a merged sync keeps one engine code path, and the
+        # trainer's frozen W is never touched). ZeRO-3 with LoRA is refused by train.validate_processes.
+        if policy is not None:
+            policy.load_weights(lora.merged_weights(model))
+        return
     zero3 = _is_zero3(model)
     if policy is None:
         if zero3:

@@ -22,6 +22,7 @@ import random
 import torch
 
 import env
+import lora
 import rewards
 from data import DataError
 from policy import pack, token_logprobs
@@ -69,7 +70,8 @@ def run(model, tokenizer, index, questions: list[dict], env_cfg: env.EnvConfig, 
     if not demos:
         raise DataError("warm start: no question's answer was found by searching for the question; "
                         "check --corpus matches --questions, or pass --warmstart-steps 0")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    params = lora.trainable(model)  # under LoRA the adapter alone: the start model stays as loaded
+    optimizer = torch.optim.AdamW(params, lr=lr)
     model.train()
     losses = []
     for s in range(steps):
@@ -82,7 +84,7 @@ def run(model, tokenizer, index, questions: list[dict], env_cfg: env.EnvConfig, 
             part = -(logp * (turn[:, 1:] > 0)).sum() / n_tokens
             part.backward()
             loss += part.item()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss)
