@@ -271,6 +271,69 @@ def test_the_mismatch_meter_is_zero_after_a_sync_and_large_without_it(tok, base,
     assert skipped > 0.05 and kl_skipped > 1e-3 and skipped > 50 * synced
 
 
+def test_sync_after_a_lora_update_gives_the_merged_models_logprobs(tok, base, tmp_path):
+    """LoRA (lora.py): after an update of the adapter alone, sync_weights sends the merged copies
+    W + scale * B@A; the engine's log-probs are then those of the merged model loaded from a plain
+    save_pretrained folder (and of the LoRA model), and differ from the start model's. The trainer's
+    frozen W is the same tensor afterwards (the merge never wrote into it)."""
+    import lora
+    from transformers import AutoModelForCausalLM
+
+    model, policy = base
+    lora_model, _ = lora.wrap(copy.deepcopy(model), 8, 16.0, lora.DEFAULT_TARGETS)
+    frozen = {n: p.clone() for n, p in lora_model.named_parameters() if not p.requires_grad}
+    lora_model.train()
+    opt = torch.optim.AdamW(lora.trainable(lora_model), lr=1e-2)
+    for _ in range(3):  # B starts at zero: a few steps so the update is large enough to see in log-probs
+        ids = torch.randint(0, len(tok), (4, 24), generator=torch.Generator().manual_seed(0))
+        logp = torch.log_softmax(lora_model(ids).logits[:, :-1].float(), -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+        (-(torch.tensor([1.0, -1.0, 0.5, -0.5])[:, None] * logp).mean()).backward()
+        opt.step()
+        opt.zero_grad()
+    lora_model.eval()
+    assert all(torch.equal(p, frozen[n]) for n, p in lora_model.named_parameters() if n in frozen)
+    prompt = long_prompt(tok)
+    sync_weights(policy, model)
+    before = next_token_logprobs(policy, prompt)
+    sync_weights(policy, lora_model)
+    after = next_token_logprobs(policy, prompt)
+    lora_model.save_pretrained(tmp_path, state_dict=dict(lora.merged_weights(lora_model)))
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    ref, ref_lora = hf_logprobs(merged, prompt), hf_logprobs(lora_model, prompt)
+    for t, v in after.items():
+        assert v == pytest.approx(ref[t].item(), abs=1e-3)
+        assert v == pytest.approx(ref_lora[t].item(), abs=1e-3)
+    assert max(abs(after.get(t, -99.0) - v) for t, v in before.items()) > 0.05  # a skipped sync fails above
+    assert all(torch.equal(p, frozen[n]) for n, p in lora_model.named_parameters() if n in frozen)
+    sync_weights(policy, model)  # leave the module's engine on its own model for the tests after this one
+
+
+def test_train_py_with_lora_on_the_vllm_backend(tok, tmp_path):
+    """train.py --rollout-backend vllm --lora-r end to end: the engine samples, the adapter trains (the
+    warm start moves it; --beta's KL then gives the RL steps a gradient on a random model) and after every
+    sync the mismatch meter reads the merged weights: fp32 engine vs the trainer's bf16 autocast, small."""
+    import bm25s  # noqa: F401  (as in ``base``: train.py builds its index before the engine)
+    from safetensors.torch import load_file
+
+    folder = save(llama(tok, tied=True, seed=5), tok, tmp_path / "model")
+    out = tmp_path / "run"
+    cmd = [sys.executable, "train.py", "--model", folder, "--output-dir", str(out), "--rollout-backend", "vllm",
+           "--lora-r", "4", "--lora-alpha", "8", "--G", "2", "--batch-size", "4", "--micro-batch", "2",
+           "--max-turn-tokens", "64", "--max-completion-tokens", "300", "--warmstart-steps", "1",
+           "--warmstart-lr", "1e-2", "--beta", "0.1", "--lr", "1e-3", "--max-steps", "2", "--sample-every", "0",
+           "--threads", "1", "--vllm-max-model-len", "1024"]
+    child_env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_")}
+    run = subprocess.run(cmd, cwd=ROOT, env=child_env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all(r["grad_norm"] > 0 for r in rows)
+    # without the merged sync the engine would sample from the start model, the trainer from the warm-started
+    # adapter: the meter would read the warm start's whole move, not bf16 rounding
+    assert all(r["mismatch/abs_logp"] < 0.05 for r in rows), [r["mismatch/abs_logp"] for r in rows]
+    adapter = load_file(out / "checkpoint" / "adapter" / "adapter_model.safetensors")
+    assert any("lora_B" in k and v.abs().max() > 0 for k, v in adapter.items())
+
+
 def test_sync_weights_under_zero3_gathers_module_by_module(tok, base, monkeypatch):
     """A stand-in for DeepSpeed ZeRO-3: each parameter is empty outside a gather; a gather fills
     it from a buffer that is wiped on exit (as a reused gather buffer would be)."""
