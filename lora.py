@@ -14,7 +14,8 @@ What leaves the process is merged: ``merged_weights`` computes W + scale * B @ A
 tensor, under the plain transformers names (``...q_proj.weight``), for the vLLM sync and the checkpoint's
 ``save_pretrained`` model. It never calls peft's merge_adapter/unmerge_adapter, which add the update into
 W in place and subtract it later: that rounds the frozen W a little every step (it drifts), and a forward
-between the two would apply the adapter twice.
+between the two would apply the adapter twice. Why merged weights rather than vLLM's LoRA serving:
+DEVIATIONS.md, item 19.
 """
 from __future__ import annotations
 

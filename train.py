@@ -95,8 +95,8 @@ class Config:
     bf16: bool = True               # bf16 autocast (paper: bf16); on CPU ~3x faster than fp32
     gradient_checkpointing: bool = False  # (paper: on; saves memory on 7B, costs time on a 135M CPU run)
     lora_r: int = 0                 # LoRA rank (lora.py): train a rank-r update B@A beside each frozen target
-                                    # projection; 0 = full fine-tuning (the paper's). LoRA wants a larger
-                                    # --lr than full fine-tuning (e.g. 2e-4)
+                                    # projection; 0 = full fine-tuning (the paper's; DEVIATIONS.md, items 18-19).
+                                    # LoRA wants a larger --lr and --warmstart-lr than full fine-tuning (~10x)
     lora_alpha: float = 32.0        # LoRA scale: the update is (alpha / r) * B@A
     lora_target_modules: str = lora.DEFAULT_TARGETS  # comma-separated module names LoRA adapts; default:
                                     # every linear projection of a Llama / Qwen block

@@ -11,6 +11,7 @@ import pytest
 
 import bench_learning
 import bench_long_inputs
+import bench_lora
 import bench_padding
 import bench_rollout
 import bench_search
@@ -32,6 +33,15 @@ def test_bench_step(capsys):
 def test_bench_padding(capsys):
     assert bench_padding.main(["--rows", "3", "--micro-batch", "2", "--updates", "1", "--no-bf16", *TINY]) == 0
     assert "grouped/whole" in capsys.readouterr().out
+
+
+def test_bench_lora(tmp_path, capsys):
+    out = tmp_path / "lora.txt"
+    assert bench_lora.main(["--rounds", "1", "--rows", "2", "--micro-batch", "2", "--lora-r", "2", "--no-bf16",
+                            "--out", str(out), *TINY]) == 0
+    text = capsys.readouterr().out
+    assert "ratio LoRA/full: s/update" in text and text.endswith(out.read_text())
+    assert "| LoRA |" in text and "| full |" in text
 
 
 def test_bench_rollout(capsys):
