@@ -116,6 +116,10 @@ class StubEngine:
         pass
 
 
+# save_checkpoint(accelerator, out, trainer, model, tokenizer, optimizer, scheduler, step, ...): after out
+STEP_ARG = 5
+
+
 def hang_after(step: int):
     """Every process stops for good after checkpointing ``step``, so the test can SIGKILL the job in a known
     state: the checkpoint of ``step`` written, nothing of the next step done."""
@@ -123,7 +127,7 @@ def hang_after(step: int):
 
     def save(accelerator, out, *args):
         real_save(accelerator, out, *args)
-        if args[-2] == step:
+        if args[STEP_ARG] == step:
             if accelerator.is_main_process:
                 (out / "hanging").write_text(str(step))
             while True:
@@ -138,7 +142,7 @@ def copy_each_checkpoint():
     def save(accelerator, out, *args):
         real_save(accelerator, out, *args)
         if accelerator.is_main_process:
-            shutil.copytree(out / "checkpoint", out / f"checkpoint-{args[-2]}", dirs_exist_ok=True)
+            shutil.copytree(out / "checkpoint", out / f"checkpoint-{args[STEP_ARG]}", dirs_exist_ok=True)
     train.save_checkpoint = save
 
 
