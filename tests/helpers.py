@@ -149,3 +149,16 @@ def mismatch(model, trajectories, bf16: bool) -> tuple[float, float, int]:
         trainer = token_logprobs(model, ids, attn, turn, bf16=bf16)
     abs_sum, k3, count = mismatch_sums(trainer, sampler, turn[:, 1:] > 0).tolist()
     return abs_sum / count, k3 / count, int(count)
+
+
+def kill_after_first_checkpoint(proc, out) -> None:
+    """SIGKILL a training process once its first checkpoint is on disk, mid-run (the resume tests)."""
+    import os
+    import signal
+    import time
+
+    deadline = time.time() + 300
+    while not (out / "checkpoint" / "state.pt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    assert proc.wait(timeout=60) == -signal.SIGKILL, "the run ended before it could be killed mid-way"

@@ -3,12 +3,10 @@ flags fail early, and --resume after a kill -9 continues a LoRA run bit for bit.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import time
 
 import pytest
 import torch
+from helpers import kill_after_first_checkpoint
 from safetensors.torch import load_file
 
 import lora
@@ -119,11 +117,7 @@ def test_lora_resume_after_kill_is_bit_identical(tmp_path, tiny_model_dir, capsy
 
     cut = tmp_path / "cut"
     p = run_train(tiny_args(tiny_model_dir, cut, *steps))
-    deadline = time.time() + 300
-    while not (cut / "checkpoint" / "state.pt").exists() and p.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    os.kill(p.pid, signal.SIGKILL)
-    assert p.wait(timeout=60) == -signal.SIGKILL, "the run ended before it could be killed mid-way"
+    kill_after_first_checkpoint(p, cut)
     assert len((cut / "metrics.jsonl").read_text().splitlines()) < 6
     p = run_train(tiny_args(tiny_model_dir, cut, *steps, "--resume"))
     assert p.wait(timeout=300) == 0, p.stderr.read()

@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import kill_after_first_checkpoint
 from accelerate import Accelerator
 from safetensors.torch import load_file
 
@@ -126,11 +124,7 @@ def test_resume_after_kill_is_bit_identical(tmp_path, tiny_model_dir):
 
     cut = tmp_path / "cut"
     p = run_train(tiny_args(tiny_model_dir, cut, *steps))
-    deadline = time.time() + 300
-    while not (cut / "checkpoint" / "state.pt").exists() and p.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    os.kill(p.pid, signal.SIGKILL)
-    assert p.wait(timeout=60) == -signal.SIGKILL, "the run ended before it could be killed mid-way"
+    kill_after_first_checkpoint(p, cut)
     killed_at = len((cut / "metrics.jsonl").read_text().splitlines())
     assert killed_at < 6
 
