@@ -270,6 +270,8 @@ def rollout(policy, tokenizer, questions: list[str], G: int, searcher, cfg: EnvC
     close_len = len(_markers(tokenizer).close)
     if cfg.max_completion_tokens <= close_len + 1 or cfg.max_turn_tokens < 1 or G < 1:
         raise ValueError(f"need max_completion_tokens > {close_len + 1}, max_turn_tokens >= 1 and G >= 1")
+    if hasattr(policy, "start_rollout"):  # a sampler that keeps state per rollout (sampler.CachedPolicy)
+        policy.start_rollout()
     trajs = [Trajectory(prompt, [], [], [], [], []) for prompt in
              (build_prompt(tokenizer, q, cfg) for q in questions) for _ in range(G)]
     live = list(trajs)

@@ -32,6 +32,7 @@ import rewards
 import search
 import train
 from policy import load_policy
+from sampler import CachedPolicy
 
 # (key, header) in the order of the paper's Table 5, then ours
 COLUMNS = [("tool_execution", "Tool exec (0-.2)"), ("search_answer", "Search ans (0-.5)"),
@@ -227,7 +228,8 @@ def run(args) -> tuple[dict[str, dict], dict[str, env.EnvConfig]]:
         env_cfg = settings[name]
         print(f"{name}: {describe(env_cfg)}", file=sys.stderr)
         model, tokenizer = load_policy(path)
-        policy = env.HFPolicy(model.eval(), tokenizer, seed=args.seed)
+        # train.py's default sampler: prefix-shared KV caches on a bf16 copy of the weights
+        policy = CachedPolicy(model.eval(), tokenizer, seed=args.seed)
         results[name] = evaluate(policy, tokenizer, questions, index, env_cfg, args.samples if args.sampled else 1,
                                  args.batch, desc=name)
         print(f"{name}: {json.dumps({k: round(v, 4) for k, v in results[name].items()})}", file=sys.stderr)

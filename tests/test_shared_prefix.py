@@ -1,0 +1,154 @@
+"""The shared-prefix forward of the update (policy.shared_prefix_logprobs) and the prefix-caching sampler
+(sampler.CachedPolicy) compute what the plain computations do: the same log-probs and gradients to 1e-5
+in fp32, the same ids and log-probs when sampling."""
+import math
+
+import pytest
+import torch
+
+import env
+import policy
+from helpers import FakeSearcher, tiny_llama
+from sampler import CachedPolicy
+
+
+def grouped_batch(tok, G=3, seed=0):
+    """Two prompts of different lengths, G right-padded rows each with completions of different lengths and
+    a turn pattern (model, environment, model); row-major by group, as a rollout returns them."""
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(5, 1000, (n,), generator=g).tolist() for n in (9, 6)]
+    rows, turns = [], []
+    for p in prompts:
+        for r in range(G):
+            c = torch.randint(5, 1000, (7 + 3 * r,), generator=g).tolist()
+            rows.append(p + c)
+            turns.append([0] * len(p) + [1] * 3 + [0] * 2 + [2] * (len(c) - 5))
+    L = max(map(len, rows))
+    ids, attn, turn = (torch.zeros(len(rows), L, dtype=torch.long) for _ in range(3))
+    for i, (r, t) in enumerate(zip(rows, turns)):
+        ids[i, :len(r)], attn[i, :len(r)], turn[i, :len(r)] = torch.tensor(r), 1, torch.tensor(t)
+    lens = torch.tensor([len(p) for p in prompts for _ in range(G)])
+    return ids, attn, turn, lens
+
+
+def values_and_grads(model, f):
+    model.zero_grad()
+    out = f()
+    (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
+    return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_shared_prefix_logprobs_and_gradients_equal_the_plain_forward(tok):
+    model = tiny_llama(tok, kv_heads=2).train()  # grouped-query attention, as SmolLM2 and Qwen2.5
+    ids, attn, turn, lens = grouped_batch(tok)
+    plain, g_plain = values_and_grads(model, lambda: policy.token_logprobs(model, ids, attn, turn, bf16=False))
+    shared, g_shared = values_and_grads(model, lambda: policy.shared_prefix_logprobs(model, ids, attn, turn, lens, bf16=False))
+    assert (plain != 0).sum() == (turn[:, 1:] > 0).sum()  # every model token has a log-prob
+    assert torch.allclose(shared, plain, atol=1e-5, rtol=0), (shared - plain).abs().max()
+    assert g_plain.keys() == g_shared.keys()
+    for n in g_plain:
+        assert torch.allclose(g_shared[n], g_plain[n], atol=1e-5, rtol=1e-4), n
+    # the module the update calls takes the shared path when given the prompt lengths
+    assert torch.allclose(policy.LogProbs(model, bf16=False)(ids, attn, turn, lens), plain, atol=1e-5, rtol=0)
+
+
+def test_any_split_point_is_a_valid_prefix_but_a_wrong_prompt_is_caught(tok, monkeypatch):
+    """A key/value depends only on the ids before it, so cutting the shared part one id earlier changes
+    nothing; continuing a row from *another* question's prompt (the bug the equality test must catch)
+    changes the numbers."""
+    model = tiny_llama(tok)
+    ids, attn, turn, lens = grouped_batch(tok)
+    plain = policy.token_logprobs(model, ids, attn, turn, bf16=False)
+    with torch.no_grad():
+        shorter = policy.shared_prefix_logprobs(model, ids, attn, turn, lens - 1, bf16=False)
+        assert torch.allclose(shorter, plain, atol=1e-5, rtol=0)
+        monkeypatch.setattr(policy, "prompt_groups", lambda ids, lens: torch.zeros(len(ids), dtype=torch.long))
+        mis_shared = policy.shared_prefix_logprobs(model, ids, attn, turn, lens, bf16=False)
+    assert (mis_shared - plain)[3:].abs().max() > 1e-2  # the second question's rows read the first's prompt
+    assert torch.allclose(mis_shared[:3], plain[:3], atol=1e-5, rtol=0)
+
+
+def test_prompt_groups_follow_the_ids_not_the_row_order(tok):
+    ids, attn, turn, lens = grouped_batch(tok, G=2)
+    assert policy.prompt_groups(ids, lens).tolist() == [0, 0, 2, 2]
+    ids[1, 0] += 1  # a different prompt, though in the first group's place
+    assert policy.prompt_groups(ids, lens).tolist() == [0, 1, 2, 2]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_cached_sampler_matches_a_plain_forward(tok, temperature):
+    """Multi-turn rollouts with the prefix-caching sampler in fp32: every sampled id's reported log-prob is
+    the plain full-context forward's (so the KV cache it reused, across the G rows and across turns, was
+    the right one), and greedy ids equal HF generate's."""
+    model = tiny_llama(tok, kv_heads=2)
+    cfg = env.EnvConfig(max_turn_tokens=6, max_completion_tokens=120, temperature=temperature)
+    questions = ["Who wrote Dracula?", "Where is Paris?"]
+    cached = CachedPolicy(model, tok, seed=3, dtype=None)
+    cached.start_rollout()
+    trajs = env.rollout(cached, tok, questions, 3, FakeSearcher(), cfg)
+    assert any(t.turn_idx.count(0) for t in trajs)  # environment ids between model turns were continued
+    for t in trajs:
+        ids = torch.tensor([t.prompt_ids + t.completion_ids])
+        turn = torch.tensor([[0] * len(t.prompt_ids) + t.turn_idx])
+        ref = policy.token_logprobs(model, ids, torch.ones_like(ids), turn, bf16=False)[0, len(t.prompt_ids) - 1:]
+        for k, lp in enumerate(t.sampler_logprobs):
+            if not math.isnan(lp):
+                assert abs(lp - ref[k].item()) < 1e-4, (k, lp, ref[k].item())
+    if temperature == 0:
+        hf = env.rollout(env.HFPolicy(model, tok, seed=3), tok, questions, 3, FakeSearcher(), cfg)
+        assert [t.completion_ids for t in trajs] == [t.completion_ids for t in hf]
+
+
+def test_cached_sampler_is_reproducible_and_its_bf16_copy_follows_the_model(tok):
+    model = tiny_llama(tok)
+    cfg = env.EnvConfig(max_turn_tokens=5, max_completion_tokens=60)
+
+    def run(pol):
+        return [t.completion_ids for t in env.rollout(pol, tok, ["Who wrote Dracula?"], 4, FakeSearcher(), cfg)]
+
+    a, b = CachedPolicy(model, tok, seed=1), CachedPolicy(model, tok, seed=1)
+    assert run(a) == run(b) and run(a) != run(CachedPolicy(model, tok, seed=2))
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    a.start_rollout()  # what env.rollout calls first: the bf16 copy takes the new weights
+    assert next(a.model.parameters()).dtype == torch.bfloat16
+    assert torch.equal(next(a.model.parameters()), next(model.parameters()).bfloat16())
+
+
+def test_grouped_decode_attention_equals_sdpa(tok):
+    """The sampler's one-token attention (each key/value head with its n_rep query heads as one matrix)
+    against transformers' SDPA path (which repeats the keys and values), with padding masked."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import sdpa_mask  # noqa: F401  (the mask format both read)
+    import sampler
+
+    model = tiny_llama(tok, kv_heads=2)
+    layer = model.model.layers[0].self_attn
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(3, 4, 1, 16, generator=g), torch.randn(3, 2, 9, 16, generator=g), torch.randn(3, 2, 9, 16, generator=g)
+    mask = torch.ones(3, 1, 1, 9, dtype=torch.bool)
+    mask[1, ..., :4] = False  # a left-padded row
+    mask[2, ..., 5] = False   # padding between a row's cached part and its new ids
+    ours, _ = sampler.grouped_decode_attention(layer, q, k, v, mask, scaling=0.25)
+    ref, _ = sdpa_attention_forward(layer, q, k, v, mask, scaling=0.25)
+    assert ours.shape == ref.shape == (3, 1, 4, 16)
+    assert torch.allclose(ours, ref, atol=1e-5)
+    ours_nomask, _ = sampler.grouped_decode_attention(layer, q, k, v, None, scaling=0.25)
+    assert not torch.allclose(ours_nomask[1], ours[1], atol=1e-3)  # the mask mattered
+
+
+def test_cached_sampler_copy_with_its_own_attention_matches_the_model(tok):
+    """A float64 sampling copy (so rounding is not the question) runs the grouped decode attention and the
+    in-place cache: its reported log-probs are the fp32 model's full forward's."""
+    model = tiny_llama(tok, kv_heads=2)
+    cfg = env.EnvConfig(max_turn_tokens=6, max_completion_tokens=100)
+    pol = CachedPolicy(model, tok, seed=5, dtype=torch.float64)
+    trajs = env.rollout(pol, tok, ["Who wrote Dracula?", "Where is Paris?"], 3, FakeSearcher(), cfg)
+    assert pol.model.config._attn_implementation == "mtgrpo_grouped_decode"
+    for t in trajs:
+        ids = torch.tensor([t.prompt_ids + t.completion_ids])
+        turn = torch.tensor([[0] * len(t.prompt_ids) + t.turn_idx])
+        ref = policy.token_logprobs(model, ids, torch.ones_like(ids), turn, bf16=False)[0, len(t.prompt_ids) - 1:]
+        got = torch.tensor(t.sampler_logprobs)
+        ok = got.isfinite()
+        assert ok.sum() == t.model_tokens and torch.allclose(got[ok], ref[ok], atol=1e-4)
