@@ -25,6 +25,7 @@ from torch import Tensor
 METHODS = ("mt_grpo", "grpo_or", "grpo_mr")
 CONVENTIONS = ("seed", "paper")  # which advantage lam multiplies on turn 1, see turn_advantages
 AGGREGATIONS = ("token", "sequence")
+NORMALISATIONS = ("masked", "naive")  # how k_turn_advantages normalises turn k's reward, see there
 STD_EPS = 1e-4  # the eps in (R - mean) / (std + eps): see DEVIATIONS.md, item 3
 
 
@@ -229,14 +230,25 @@ def masked_group_normalise(R: Tensor, present: Tensor, G: int) -> Tensor:
     return A
 
 
+def turn_normalise(R: Tensor, present: Tensor, G: int, normalise: str = "masked") -> Tensor:
+    """A_T^k of one turn: "masked" normalises over the rollouts that took the turn (masked_group_normalise);
+    "naive" over all G, a turn never taken counting as reward 0 (group_normalise of the zero-filled R).
+    The naive one is kept to measure its bias (bench/bench_credit.py): it rates every rollout that went on
+    above the ones that stopped, whatever its turn was worth."""
+    if normalise not in NORMALISATIONS:
+        raise ValueError(f"unknown normalisation {normalise!r}; valid ones are {', '.join(NORMALISATIONS)}")
+    return masked_group_normalise(R, present, G) if normalise == "masked" else group_normalise(R, G)
+
+
 def k_turn_advantages(R_T: Tensor, R_O: Tensor, turns: Tensor, G: int, method: str = "mt_grpo", *,
-                      lam: float = 1.0, convention: str = "seed", has_result: Tensor | None = None) -> Tensor:
+                      lam: float = 1.0, convention: str = "seed", has_result: Tensor | None = None,
+                      normalise: str = "masked") -> Tensor:
     """Per-turn advantages for episodes of up to K turns, shape (N, K) with K = R_T.shape[1] + 1.
 
     R_T (N, K-1): R_T[i, k-1] = turn-level reward of rollout i's turn k (its k-th tool call; 0 when
     it made none). turns (N,) ints in 1..K: the turns rollout i took (its largest turn index).
-    A_T^k is normalised among the rollouts that took turn k (masked_group_normalise); A_O and A_MR
-    over the whole group. grpo_or / grpo_mr give every turn A_O / A_MR = norm(sum_k R_T^k + R_O).
+    A_T^k is normalised among the rollouts that took turn k (masked_group_normalise; ``normalise="naive"``:
+    over all G with 0 for a turn not taken, see turn_normalise); A_O and A_MR over the whole group. grpo_or / grpo_mr give every turn A_O / A_MR = norm(sum_k R_T^k + R_O).
     Like turn_advantages, MT-GRPO rows with has_result False fall back to A_MR on every turn.
     Columns past a rollout's last turn hold A_O; no token reads them. At K = 2 (R_T of shape
     (N, 1)) this returns turn_advantages(R_T[:, 0], ...) bit for bit.
@@ -244,6 +256,8 @@ def k_turn_advantages(R_T: Tensor, R_O: Tensor, turns: Tensor, G: int, method: s
     check_method(method)
     if convention not in CONVENTIONS:
         raise ValueError(f"unknown convention {convention!r}; valid conventions are {', '.join(CONVENTIONS)}")
+    if normalise not in NORMALISATIONS:
+        raise ValueError(f"unknown normalisation {normalise!r}; valid ones are {', '.join(NORMALISATIONS)}")
     if R_T.dim() != 2 or R_T.shape[0] != R_O.shape[0] or turns.shape != R_O.shape:
         raise ValueError(f"need R_T (N, K-1), R_O (N,), turns (N,); got {tuple(R_T.shape)}, "
                          f"{tuple(R_O.shape)}, {tuple(turns.shape)}")
@@ -259,7 +273,7 @@ def k_turn_advantages(R_T: Tensor, R_O: Tensor, turns: Tensor, G: int, method: s
         return A_MR[:, None].repeat(1, K)
     A = A_O[:, None].repeat(1, K)  # the last turn's value; filled backwards below
     for k in range(K - 1, 0, -1):  # turn k = column k-1, from the second-to-last turn back to turn 1
-        A_T = masked_group_normalise(R_T[:, k - 1], turns >= k, G)
+        A_T = turn_normalise(R_T[:, k - 1], turns >= k, G, normalise)
         nxt = A[:, k]
         own = A_T + lam * nxt if convention == "paper" else nxt + lam * A_T
         A[:, k - 1] = torch.where(turns > k, own, A[:, k - 1])  # only turns followed by another turn

@@ -77,6 +77,8 @@ class Config:
     k_turn: bool = False            # a turn-level reward per tool call and K = max_tool_calls + 1 turns of
                                     # advantages (mt_grpo.k_turn_advantages; DEVIATIONS.md, items 16-17);
                                     # off = the paper's two turns
+    k_turn_normalise: str = "masked"  # masked | naive: A_T^k over the rollouts that took turn k, or over all G
+                                    # with 0 for a turn not taken (biased: mt_grpo.turn_normalise; --k-turn only)
     G: int = 8                      # rollouts per question, the group (paper: 21)
     batch_size: int = 16            # rollouts per step, whole groups: batch_size / G questions (seed: 336 =
                                     # 12 per GPU x 7 GPUs x 4 accumulation = 16 questions x 21)
@@ -170,6 +172,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"--method {cfg.method!r} is unknown: choose one of {', '.join(mt_grpo.METHODS)}")
     if cfg.convention not in mt_grpo.CONVENTIONS:
         raise ConfigError(f"--convention must be one of {', '.join(mt_grpo.CONVENTIONS)}")
+    if cfg.k_turn_normalise not in mt_grpo.NORMALISATIONS:
+        raise ConfigError(f"--k-turn-normalise must be one of {', '.join(mt_grpo.NORMALISATIONS)}")
     if cfg.aggregation not in mt_grpo.AGGREGATIONS:
         raise ConfigError(f"--aggregation must be one of {', '.join(mt_grpo.AGGREGATIONS)}")
     if cfg.G < 2:
@@ -357,7 +361,7 @@ def advantages(cfg: Config, scores: dict[str, list[float]], trajectories, rows=N
     has_result = torch.tensor([t.has_result for t in trajectories])
     if cfg.k_turn:
         return mt_grpo.k_turn_advantages(R_T, R_O, turns, cfg.G, cfg.method, lam=cfg.lam, convention=cfg.convention,
-                                         has_result=has_result)
+                                         has_result=has_result, normalise=cfg.k_turn_normalise)
     return mt_grpo.turn_advantages(R_T, R_O, cfg.G, cfg.method, lam=cfg.lam, convention=cfg.convention,
                                    has_result=has_result)
 

@@ -419,6 +419,25 @@ def test_the_bias_of_normalising_turns_that_never_happened():
     assert torch.allclose(A[2, 2], A[2, 3]) and torch.allclose(A[3, 2], A[3, 3])
 
 
+def test_the_naive_switch_reproduces_that_bias_and_masked_is_the_default():
+    """k_turn_advantages(normalise="naive") is the zero-filled normalisation above, kept as an option so
+    that bench/bench_credit.py can measure in training what the bias does: the long rollouts' turn 3 gets
+    +0.87 on top of what follows; the default (masked) gives it nothing."""
+    R_T = torch.stack([torch.full((4,), 0.7), torch.tensor([0.0, 0.0, 0.2, 0.2]), torch.tensor([0.0, 0.0, 0.2, 0.2])], 1)
+    R_O = torch.tensor([0.4, 1.9, 0.4, 1.9])
+    turns = torch.tensor([2, 2, 4, 4])
+    naive = k_turn_advantages(R_T, R_O, turns, G, "mt_grpo", convention="paper", normalise="naive")
+    masked = k_turn_advantages(R_T, R_O, turns, G, "mt_grpo", convention="paper")
+    assert torch.equal(masked, k_turn_advantages(R_T, R_O, turns, G, "mt_grpo", convention="paper", normalise="masked"))
+    assert torch.allclose(naive[2, 2] - naive[2, 3], group_normalise(R_T[:, 2], G)[2])  # the +0.87 of turns never taken
+    assert naive[2, 2] - naive[2, 3] == pytest.approx(0.866, abs=1e-3) and torch.allclose(masked[2, 2], masked[2, 3])
+    for method in ("grpo_or", "grpo_mr"):  # trajectory-level methods have no turn normalisation to switch
+        assert torch.equal(k_turn_advantages(R_T, R_O, turns, G, method, normalise="naive"),
+                           k_turn_advantages(R_T, R_O, turns, G, method))
+    with pytest.raises(ValueError, match="unknown normalisation"):
+        k_turn_advantages(R_T, R_O, turns, G, normalise="zero")
+
+
 def test_masked_normalisation_compares_only_present_rollouts():
     R = torch.tensor([0.7, 0.0, 0.2, 9.9, 1.0, 1.0, 5.0, 5.0], dtype=DT)
     present = torch.tensor([True, True, True, False, True, False, False, False])
