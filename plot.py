@@ -110,23 +110,52 @@ def curve(rows: list[dict], key: str) -> dict[int, float]:
     return {r["step"]: number(r[key]) for r in rows if key in r}
 
 
-def over_seeds(seeds: list[list[dict]], key: str) -> tuple[list[int], list[float], list[float], list[float]]:
-    """(steps, mean, lowest, highest) of ``key`` over several runs of one method (its seeds): at each
+BANDS = {"range": "band: lowest to highest run", "ci95": "band: 95% CI of the mean (t over runs)"}
+# t_{0.975, df} for df = 1..30 (two-sided 95%); beyond, 1.96 + 2.5 / df is within 0.002
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def t975(df: int) -> float:
+    """The 97.5% quantile of Student's t with ``df`` degrees of freedom: a 95% CI is mean +- t975 * sd / sqrt(n)."""
+    if df < 1:
+        raise ValueError(f"a t interval needs at least 2 values (df >= 1), got df={df}")
+    return _T975[df - 1] if df <= len(_T975) else 1.96 + 2.5 / df
+
+
+def mean_ci95(values: list[float]) -> tuple[float, float]:
+    """(mean, half-width of its 95% t interval); half-width 0 for a single value."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, 0.0
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    return mean, t975(n - 1) * sd / math.sqrt(n)
+
+
+def over_seeds(seeds: list[list[dict]], key: str, band: str = "range") -> tuple[list[int], list[float], list[float], list[float]]:
+    """(steps, mean, low, high) of ``key`` over several runs of one method (its seeds): at each
     step that every run logging ``key`` has reached, so a run that stopped early does not turn the
-    mean into a mean of fewer seeds part-way. A NaN in any run makes that step a gap."""
+    mean into a mean of fewer seeds part-way. A NaN in any run makes that step a gap. ``band``:
+    "range" (low, high = the lowest and highest run) or "ci95" (the mean's 95% t interval)."""
+    if band not in BANDS:
+        raise PlotError(f"band {band!r}: choose one of {', '.join(BANDS)}")
     curves = [c for c in (curve(rows, key) for rows in seeds) if c]
     if not curves:
         return [], [], [], []
     steps = sorted(set.intersection(*(set(c) for c in curves)))
     values = [[c[s] for c in curves] for s in steps]
     mean = [sum(v) / len(v) for v in values]  # NaN where any run has NaN
+    if band == "ci95":
+        half = [m if math.isnan(m) else mean_ci95(v)[1] for m, v in zip(mean, values)]
+        return steps, mean, [m - h for m, h in zip(mean, half)], [m + h for m, h in zip(mean, half)]
     # min/max would pass over a NaN unless it came first: the band has the mean's gaps instead
     lo = [m if math.isnan(m) else min(v) for m, v in zip(mean, values)]
     hi = [m if math.isnan(m) else max(v) for m, v in zip(mean, values)]
     return steps, mean, lo, hi
 
 
-def seeds_figure(seeds: dict[str, list[list[dict]]], title: str, keys: list[str]):
+def seeds_figure(seeds: dict[str, list[list[dict]]], title: str, keys: list[str], band: str = "range"):
     """One figure: a panel per key, one colour per label across panels, one legend. A label with one
     run is its line; with several (seeds), their mean, in a band from the lowest to the highest run."""
     cols = min(4, len(keys))
@@ -135,7 +164,7 @@ def seeds_figure(seeds: dict[str, list[list[dict]]], title: str, keys: list[str]
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, key in zip(axes.flat, keys):
         for i, (label, runs) in enumerate(seeds.items()):
-            steps, mean, lo, hi = over_seeds(runs, key)
+            steps, mean, lo, hi = over_seeds(runs, key, band)
             if len(runs) > 1 and steps:
                 ax.fill_between(steps, lo, hi, color=colours[i % len(colours)], alpha=0.2, linewidth=0)
             if steps:
@@ -148,7 +177,7 @@ def seeds_figure(seeds: dict[str, list[list[dict]]], title: str, keys: list[str]
     handles = [plt.Line2D([], [], color=colours[i % len(colours)], marker="o", markersize=3)
                for i in range(len(seeds))]
     if any(len(runs) > 1 for runs in seeds.values()):
-        title += "\n(line: mean over runs; band: lowest to highest run)"  # a reader must not take it for one run
+        title += f"\n(line: mean over runs; {BANDS[band]})"  # a reader must not take it for one run
     fig.suptitle(title)
     fig.legend(handles, list(seeds), loc="lower center", ncol=min(len(seeds), 4), frameon=False)
     fig.tight_layout(rect=(0, 0.08 if rows_n == 1 else 0.05, 1, 1))
@@ -160,10 +189,11 @@ def plot_group(runs: dict[str, list[dict]], title: str, keys: list[str]):
     return seeds_figure({label: [rows] for label, rows in runs.items()}, title, keys)
 
 
-def plot_seeds(seeds: dict[str, list[list[dict]]], out_dir, groups: dict = GROUPS) -> dict[str, Plot]:
+def plot_seeds(seeds: dict[str, list[list[dict]]], out_dir, groups: dict = GROUPS, band: str = "range") -> dict[str, Plot]:
     """Like ``plot_runs``, but each label (a method) has several runs (``seeds``: label -> the metrics
     rows of each of its runs), drawn as their mean per step with a band from the lowest to the highest
-    run: how far seeds disagree shows without a line per seed."""
+    run (``band="ci95"``: the 95% confidence interval of the mean): how far seeds disagree shows without
+    a line per seed."""
     if not seeds or not all(seeds.values()):
         raise PlotError("no runs to plot")
     out_dir = Path(out_dir)
@@ -174,7 +204,7 @@ def plot_seeds(seeds: dict[str, list[list[dict]]], out_dir, groups: dict = GROUP
         keys = keys_of(spec, pooled)
         if not keys:
             continue  # e.g. mismatch/* where no run sampled with vLLM
-        fig = seeds_figure(seeds, title, keys)
+        fig = seeds_figure(seeds, title, keys, band)
         path, tmp = out_dir / f"{name}.png", out_dir / f".{name}.png.tmp"
         fig.savefig(tmp, format="png", dpi=100,
                     metadata={"Title": title, "Description": "runs: " + ", ".join(seeds)})
