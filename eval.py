@@ -140,7 +140,8 @@ def evaluate(policy, tokenizer, questions: list[dict], index, env_cfg: env.EnvCo
     aliases = [q["aliases"] for q in questions for _ in range(samples)]
     scores = rewards.compute([t.messages for t in trajectories], aliases)
     result = rewards.means(scores)
-    result["tool_call_rate"] = env.episode_stats(trajectories, aliases)["tool_call_rate"]
+    stats = env.episode_stats(trajectories, aliases)
+    result.update({k: stats[k] for k in ("tool_call_rate", "calls_per_episode", "answer_found")})
     result["em_percent"] = 100.0 * result["exact_match"]
     result["episodes"] = len(trajectories)
     return result
