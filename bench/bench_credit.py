@@ -1,0 +1,623 @@
+"""What turn-level credit buys, measured with power: GRPO-OR vs GRPO-MR vs MT-GRPO on a task built for it.
+
+    python bench/bench_credit.py --properties            # the task's properties (a)-(c) for --world-seed 0
+    python bench/bench_credit.py --pilot                 # a tiny run end to end (< 2 min): timing to size the real one
+    python bench/bench_credit.py --out runs/bench-credit --jobs 2 --threads 1      # both parts, the full design
+    python bench/bench_credit.py --part k3 --seeds 0 1 2 3 --methods mt_grpo mt_grpo_naive   # a subset
+
+THE TASK (data.credit_world, from ``--world-seed``). Each person's passage names three towns by relation
+(born in, studied in, worked in); a question names its subject only by its work and most name a decoy
+person too. (a) A good first turn does not guarantee the outcome: the right passage names three towns,
+so R^O is 0 after a perfect search whenever turn 2 picks the wrong one. (b) The question as the query
+finds the decoy's passage whenever there is a decoy (about 70% of questions): turn 1 must learn to search
+for the work. (c) At the start of RL the policy searches in about half its episodes and is right in
+about one in ten. ``--properties`` measures and prints all three.
+
+Part "credit" (K = 2, the paper's protocol: one search, then the answer): GRPO-OR, GRPO-MR, MT-GRPO.
+Part "k3" (K = 3, ``train.py --k-turn --max-tool-calls 2``) on the same world's hops questions, half one-hop
+(the town of birth: one search) and half two-hop (that town's river: the person, then the town):
+K-turn MT-GRPO (masked normalisation), GRPO-MR with the per-call rewards, and K-turn MT-GRPO with the
+naive normalisation (``--k-turn-normalise naive``: a turn not taken counts as reward 0 among all G,
+mt_grpo.turn_normalise). A second search on a one-hop question is a turn it does not need; its count
+(held-out calls per episode on one-hop questions) is where the naive version's bias would show.
+
+THE INSTRUMENT. SmolLM2-135M takes ~30-50 s a 16-rollout step on this CPU: far too slow for the power below.
+The policy is a small Llama (``--hidden``, ``--layers``; default 128 x 4, 7M parameters, most of them the
+49k-token embedding) with the SmolLM2 tokenizer, trained from scratch, once per world: a copy drill
+(random token sequences repeated, which grows the attention heads that copy a token seen before; a small
+model trained on the demonstrations alone had not learned to copy after 370 steps), then supervised steps
+on both tasks' varied demonstrations (warmstart.py, style "varied": guesses, several queries, the asked
+name picked half the time). Each seed then continues that warm start for a few steps on its part's
+demonstrations with its own draws (``--warmstart-steps``): the seed's start. Its limits: it copies
+one-token names only (hence the world's names), it knows nothing but these demonstrations, and what it
+learns in 20 steps is what a 7M model learns in 20 steps; it stands in for an LLM's prior, not its ability.
+Everything RL does to it is train.py's own loop (``train.main``), nothing of the algorithm is re-implemented.
+
+THE DESIGN. Paired: a seed's methods start from the same warm-start folder (``--model``, ``--warmstart-steps
+0``), draw the same questions in the same order and sample their first step from the same seed (their
+step-1 rollouts are identical: the results file checks it), and are evaluated on the same held-out
+questions. Size (defaults): 8 seeds; 20 RL steps of 32 rollouts (4 questions x G 8); held-out greedy
+evaluation on 192 credit questions (64 people never trained on, 3 relations) / 128 hops questions (64 + 64)
+at steps 0, 5, 10, 15 and 20. Reported: per method mean +- 95% t-interval over seeds; the paired differences
+MT-MR, MT-OR and MR-OR (k3: MT-MR, naive-MT, naive-MR), each with a 95% percentile bootstrap CI over seeds
+(10,000 resamples, fixed rng); curves with 95% CI bands (plot.plot_seeds, band "ci95").
+
+MINIMUM DETECTABLE EFFECT (80% power, two-sided alpha 0.05, paired over n seeds): MDE ~ 2.8 sd_d / sqrt(n),
+sd_d the between-seed SD of a paired difference. Its floor is the evaluation's own noise: two greedy EMs
+on 192 questions at p ~ 0.3 differ by sd sqrt(2 * 0.3 * 0.7 / 192) = 0.047 with nothing else varying,
+so at n = 8 no design here detects less than ~0.05 (5 EM points); training noise adds to sd_d. The pilot
+(2 seeds, 4 steps) cannot estimate sd_d; every run prints the sd_d and MDE it observed, and the full run's
+results file states them beside each difference. Measured pilot timing and the full run's estimate: see
+the README section "The paper's comparison in miniature".
+
+Every stage is cached under ``--out`` (instrument, warm starts, run segments, evaluations) and skipped
+when it exists, so a killed benchmark continues where it stopped. Results: ``--results``/credit.md,
+credit_curves.png, credit_training.png, and the same with credit_k3.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import random
+import re
+import shutil
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+
+from common import ROOT  # first: puts the repo root on sys.path
+import data
+import plot
+
+
+@dataclass
+class Part:
+    """One comparison: its questions, episode, methods and what it reports."""
+    name: str
+    title: str
+    train_key: str                 # data.credit_world's training file
+    eval_key: str                  # ...and held-out file
+    env: dict                      # the episode (train.Config fields), training and evaluation alike
+    flags: list[str]               # train.py flags every method of the part gets
+    methods: dict                  # key -> (label, train.py --method, extra flags)
+    pairs: list                    # (a, b): the paired differences a - b reported
+    metrics: list                  # (key, label) of the held-out evaluation, the first the primary endpoint
+    training: list = field(default_factory=list)  # metrics.jsonl keys drawn as training curves
+
+
+CREDIT_ENV = {"max_tool_calls": 1, "max_turn_tokens": 80, "max_completion_tokens": 224, "top_k": 1,
+              "result_max_tokens": 96}
+K3_ENV = {**CREDIT_ENV, "max_tool_calls": 2, "max_completion_tokens": 320}
+PARTS = {
+    "credit": Part("credit", "Credit assignment, K = 2 (the credit world)", "train", "eval", CREDIT_ENV, [],
+                   {"grpo_or": ("GRPO-OR", "grpo_or", []), "grpo_mr": ("GRPO-MR", "grpo_mr", []),
+                    "mt_grpo": ("MT-GRPO", "mt_grpo", [])},
+                   [("mt_grpo", "grpo_mr"), ("mt_grpo", "grpo_or"), ("grpo_mr", "grpo_or")],
+                   [("exact_match", "EM"), ("found", "search found it"), ("pick", "EM | found"),
+                    ("tool_call_rate", "tool-call rate")],
+                   ["exact_match", "search_answer", "tool_call_rate", "reward_turn", "reward_outcome"]),
+    "k3": Part("k3", "Credit assignment, K = 3 (the credit world's one-hop and two-hop questions)", "hops_train",
+               "hops_eval", K3_ENV, ["--k-turn"],
+               {"mt_grpo": ("MT-GRPO (K-turn)", "mt_grpo", []), "grpo_mr": ("GRPO-MR", "grpo_mr", []),
+                "mt_grpo_naive": ("MT-GRPO naive", "mt_grpo", ["--k-turn-normalise", "naive"])},
+               [("mt_grpo", "grpo_mr"), ("mt_grpo_naive", "mt_grpo"), ("mt_grpo_naive", "grpo_mr")],
+               [("exact_match", "EM"), ("two_hop_em", "EM two-hop"), ("one_hop_em", "EM one-hop"),
+                ("one_hop_calls", "calls/episode one-hop (1 needed)"),
+                ("two_hop_calls", "calls/episode two-hop (2 needed)")],
+               ["exact_match", "calls_per_episode", "answer_found", "tool_call_rate", "reward_turn"]),
+}
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def env_flags(env: dict) -> list[str]:
+    return [x for k, v in env.items() for x in (f"--{k.replace('_', '-')}", str(v))]
+
+
+@contextlib.contextmanager
+def logged(path: Path):
+    """Everything a stage prints goes to its own log file (two stages run at once)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+        yield
+
+
+def write_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def save_model(model, tok, folder: Path, info: dict) -> None:
+    """Atomically: a killed stage never leaves a folder that looks finished."""
+    tmp = folder.with_name("." + folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    write_json(tmp / "stage.json", info)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+
+
+def init_worker(threads: int) -> None:
+    import torch
+
+    from common import quiet_transformers
+
+    if threads:
+        torch.set_num_threads(threads)
+    quiet_transformers()
+
+
+# ------------------------------------------------------------------------------------------ the instrument
+
+
+def copy_drill(tok, seed: int, rows: int = 16, length: int = 12):
+    """``step -> (ids, attn, turn)``: rows of ``length`` random one-word tokens, then the same again,
+    trained on the repeat. Predicting the repeat needs an attention head that finds where the current
+    token was seen before and copies the token after it, which the search task needs at every name."""
+    import torch
+
+    pool = sorted(i for t, i in tok.get_vocab().items() if re.fullmatch("\u0120[A-Za-z]{3,9}", t))
+    rng = random.Random(seed)
+
+    def batch(step):
+        seqs = [[rng.choice(pool) for _ in range(length)] for _ in range(rows)]
+        ids = torch.tensor([s + s for s in seqs])
+        turn = torch.zeros_like(ids)
+        turn[:, length + 1:] = 1  # the repeat, less its first token (not predictable)
+        return ids, torch.ones_like(ids), turn
+    return batch
+
+
+def build_instrument(args, paths: dict) -> Path:
+    """out/instrument: a small Llama trained from scratch (copy drill, then both tasks' varied
+    demonstrations with the drill alongside), shared by every seed and both parts."""
+    folder = Path(args.out) / "instrument"
+    if (folder / "stage.json").is_file():
+        return folder
+    with logged(Path(args.out) / "logs" / "instrument.log"):
+        import torch
+
+        import search
+        import train
+        import warmstart
+        from common import random_llama, tokenizer
+        from policy import token_logprobs
+
+        t0 = time.time()
+        tok = tokenizer()
+        model = random_llama(tok, args.hidden, args.layers, seed=args.world_seed).train()
+        drill = copy_drill(tok, args.world_seed)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=args.instrument_lr)
+        for step in range(args.drill_steps):
+            ids, attn, turn = drill(step)
+            logp = token_logprobs(model, ids, attn, turn, True)
+            loss = -(logp * (turn[:, 1:] > 0)).sum() / (turn[:, 1:] > 0).sum()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if step % 50 == 0 or step == args.drill_steps - 1:
+                print(f"copy drill step {step + 1}: loss {loss.item():.3f}", flush=True)
+        questions = data.load_questions(paths["train"]) + data.load_questions(paths["hops_train"])
+        ws = warmstart.run(model, tok, search.load_index(paths["corpus"]), questions,
+                           train.env_config(train.Config(**K3_ENV)), steps=args.instrument_steps,
+                           lr=args.instrument_lr, batch=16, seed=args.world_seed, bf16=True, micro_batch=4,
+                           style="varied", drill=drill if args.drill_steps else None)
+        print(f"demonstrations: {ws}", flush=True)
+        save_model(model, tok, folder, {"hidden": args.hidden, "layers": args.layers, "drill_steps": args.drill_steps,
+                                        "instrument_steps": args.instrument_steps, "warm_start": ws,
+                                        "minutes": (time.time() - t0) / 60})
+    return folder
+
+
+def seed_start(job) -> str:
+    """out/<part>/warmstart-seed<s>: the instrument after --warmstart-steps more supervised steps on the
+    part's varied demonstrations with the seed's own draws; then its held-out evaluation (step 0)."""
+    args, part, seed, paths = job
+    part = PARTS[part]
+    folder = Path(args.out) / part.name / f"warmstart-seed{seed}"
+    with logged(Path(args.out) / "logs" / f"{part.name}-warmstart-seed{seed}.log"):
+        if not (folder / "stage.json").is_file():
+            import search
+            import train
+            import warmstart
+            from policy import load_policy
+
+            train.seed_everything(seed)
+            model, tok = load_policy(str(Path(args.out) / "instrument"))
+            ws = {"steps": 0}
+            if args.warmstart_steps:
+                ws = warmstart.run(model, tok, search.load_index(paths["corpus"]),
+                                   data.load_questions(paths[part.train_key]), train.env_config(train.Config(**part.env)),
+                                   steps=args.warmstart_steps, lr=args.instrument_lr, batch=16, seed=1000 + seed,
+                                   micro_batch=4, style="varied")
+            save_model(model, tok, folder, {"warm_start": ws})
+        evaluate_point(args, part, folder, folder / "eval-step0.json", 0, paths)
+    return str(folder)
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+
+
+def evaluate_point(args, part: Part, model_dir: Path, path: Path, step: int, paths: dict) -> dict:
+    """eval.evaluate (greedy, the part's episode) on the first --eval-n held-out questions, cached in
+    ``path``. The k3 part is scored per kind as well (one-hop, two-hop)."""
+    if path.is_file():
+        return json.loads(path.read_text())
+    import dataclasses
+
+    import eval as ev
+    import search
+    import train
+    from policy import load_policy
+    from sampler import CachedPolicy
+
+    rows = data.load_questions(paths[part.eval_key])[:args.eval_n]
+    index = search.load_index(paths["corpus"])
+    env_cfg = dataclasses.replace(train.env_config(train.Config(**part.env)), temperature=0.0)
+    model, tok = load_policy(str(model_dir))
+    policy = CachedPolicy(model.eval(), tok, seed=0)
+    groups = {"all": rows}
+    if part.name == "k3":
+        groups = {"one_hop": [q for q in rows if q["hops"] == 1], "two_hop": [q for q in rows if q["hops"] == 2]}
+    scores = {k: ev.evaluate(policy, tok, qs, index, env_cfg, batch=64) for k, qs in groups.items() if qs}
+    out = {"step": step, **endpoints(part, scores)}
+    write_json(path, out)
+    return out
+
+
+def endpoints(part: Part, scores: dict) -> dict:
+    """The numbers a part reports, from eval.evaluate's means."""
+    if part.name == "credit":
+        r = scores["all"]
+        found = r["search_answer"] / 0.5  # the share of episodes whose first result held the answer
+        return {"exact_match": r["exact_match"], "found": found, "tool_call_rate": r["tool_call_rate"],
+                "pick": r["exact_match"] / found if found else math.nan}
+    one, two = scores["one_hop"], scores["two_hop"]
+    return {"exact_match": (one["exact_match"] + two["exact_match"]) / 2, "one_hop_em": one["exact_match"],
+            "two_hop_em": two["exact_match"], "one_hop_calls": one["calls_per_episode"],
+            "two_hop_calls": two["calls_per_episode"]}
+
+
+# ------------------------------------------------------------------------------------------ RL runs
+
+
+def eval_points(args) -> list[int]:
+    """The steps evaluated on the way and at the end: every --eval-every, and --steps."""
+    return sorted({*range(args.eval_every, args.steps, args.eval_every), args.steps})
+
+
+def rl_run(job) -> str:
+    """One (part, method, seed) run through train.main, in segments that end at the evaluation points: each
+    segment continues the last one with --resume (bit for bit the uninterrupted run), then its checkpoint
+    is evaluated before the next segment overwrites it."""
+    args, part, method, seed, paths = job
+    part = PARTS[part]
+    import train
+
+    start = Path(args.out) / part.name / f"warmstart-seed{seed}"
+    folder = Path(args.out) / part.name / f"{method}-seed{seed}"
+    label, train_method, extra = part.methods[method]
+    with logged(Path(args.out) / "logs" / f"{part.name}-{method}-seed{seed}.log"):
+        for point in eval_points(args):
+            result = folder / f"eval-step{point}.json"
+            if result.is_file():
+                continue
+            checkpoint = folder / "checkpoint" / "state.pt"
+            if not checkpoint.is_file() and folder.exists():
+                shutil.rmtree(folder)  # killed before its first checkpoint: start again
+            done = json.loads((folder / "checkpoint" / "progress.json").read_text())["step"] \
+                if (folder / "checkpoint" / "progress.json").is_file() else 0
+            if done < point:
+                argv = [*part.flags, *env_flags(part.env), "--questions", str(paths[part.train_key]),
+                        "--corpus", str(paths["corpus"]), "--model", str(start), "--warmstart-steps", "0",
+                        "--method", train_method, *extra, "--seed", str(seed), "--max-steps", str(point),
+                        "--G", str(args.G), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
+                        "--micro-batch", "4", "--save-every", str(args.eval_every), "--sample-every", "0",
+                        "--threads", str(args.threads), "--output-dir", str(folder)]
+                if checkpoint.is_file():
+                    argv.append("--resume")
+                if train.main(argv) != 0:
+                    raise RuntimeError(f"train.py failed: {' '.join(argv)} (see the log)")
+                write_json(folder / "checkpoint" / "progress.json", {"step": point})
+            evaluate_point(args, part, folder / "checkpoint", result, point, paths)
+    return str(folder)
+
+
+# ------------------------------------------------------------------------------------------ statistics
+
+
+def bootstrap_ci(diffs: list[float], resamples: int = 10_000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile bootstrap CI of the mean of ``diffs`` (resampling seeds with replacement)."""
+    import numpy as np
+
+    d = np.asarray(diffs, dtype=float)
+    if len(d) < 2:
+        return math.nan, math.nan
+    means = d[np.random.default_rng(seed).integers(0, len(d), (resamples, len(d)))].mean(axis=1)
+    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def mde(diffs: list[float]) -> float:
+    """Minimum detectable effect of a paired mean at 80% power, two-sided alpha 0.05: 2.8 sd / sqrt(n)."""
+    if len(diffs) < 2:
+        return math.nan
+    mean = sum(diffs) / len(diffs)
+    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1))
+    return 2.8 * sd / math.sqrt(len(diffs))
+
+
+def load_part(args, part: Part) -> tuple[dict, dict, dict]:
+    """({method or "start": {seed: [eval rows by step]}}, {method: {seed: metrics rows}}, {seed: step-1 row per method})."""
+    evals, training = {}, {}
+    root = Path(args.out) / part.name
+    for seed in args.seeds:
+        start = root / f"warmstart-seed{seed}" / "eval-step0.json"
+        if start.is_file():
+            evals.setdefault("start", {})[seed] = [json.loads(start.read_text())]
+        for m in args.methods_of[part.name]:
+            folder = root / f"{m}-seed{seed}"
+            rows = [json.loads((folder / f"eval-step{p}.json").read_text()) for p in eval_points(args)
+                    if (folder / f"eval-step{p}.json").is_file()]
+            if start.is_file() and rows:
+                evals.setdefault(m, {})[seed] = [json.loads(start.read_text())] + rows
+            if (folder / "metrics.jsonl").is_file():
+                training.setdefault(m, {})[seed] = plot.load_run(str(folder))
+    return evals, training
+
+
+def fmt(x: float, key: str = "") -> str:
+    return "nan" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
+
+
+def cell(values: list[float]) -> str:
+    values = [v for v in values if not math.isnan(v)]
+    if not values:
+        return "-"
+    mean, half = plot.mean_ci95(values)
+    return f"{mean:.3f} ± {half:.3f}" if len(values) > 1 else f"{mean:.3f}"
+
+
+def report(args, part: Part, minutes: float | None = None) -> str:
+    """The results file's body: set-up, table (mean ± 95% CI), paired differences with bootstrap CIs and
+    the observed MDE, pairing check, properties at the start of RL, per-seed values."""
+    evals, training = load_part(args, part)
+    final = args.steps
+    methods = [m for m in args.methods_of[part.name] if m in evals]
+    seeds = sorted(set.intersection(*(set(evals[m]) for m in methods))) if methods else []
+
+    def value(m, seed, key, step=final):
+        rows = [r for r in evals[m].get(seed, []) if r["step"] == step]
+        return rows[0][key] if rows else math.nan
+
+    lines = [f"Held-out greedy evaluation at step {final}; mean ± 95% t-interval over seeds "
+             f"{', '.join(map(str, seeds)) or '-'} (n = {len(seeds)}).", "",
+             "| | " + " | ".join(label for _, label in part.metrics) + " |", "|---" * (len(part.metrics) + 1) + "|"]
+    if "start" in evals:
+        lines.append("| start (seed's warm start) | " + " | ".join(
+            cell([value("start", s, k, 0) for s in seeds]) for k, _ in part.metrics) + " |")
+    for m in methods:
+        lines.append(f"| {part.methods[m][0]} | " + " | ".join(cell([value(m, s, k) for s in seeds])
+                                                             for k, _ in part.metrics) + " |")
+    lines += ["", f"Paired differences at step {final} (per seed a - b; 95% percentile bootstrap CI over seeds, "
+                  "10,000 resamples; MDE = 2.8 sd / sqrt(n), the effect this many seeds would detect with 80% power):", "",
+              "| difference | " + " | ".join(label for _, label in part.metrics) + " |", "|---" * (len(part.metrics) + 1) + "|"]
+    for a, b in part.pairs:
+        if a not in evals or b not in evals:
+            continue
+        cells = []
+        for k, _ in part.metrics:
+            d = [value(a, s, k) - value(b, s, k) for s in seeds]
+            d = [x for x in d if not math.isnan(x)]
+            if not d:
+                cells.append("-")
+                continue
+            lo, hi = bootstrap_ci(d)
+            cells.append(f"{sum(d) / len(d):+.3f} [{fmt(lo)}, {fmt(hi)}], MDE {fmt(mde(d))}")
+        lines.append(f"| {part.methods[a][0]} - {part.methods[b][0]} | " + " | ".join(cells) + " |")
+    # pairing: the methods of a seed sample their first step from the same model, questions and seed
+    same = []
+    for s in seeds:
+        firsts = [training.get(m, {}).get(s, [{}])[0] for m in methods]
+        keys = ("exact_match", "tool_call_rate", "reward_turn", "reward_outcome")
+        same.append(all(f.get(k) == firsts[0].get(k) for f in firsts for k in keys))
+    lines += ["", f"Pairing check: the step-1 rollouts' rewards are identical across the methods in "
+                  f"{sum(same)} of {len(same)} seeds (same start, questions and sampling seed)."]
+    step1 = [training[methods[0]][s][0] for s in seeds if methods and s in training.get(methods[0], {})]
+    if step1:
+        lines += [f"At the start of RL (step-1 rollouts, sampled at temperature 1, {args.batch_size} per seed): "
+                  f"EM {cell([r['exact_match'] for r in step1])}, tool-call rate {cell([r['tool_call_rate'] for r in step1])}, "
+                  f"search found the answer {cell([r['search_answer'] / 0.5 for r in step1])}."]
+    primary = part.metrics[0]
+    lines += ["", f"Per seed, held-out {primary[1]} at step {final}: " + "; ".join(
+        f"seed {s}: " + ", ".join(f"{part.methods[m][0]} {fmt(value(m, s, primary[0]))}" for m in methods) for s in seeds) + "."]
+    steps = [r["step_seconds"] for m in training for rows in training[m].values() for r in rows]
+    if steps:
+        lines.append(f"Step time: median {sorted(steps)[len(steps) // 2]:.1f} s over {len(steps)} steps "
+                     f"({args.jobs} runs at a time, {args.threads} thread each).")
+    if minutes is not None:
+        lines.append(f"Wall time of this invocation: {minutes:.0f} min.")
+    return "\n".join(lines)
+
+
+def setup_text(args, part: Part, paths: dict) -> str:
+    info = json.loads((Path(args.out) / "instrument" / "stage.json").read_text())
+    return (f"World seed {args.world_seed}: {len(data.read_jsonl(paths[part.train_key])):,} training questions, "
+            f"the first {args.eval_n} of {len(data.read_jsonl(paths[part.eval_key]))} held-out ones (people never "
+            f"trained on), {len(data.read_jsonl(paths['corpus']))} passages. Instrument: Llama {info['hidden']} x "
+            f"{info['layers']} from scratch, {info['drill_steps']} copy-drill steps, {info['instrument_steps']} "
+            f"steps on varied demonstrations; per seed {args.warmstart_steps} more. RL: {args.steps} steps of "
+            f"{args.batch_size} rollouts (G {args.G}), lr {args.lr:g}, `train.py {' '.join(part.flags + env_flags(part.env))}`.")
+
+
+def write_results(args, part: Part, paths: dict, minutes: float) -> str:
+    name = "credit" if part.name == "credit" else "credit_k3"
+    results = Path(args.results)
+    results.mkdir(parents=True, exist_ok=True)
+    body = report(args, part, minutes)
+    command = "python bench/bench_credit.py " + " ".join(sys.argv[1:])
+    text = (f"# {part.title}\n\n`{command}`\n\n{setup_text(args, part, paths)}\n\n{body}\n\n"
+            f"![held-out curves]({name}_curves.png)\n\n![training curves]({name}_training.png)\n")
+    (results / f"{name}.md").write_text(text)
+    evals, training = load_part(args, part)
+    curves = {part.methods[m][0]: list(evals[m].values()) for m in args.methods_of[part.name] if m in evals}
+    if curves:
+        for p in plot.plot_seeds(curves, results, {f"{name}_curves": ("Held-out, greedy", [k for k, _ in part.metrics])},
+                                 band="ci95").values():
+            p.close()
+    runs = {part.methods[m][0]: list(training[m].values()) for m in args.methods_of[part.name] if m in training}
+    if runs:
+        for p in plot.plot_seeds(runs, results, {f"{name}_training": ("Training rollouts (sampled)", part.training)},
+                                 band="ci95").values():
+            p.close()
+    return body
+
+
+# ------------------------------------------------------------------------------------------ properties
+
+
+def properties(args, paths: dict) -> str:
+    """(a)-(c) of the credit task, measured: the hit rates of the queries (no model), and the seed-0 start's
+    behaviour (builds the instrument and that warm start when they are missing)."""
+    import search
+
+    index = search.load_index(paths["corpus"])
+    train_rows = data.load_questions(paths["train"])
+
+    def hit(q, query):
+        hits = index.search(query, 1)
+        return bool(hits) and hits[0]["id"] == f"person-{q['person']}"
+
+    decoy = [q for q in train_rows if q["decoy"]]
+    lines = [f"The credit world, world seed {args.world_seed}: {len(train_rows)} training questions, "
+             f"{len(data.read_jsonl(paths['corpus']))} passages.",
+             f"(b) top-1 hit rate (the subject's passage first), over the training questions: the question as the "
+             f"query {sum(hit(q, q['question']) for q in train_rows) / len(train_rows):.3f} (with a decoy, "
+             f"{len(decoy) / len(train_rows):.0%} of them: {sum(hit(q, q['question']) for q in decoy) / max(1, len(decoy)):.3f}); "
+             f"the right query (\"the <kind> <work>\") {sum(hit(q, q['query']) for q in train_rows) / len(train_rows):.3f}; "
+             f"the decoy's name {sum(hit(q, q['decoy']) for q in decoy) / max(1, len(decoy)):.3f}."]
+    towns = [len([k for k in data.credit_facts(p["text"]) if k in data.CREDIT_RELATIONS]) for p in data.read_jsonl(paths["corpus"])
+             if p["id"].startswith("person-")]
+    lines.append(f"(a) every person's passage names {min(towns)}-{max(towns)} towns, one per relation: after a perfect "
+                 f"search a uniform pick is right 1/3 of the time, and R^O is then 0 for the other 2/3.")
+    build_instrument(args, paths)
+    seed_start((args, "credit", 0, paths))
+    import dataclasses
+
+    import env
+    import rewards
+    import train
+    from policy import load_policy
+    from sampler import CachedPolicy
+
+    model, tok = load_policy(str(Path(args.out) / "credit" / "warmstart-seed0"))
+    policy = CachedPolicy(model.eval(), tok, seed=0)
+    rows = random.Random(0).sample(train_rows, min(args.property_n, len(train_rows)))
+    cfg = train.env_config(train.Config(**CREDIT_ENV))
+    trajs = env.rollout(policy, tok, [q["question"] for q in rows], 1, index, cfg)
+    scores = rewards.compute([t.messages for t in trajs], [q["aliases"] for q in rows])
+    stats = env.episode_stats(trajs, [q["aliases"] for q in rows])
+    found = [s > 0 for s in scores["search_answer"]]
+    em = scores["exact_match"]
+    right_query = [any(c and q["query"] in c for c in t.tool_calls) for t, q in zip(trajs, rows)]
+    n = len(rows)
+    lines.append(f"(a, measured) the seed-0 start, sampled at temperature 1 on {n} training questions: the search found "
+                 f"the answer in {sum(found) / n:.3f} of the episodes, and of those the answer was right in "
+                 f"{sum(e for e, f in zip(em, found) if f) / max(1, sum(found)):.3f} (R^O's exact match 0 in the rest).")
+    lines.append(f"(c) at the start of RL (the same rollouts): EM {sum(em) / n:.3f}, tool-call rate "
+                 f"{stats['tool_call_rate']:.3f}, the right query in {sum(right_query) / n:.3f} of the episodes.")
+    greedy = evaluate_point(args, PARTS["credit"], Path(args.out) / "credit" / "warmstart-seed0",
+                            Path(args.out) / "credit" / "warmstart-seed0" / "eval-step0.json", 0, paths)
+    lines.append(f"    held out, greedy ({args.eval_n} questions): EM {greedy['exact_match']:.3f}, tool-call rate "
+                 f"{greedy['tool_call_rate']:.3f}, search found it {greedy['found']:.3f}.")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ CLI
+
+PILOT = {"seeds": [0, 1], "steps": 2, "eval_every": 1, "eval_n": 16, "drill_steps": 20, "instrument_steps": 4,
+         "warmstart_steps": 2, "batch_size": 32}
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--properties", action="store_true", help="measure and print the task's properties (a)-(c), then stop")
+    ap.add_argument("--pilot", action="store_true", help=f"a tiny run end to end for timing ({PILOT}); results go to "
+                                                          "--out/pilot-results unless --results is given")
+    ap.add_argument("--world-seed", type=int, default=0)
+    ap.add_argument("--part", choices=["credit", "k3", "both"], default="both")
+    ap.add_argument("--seeds", type=int, nargs="+", default=list(range(8)))
+    ap.add_argument("--methods", nargs="+", help=f"default: every method of the part "
+                                                 f"({', '.join(m for p in PARTS.values() for m in p.methods)})")
+    ap.add_argument("--steps", type=int, default=20, help="RL steps per run")
+    ap.add_argument("--eval-every", type=int, default=5, help="held-out evaluation every N steps (and at the end)")
+    ap.add_argument("--eval-n", type=int, default=192, help="held-out questions (k3: at most 128, half one-hop)")
+    ap.add_argument("--G", type=int, default=8)
+    ap.add_argument("--batch-size", type=int, default=32, help="rollouts per RL step")
+    ap.add_argument("--lr", type=float, default=2e-4, help="RL learning rate (the small model needs more than 2e-5)")
+    ap.add_argument("--hidden", type=int, default=128, help="the instrument's hidden size (a multiple of 64)")
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--drill-steps", type=int, default=600, help="copy-drill steps of the instrument")
+    ap.add_argument("--instrument-steps", type=int, default=300, help="its supervised steps on varied demonstrations")
+    ap.add_argument("--instrument-lr", type=float, default=2e-3)
+    ap.add_argument("--warmstart-steps", type=int, default=30, help="per seed, more steps on the part's demonstrations")
+    ap.add_argument("--property-n", type=int, default=128, help="sampled episodes behind properties (a) and (c)")
+    ap.add_argument("--out", default="runs/bench-credit")
+    ap.add_argument("--results", help="where the tables and plots go (default bench/results)")
+    ap.add_argument("--jobs", type=int, default=2, help="runs at a time (one process each)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    args = ap.parse_args(argv)
+    if args.pilot:
+        for k, v in PILOT.items():
+            setattr(args, k, v)
+        args.out = str(Path(args.out) / "pilot")
+        args.results = args.results or str(Path(args.out) / "results")
+    args.results = args.results or str(ROOT / "bench" / "results")
+    parts = ["credit", "k3"] if args.part == "both" else [args.part]
+    args.methods_of = {p: [m for m in PARTS[p].methods if args.methods is None or m in args.methods] for p in parts}
+    unknown = set(args.methods or []) - {m for p in PARTS.values() for m in p.methods}
+    if unknown:
+        ap.error(f"unknown --methods {', '.join(sorted(unknown))}")
+    if args.eval_every < 1 or args.steps < 1 or args.batch_size % args.G:
+        ap.error("--steps and --eval-every must be >= 1 and --batch-size a multiple of --G")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    init_worker(args.threads)
+    paths = data.credit_world(args.world_seed)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    if args.properties:
+        text = properties(args, paths)
+        print(text)
+        return 0
+    t0 = time.time()
+    build_instrument(args, paths)
+    print(f"instrument ready ({(time.time() - t0) / 60:.1f} min)", flush=True)
+    parts = [p for p in args.methods_of if args.methods_of[p]]
+    starts = [(args, p, s, paths) for p in parts for s in args.seeds]
+    runs = [(args, p, m, s, paths) for p in parts for s in args.seeds for m in args.methods_of[p]]  # seed-major
+    # spawn: a fresh interpreter per worker (torch's thread pools do not survive a fork)
+    with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn"), initializer=init_worker,
+                             initargs=(args.threads,)) as pool:
+        for folder in pool.map(seed_start, starts):
+            print(f"start: {folder} ({(time.time() - t0) / 60:.1f} min)", flush=True)
+        for folder in pool.map(rl_run, runs):
+            print(f"run: {folder} ({(time.time() - t0) / 60:.1f} min)", flush=True)
+    for p in parts:
+        print(f"\n## {PARTS[p].title}\n\n{write_results(args, PARTS[p], paths, (time.time() - t0) / 60)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
