@@ -39,14 +39,14 @@ ARMS = {"before": {"sampler": "generate", "shared_prefix": False}, "after": {}}
 
 
 def warm_started(folder: Path, cfg) -> str:
-    """train.py's warm start, once, saved for both arms."""
+    """train.py's warm start of ``cfg.model`` (None: SmolLM2-135M), once, saved for both arms."""
     import torch
 
     import train
     import warmstart
     from policy import load_policy
 
-    model, tok = load_policy(None)
+    model, tok = load_policy(cfg.model)
     questions, index = train.load_task(cfg)
     torch.manual_seed(cfg.seed)
     warmstart.run(model, tok, index, questions, train.env_config(cfg), steps=cfg.warmstart_steps,
@@ -61,7 +61,8 @@ def timed_steps(args) -> dict[str, list[dict]]:
     from bench_step import update_flops
     from policy import pack
 
-    base = train.Config(threads=args.threads, warmstart_steps=args.warmstart_steps)
+    base = train.Config(threads=args.threads, warmstart_steps=args.warmstart_steps, model=args.model,
+                        **({"G": args.G, "batch_size": 2 * args.G, "micro_batch": args.G} if args.G else {}))
     tmp = Path(tempfile.mkdtemp(prefix="bench_cpu_step-"))
     t0 = time.time()
     start = warm_started(tmp / "warm", base)
@@ -90,7 +91,7 @@ def report(args, rows: dict[str, list[dict]], peak: float) -> str:
     tok_s = {arm: sum(r["model_tokens"] for r in rs) / sum(r["rollout_seconds"] for r in rs) for arm, rs in rows.items()}
     share = {arm: 100 * sum(r["update_flops"] for r in rs) / sum(r["update_seconds"] for r in rs) / peak
              for arm, rs in rows.items()}
-    lines = [f"bench_cpu_step: SmolLM2-135M, train.py's CPU defaults (batch 16 = 2 questions x G 8, micro-batch 4, "
+    lines = [f"bench_cpu_step: {args.model or 'SmolLM2-135M'}, train.py's CPU defaults (batch 16 = 2 questions x G 8, micro-batch 4, "
              f"bf16 update), torch {torch.__version__}, {args.threads} threads; {args.warmup} warm-up + {args.steps} "
              f"timed steps an arm, alternating; bf16 matmul peak {peak / 1e9:.0f} GFLOP/s",
              "| arm | s/step | rollout s | rollout model tok/s | update s | update, share of bf16 peak (plain FLOPs) |",
@@ -115,6 +116,8 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=1, help="untimed first steps per arm")
     p.add_argument("--warmstart-steps", type=int, default=7, help="train.py's warm start, run once for both arms")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--model", default=None, help="a model folder instead of SmolLM2-135M (the smoke test's tiny one)")
+    p.add_argument("--G", type=int, default=0, help="rollouts per question (0: train.py's default); 2 questions a step")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "cpu_step.txt"))
     args = p.parse_args(argv)
     set_threads(args.threads)

@@ -9,6 +9,7 @@ import json
 
 import pytest
 
+import bench_cpu_step
 import bench_learning
 import bench_long_inputs
 import bench_lora
@@ -28,6 +29,14 @@ def test_bench_step(capsys):
                             "--turn-tokens", "4", "--skip-135m", "--peak-sizes", "128", *TINY]) == 0
     out = capsys.readouterr().out
     assert "ratio TRL/ours, s/step" in out and "% of peak" in out
+
+
+def test_bench_cpu_step(tmp_path, tiny_model_dir, capsys):
+    out = tmp_path / "cpu_step.txt"
+    assert bench_cpu_step.main(["--model", str(tiny_model_dir), "--G", "2", "--steps", "1", "--warmup", "0",
+                                "--warmstart-steps", "1", "--threads", "1", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "ratio before/after: step" in text and "| before |" in text and "| after |" in text
 
 
 def test_bench_padding(capsys):
