@@ -508,8 +508,8 @@ def sample_batch(cfg: Config, accelerator, policy, model, tokenizer, rows: list[
             policy.sleep()  # on a GPU in sleep mode: the engine's memory goes to the update until the next sync
         return broadcast_object_list([trajectories])[0]  # the main process's engine sampled all of them
     # hf: each process samples its own rows; gather_object concatenates the slices in process order.
-    # fp32 sampling on CPU, where bf16 autocast makes one-token decode steps slower; on CUDA under the
-    # update's bf16 autocast (faster, and flash-attn has no float32 kernel)
+    # On CUDA under the update's bf16 autocast (flash-attn has no float32 kernel); on CPU no autocast: the
+    # cached sampler has its own bf16 copy, and autocast would re-cast every weight on every decode step
     device = accelerator.device.type
     with torch.autocast(device, dtype=torch.bfloat16, enabled=cfg.bf16 and device == "cuda"):
         trajectories = env.rollout(policy, tokenizer, questions[mine], 1, index, env_cfg)
@@ -633,11 +633,11 @@ def train_step(cfg: Config, run: Run, step: int) -> tuple[dict, list, torch.Tens
     run.model.train()
     mine = trajectories[run.mine]  # ...and each trains on its own rows
     ids, attn, turn = pack(mine, run.tokenizer.pad_token_id)
-    t_update = time.time()
+    update_start = time.time()
     upd = update(cfg, run.trainer, run.ref_model, run.optimizer, run.scheduler, ids, attn, turn, A[run.mine],
                  run.accelerator, pack_sampler_logprobs(mine, ids.shape[1]),
                  torch.tensor([len(t.prompt_ids) for t in mine]) if cfg.shared_prefix else None)
-    seconds, t_update = time.time() - t0, time.time() - t_update
+    seconds, t_update = time.time() - t0, time.time() - update_start
     stats = env.episode_stats(trajectories, [q["aliases"] for q in rows])
     row = {"step": step + 1, **rewards.means(scores), **level_stats(cfg, scores, trajectories, rows), **upd,
            **stats, "rollout_seconds": t_roll, "update_seconds": t_update, "step_seconds": seconds,

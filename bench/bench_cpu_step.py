@@ -33,7 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import ROOT, mean, quiet_transformers, set_threads  # first: puts the repository root on sys.path
+from common import ROOT, mean, quiet_transformers, set_threads, write_result  # first: puts the repository root on sys.path
 
 ARMS = {"before": {"sampler": "generate", "shared_prefix": False}, "after": {}}
 
@@ -67,9 +67,9 @@ def timed_steps(args) -> dict[str, list[dict]]:
     t0 = time.time()
     start = warm_started(tmp / "warm", base)
     print(f"warm start ({base.warmstart_steps} steps) {time.time() - t0:.0f} s", flush=True)
-    runs = {arm: train.setup(dataclasses.replace(base, model=start, warmstart_steps=0, output_dir=str(tmp / arm), **flags))
+    cfgs = {arm: dataclasses.replace(base, model=start, warmstart_steps=0, output_dir=str(tmp / arm), **flags)
             for arm, flags in ARMS.items()}
-    cfgs = {arm: dataclasses.replace(base, model=start, warmstart_steps=0, **flags) for arm, flags in ARMS.items()}
+    runs = {arm: train.setup(cfg) for arm, cfg in cfgs.items()}
     rows = {arm: [] for arm in ARMS}
     for step in range(args.warmup + args.steps):
         for arm in (list(ARMS) if step % 2 == 0 else list(ARMS)[::-1]):
@@ -127,10 +127,7 @@ def main(argv=None) -> int:
     from bench_step import matmul_peak
 
     rows = timed_steps(args)
-    text = report(args, rows, matmul_peak(torch.bfloat16))
-    print(text, end="")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text)
+    write_result(args.out, report(args, rows, matmul_peak(torch.bfloat16)))
     return 0
 
 

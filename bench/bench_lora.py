@@ -25,7 +25,8 @@ import sys
 import time
 from pathlib import Path
 
-from common import ROOT, mean, quiet_transformers, random_llama, set_threads, synthetic_batch, tokenizer  # first: the repo root
+from common import (ROOT, mean, quiet_transformers, random_llama, set_threads, synthetic_batch, tokenizer,  # first: the repo root
+                    write_result)  # first: the repo root
 
 
 def peak_gb() -> float:
@@ -122,9 +123,7 @@ def main(argv=None) -> int:
     lines.append("per measurement (s/update): LoRA " + ", ".join(f"{x['seconds']:.2f}" for x in runs["lora"])
                  + "; full " + ", ".join(f"{x['seconds']:.2f}" for x in runs["full"]))
     text = "\n".join(lines) + "\n"
-    print(text, end="")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text)
+    write_result(args.out, text)
     return 0
 
 

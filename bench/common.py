@@ -19,6 +19,14 @@ class NullSearcher:
         return []
 
 
+def write_result(path, text: str) -> None:
+    """Print a benchmark's result and write it to ``path`` (bench/results/...), the script's own output."""
+    print(text, end="")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
 def model_tokens(trajs) -> int:
     """Tokens the *model* wrote (turn_idx >= 1) over a list of trajectories."""
     return sum(t.model_tokens for t in trajs)
