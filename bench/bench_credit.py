@@ -10,8 +10,11 @@ THE TASK (data.credit_world, from ``--world-seed``). Each person's passage names
 person too. (a) A good first turn does not guarantee the outcome: the right passage names three towns,
 so R^O is 0 after a perfect search whenever turn 2 picks the wrong one. (b) The question as the query
 finds the decoy's passage whenever there is a decoy (about 70% of questions): turn 1 must learn to search
-for the work. (c) At the start of RL the policy searches in about half its episodes and is right in
-about one in ten. ``--properties`` measures and prints all three.
+for the work. (c) is the target for the start of RL: EM about 5-20%, tool-call rate 30-60%.
+``--properties`` measures and prints all three (bench/results/credit_properties.txt). Measured for world
+seed 0 and the default instrument: (a) and (b) hold (the question as query finds the subject 0.2% of the
+time when a decoy is named, the right query 100%), (c) does NOT: the seed-0 start searches in 22% of its
+sampled episodes, never with the right query, and its EM is 0. See THE INSTRUMENT.
 
 Part "credit" (K = 2, the paper's protocol: one search, then the answer): GRPO-OR, GRPO-MR, MT-GRPO.
 Part "k3" (K = 3, ``train.py --k-turn --max-tool-calls 2``) on the same world's hops questions, half one-hop
@@ -31,6 +34,12 @@ name picked half the time). Each seed then continues that warm start for a few s
 demonstrations with its own draws (``--warmstart-steps``): the seed's start. Its limits: it copies
 one-token names only (hence the world's names), it knows nothing but these demonstrations, and what it
 learns in 20 steps is what a 7M model learns in 20 steps; it stands in for an LLM's prior, not its ability.
+STATUS: the default instrument (600 drill steps, then 300 demonstration steps, 4,800 demonstrations, loss
+10.9 -> 0.28, 7 min at 2 threads) has learned the episode's format but not the copying the task rests on: greedy, it
+answers "the town of <one town>" for every question without searching; sampled, its queries never name the
+work. RL from it has no signal (all-zero EM, the pilot's curves), so the comparison below has not been run
+at power yet. What to try next: more demonstration steps, a wider model, demonstrations with the right
+query more often, until ``--properties`` shows (c).
 Everything RL does to it is train.py's own loop (``train.main``), nothing of the algorithm is re-implemented.
 
 THE DESIGN. Paired: a seed's methods start from the same warm-start folder (``--model``, ``--warmstart-steps
@@ -196,6 +205,7 @@ def build_instrument(args, paths: dict) -> Path:
         tok = tokenizer()
         model = random_llama(tok, args.hidden, args.layers, seed=args.world_seed).train()
         drill = copy_drill(tok, args.world_seed)
+        t_drill = time.time()
         optimizer = torch.optim.AdamW(model.parameters(), lr=args.instrument_lr)
         for step in range(args.drill_steps):
             ids, attn, turn = drill(step)
@@ -207,6 +217,7 @@ def build_instrument(args, paths: dict) -> Path:
             optimizer.zero_grad(set_to_none=True)
             if step % 50 == 0 or step == args.drill_steps - 1:
                 print(f"copy drill step {step + 1}: loss {loss.item():.3f}", flush=True)
+        t_drill, t_demo = time.time() - t_drill, time.time()
         questions = data.load_questions(paths["train"]) + data.load_questions(paths["hops_train"])
         ws = warmstart.run(model, tok, search.load_index(paths["corpus"]), questions,
                            train.env_config(train.Config(**K3_ENV)), steps=args.instrument_steps,
@@ -215,6 +226,7 @@ def build_instrument(args, paths: dict) -> Path:
         print(f"demonstrations: {ws}", flush=True)
         save_model(model, tok, folder, {"hidden": args.hidden, "layers": args.layers, "drill_steps": args.drill_steps,
                                         "instrument_steps": args.instrument_steps, "warm_start": ws,
+                                        "drill_seconds": t_drill, "demo_seconds": time.time() - t_demo,
                                         "minutes": (time.time() - t0) / 60})
     return folder
 
@@ -232,6 +244,7 @@ def seed_start(job) -> str:
             import warmstart
             from policy import load_policy
 
+            t0 = time.time()
             train.seed_everything(seed)
             model, tok = load_policy(str(Path(args.out) / "instrument"))
             ws = {"steps": 0}
@@ -240,7 +253,7 @@ def seed_start(job) -> str:
                                    data.load_questions(paths[part.train_key]), train.env_config(train.Config(**part.env)),
                                    steps=args.warmstart_steps, lr=args.instrument_lr, batch=16, seed=1000 + seed,
                                    micro_batch=4, style="varied")
-            save_model(model, tok, folder, {"warm_start": ws})
+            save_model(model, tok, folder, {"warm_start": ws, "seconds": time.time() - t0})
         evaluate_point(args, part, folder, folder / "eval-step0.json", 0, paths)
     return str(folder)
 
@@ -269,8 +282,9 @@ def evaluate_point(args, part: Part, model_dir: Path, path: Path, step: int, pat
     groups = {"all": rows}
     if part.name == "k3":
         groups = {"one_hop": [q for q in rows if q["hops"] == 1], "two_hop": [q for q in rows if q["hops"] == 2]}
+    t0 = time.time()
     scores = {k: ev.evaluate(policy, tok, qs, index, env_cfg, batch=64) for k, qs in groups.items() if qs}
-    out = {"step": step, **endpoints(part, scores)}
+    out = {"step": step, **endpoints(part, scores), "seconds": time.time() - t0}
     write_json(path, out)
     return out
 
@@ -296,6 +310,16 @@ def eval_points(args) -> list[int]:
     return sorted({*range(args.eval_every, args.steps, args.eval_every), args.steps})
 
 
+def checkpoint_step(folder: Path) -> int:
+    """The step a run folder's checkpoint holds (0: none)."""
+    state = folder / "checkpoint" / "state.pt"
+    if not state.is_file():
+        return 0
+    import torch
+
+    return torch.load(state, weights_only=False)["step"]
+
+
 def rl_run(job) -> str:
     """One (part, method, seed) run through train.main, in segments that end at the evaluation points: each
     segment continues the last one with --resume (bit for bit the uninterrupted run), then its checkpoint
@@ -315,20 +339,18 @@ def rl_run(job) -> str:
             checkpoint = folder / "checkpoint" / "state.pt"
             if not checkpoint.is_file() and folder.exists():
                 shutil.rmtree(folder)  # killed before its first checkpoint: start again
-            done = json.loads((folder / "checkpoint" / "progress.json").read_text())["step"] \
-                if (folder / "checkpoint" / "progress.json").is_file() else 0
-            if done < point:
-                argv = [*part.flags, *env_flags(part.env), "--questions", str(paths[part.train_key]),
-                        "--corpus", str(paths["corpus"]), "--model", str(start), "--warmstart-steps", "0",
-                        "--method", train_method, *extra, "--seed", str(seed), "--max-steps", str(point),
-                        "--G", str(args.G), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
-                        "--micro-batch", "4", "--save-every", str(args.eval_every), "--sample-every", "0",
-                        "--threads", str(args.threads), "--output-dir", str(folder)]
-                if checkpoint.is_file():
-                    argv.append("--resume")
-                if train.main(argv) != 0:
-                    raise RuntimeError(f"train.py failed: {' '.join(argv)} (see the log)")
-                write_json(folder / "checkpoint" / "progress.json", {"step": point})
+            if checkpoint_step(folder) > point:
+                raise RuntimeError(f"{folder}: the checkpoint is past step {point}, whose evaluation is missing; "
+                                   f"delete the folder to redo the run")
+            argv = [*part.flags, *env_flags(part.env), "--questions", str(paths[part.train_key]),
+                    "--corpus", str(paths["corpus"]), "--model", str(start), "--warmstart-steps", "0",
+                    "--method", train_method, *extra, "--seed", str(seed), "--max-steps", str(point),
+                    "--G", str(args.G), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
+                    "--save-every", str(args.eval_every), "--sample-every", "0", "--threads", str(args.threads),
+                    "--output-dir", str(folder)]
+            # continuing a run that already reached ``point`` (killed during its evaluation) trains nothing
+            if train.main(argv + (["--resume"] if checkpoint.is_file() else [])) != 0:
+                raise RuntimeError(f"train.py failed: {' '.join(argv)} (see the log)")
             evaluate_point(args, part, folder / "checkpoint", result, point, paths)
     return str(folder)
 
@@ -482,6 +504,42 @@ def write_results(args, part: Part, paths: dict, minutes: float) -> str:
     return body
 
 
+def timing(args, full=None) -> str:
+    """What this run's stages took, per unit, and what the full design (``full``: parse_args([]) by default,
+    the defaults) would take at those rates with its --jobs runs at a time: the pilot's sizing line."""
+    full = full or parse_args([])
+    out = Path(args.out)
+    inst = json.loads((out / "instrument" / "stage.json").read_text())
+    per_drill = inst["drill_seconds"] / max(1, inst["drill_steps"])
+    per_demo = inst["demo_seconds"] / max(1, inst["instrument_steps"])
+    lines, total = [], per_drill * full.drill_steps + per_demo * full.instrument_steps
+    lines.append(f"instrument: {per_drill:.2f} s per copy-drill step, {per_demo:.2f} s per demonstration step "
+                 f"-> {total / 60:.1f} min at the full size (one process)")
+    parallel = 0.0
+    for name in args.methods_of:
+        part, root = PARTS[name], out / name
+        starts = [json.loads(f.read_text()) for f in root.glob("warmstart-seed*/stage.json")]
+        evals = [json.loads(f.read_text()) for f in root.glob("*/eval-step*.json")]
+        steps = [r["step_seconds"] for f in root.glob("*/metrics.jsonl") for r in plot.load_run(str(f))]
+        if not (starts and evals and steps):
+            continue
+        per_ws = sum(w["seconds"] for w in starts) / len(starts) / max(1, args.warmstart_steps)
+        per_q = sum(e["seconds"] for e in evals) / len(evals) / args.eval_n
+        per_step = sorted(steps)[len(steps) // 2]
+        n_eval = min(full.eval_n, 128 if name == "k3" else full.eval_n)
+        seeds, methods = len(full.seeds), len(part.methods)
+        work = (seeds * (per_ws * full.warmstart_steps + per_q * n_eval)
+                + seeds * methods * (full.steps * per_step + len(eval_points(full)) * per_q * n_eval))
+        parallel += work / full.jobs
+        lines.append(f"{name}: {per_step:.1f} s per RL step of {args.batch_size} rollouts (median of {len(steps)}), "
+                     f"{per_q:.3f} s per held-out question, {per_ws:.2f} s per seed warm-start step "
+                     f"-> {work / full.jobs / 60:.1f} min at the full size ({seeds} seeds x {methods} methods x "
+                     f"{full.steps} steps, {full.jobs} at a time)")
+    lines.append(f"full design, estimated: {(total + parallel) / 60:.0f} min (instrument {total / 60:.0f} + runs "
+                 f"{parallel / 60:.0f}); the pilot's steps are as long as the full run's (same model, batch and episode)")
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------------------------------ properties
 
 
@@ -535,6 +593,11 @@ def properties(args, paths: dict) -> str:
                  f"{sum(e for e, f in zip(em, found) if f) / max(1, sum(found)):.3f} (R^O's exact match 0 in the rest).")
     lines.append(f"(c) at the start of RL (the same rollouts): EM {sum(em) / n:.3f}, tool-call rate "
                  f"{stats['tool_call_rate']:.3f}, the right query in {sum(right_query) / n:.3f} of the episodes.")
+    info = json.loads((Path(args.out) / "instrument" / "stage.json").read_text())
+    lines.append(f"    the instrument: Llama {info['hidden']} x {info['layers']}, {info['drill_steps']} copy-drill steps, "
+                 f"{info['instrument_steps']} demonstration steps (loss {info['warm_start']['first_loss']:.2f} -> "
+                 f"{info['warm_start']['last_loss']:.2f}), then {args.warmstart_steps} seed-0 steps; its first two "
+                 f"sampled episodes' first turns: " + " | ".join(repr(t.messages[0]["content"][:160]) for t in trajs[:2]))
     greedy = evaluate_point(args, PARTS["credit"], Path(args.out) / "credit" / "warmstart-seed0",
                             Path(args.out) / "credit" / "warmstart-seed0" / "eval-step0.json", 0, paths)
     lines.append(f"    held out, greedy ({args.eval_n} questions): EM {greedy['exact_match']:.3f}, tool-call rate "
@@ -598,8 +661,10 @@ def main(argv=None) -> int:
     paths = data.credit_world(args.world_seed)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     if args.properties:
-        text = properties(args, paths)
-        print(text)
+        from common import write_result
+
+        command = "python bench/bench_credit.py " + " ".join(sys.argv[1:] if argv is None else argv)
+        write_result(Path(args.results) / "credit_properties.txt", f"{command}\n\n{properties(args, paths)}\n")
         return 0
     t0 = time.time()
     build_instrument(args, paths)
@@ -607,15 +672,18 @@ def main(argv=None) -> int:
     parts = [p for p in args.methods_of if args.methods_of[p]]
     starts = [(args, p, s, paths) for p in parts for s in args.seeds]
     runs = [(args, p, m, s, paths) for p in parts for s in args.seeds for m in args.methods_of[p]]  # seed-major
-    # spawn: a fresh interpreter per worker (torch's thread pools do not survive a fork)
-    with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn"), initializer=init_worker,
-                             initargs=(args.threads,)) as pool:
-        for folder in pool.map(seed_start, starts):
+    # spawn: a fresh interpreter per worker (torch's thread pools do not survive a fork); one job: in-process
+    pool = ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn"), initializer=init_worker,
+                               initargs=(args.threads,)) if args.jobs > 1 else None
+    with pool or contextlib.nullcontext():
+        run_map = pool.map if pool else map
+        for folder in run_map(seed_start, starts):
             print(f"start: {folder} ({(time.time() - t0) / 60:.1f} min)", flush=True)
-        for folder in pool.map(rl_run, runs):
+        for folder in run_map(rl_run, runs):
             print(f"run: {folder} ({(time.time() - t0) / 60:.1f} min)", flush=True)
     for p in parts:
         print(f"\n## {PARTS[p].title}\n\n{write_results(args, PARTS[p], paths, (time.time() - t0) / 60)}")
+    print(f"\n## Timing\n\n{timing(args)}")
     return 0
 
 

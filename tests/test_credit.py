@@ -1,0 +1,140 @@
+"""The credit-assignment benchmark: its task (data.credit_world), its demonstrator (warmstart, style
+"varied"), its statistics, and the script end to end at a tiny size (bench/bench_credit.py)."""
+import json
+import math
+import random
+
+import pytest
+
+import bench_credit
+import data
+import env
+import plot
+import rewards
+import search
+import warmstart
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return data.credit_world(0, cache_dir=tmp_path_factory.mktemp("credit"))
+
+
+@pytest.fixture(scope="module")
+def index(world):
+    return search.load_index(world["corpus"])
+
+
+def test_the_world_is_a_function_of_its_seed_and_its_names_are_one_token(tok):
+    names = data.one_token_names(tok)
+    assert data.generate_credit_world(3, names) == data.generate_credit_world(3, names)
+    assert data.generate_credit_world(3, names) != data.generate_credit_world(4, names)
+    for w in random.Random(0).sample(names, 50):  # one token with its leading space, as passages write it
+        assert len(tok(" " + w, add_special_tokens=False)["input_ids"]) == 1
+
+
+def test_held_out_people_are_never_a_training_subject(world):
+    train = data.read_jsonl(world["train"]) + data.read_jsonl(world["hops_train"])
+    held = {q["person"] for q in data.read_jsonl(world["eval"]) + data.read_jsonl(world["hops_eval"])}
+    assert held and not held & {q["person"] for q in train}
+    hops_eval = data.read_jsonl(world["hops_eval"])
+    assert [q["hops"] for q in hops_eval[:4]] == [1, 2, 1, 2]  # the first n hold both kinds equally
+    ev = data.read_jsonl(world["eval"])
+    assert len(ev) == 3 * len(held) and len({q["pair"] for q in ev}) == len(ev)  # one question per pair
+
+
+def test_a_passage_names_three_towns_and_the_answer_is_one_of_them(world):
+    passages = {p["id"]: p for p in data.read_jsonl(world["corpus"])}
+    for q in data.read_jsonl(world["train"])[:200]:
+        facts = data.credit_facts(passages[f"person-{q['person']}"]["text"])
+        assert set(facts) == set(data.CREDIT_RELATIONS) and len(set(facts.values())) == 3
+        assert facts[q["relation"]] == q["answer"]  # (a): the right passage alone does not give the answer
+    town = next(p for p in passages.values() if p["id"].startswith("town-"))
+    assert set(data.credit_facts(town["text"])) == {"river", "province"}
+
+
+def test_the_question_as_query_fails_where_a_decoy_is_named_and_the_right_query_never_does(world, index):
+    rows = data.read_jsonl(world["train"])[:300]
+
+    def hit(q, query):
+        return index.search(query, 1)[0]["id"] == f"person-{q['person']}"
+
+    assert all(hit(q, q["query"]) for q in rows)
+    with_decoy = [q for q in rows if q["decoy"]]
+    assert 0.5 < len(with_decoy) / len(rows) < 0.9
+    assert sum(hit(q, q["question"]) for q in with_decoy) / len(with_decoy) < 0.05  # (b)
+    for q in data.read_jsonl(world["hops_train"])[:50]:  # the second hop: "the town X" finds X's passage
+        if q["hops"] == 2:
+            assert index.search(f"the town {q['town']}", 1)[0]["id"] == f"town-{q['town']}"
+
+
+def test_the_varied_demonstrator_does_every_thing_some_of_the_time(tok, world, index):
+    cfg = env.EnvConfig(**bench_credit.K3_ENV)
+    rows = random.Random(0).choices(data.read_jsonl(world["train"]), k=120)
+    demos = warmstart.varied_demonstrations(tok, index, rows, cfg, seed=0)
+    assert len(demos) == len(rows)  # every episode kept (none cut by the budget)
+    scores = rewards.compute([t.messages for t in demos], [q["aliases"] for q in rows])
+    searched = sum(t.has_result for t in demos) / len(demos)
+    found = sum(s > 0 for s in scores["search_answer"]) / len(demos)
+    em = sum(scores["exact_match"]) / len(demos)
+    assert 0.35 < searched < 0.65 and 0.15 < found < searched and 0.05 < em < found  # guesses, bad queries, bad picks
+    hops = random.Random(1).choices(data.read_jsonl(world["hops_train"]), k=120)
+    demos = warmstart.varied_demonstrations(tok, index, hops, cfg, seed=0)
+    calls = [len(t.results) for t in demos]
+    assert {0, 1, 2} <= set(calls)  # no search, one, two
+    assert any(c == 2 and q["hops"] == 1 for c, q in zip(calls, hops))  # a search it did not need
+    assert any(c == 1 and q["hops"] == 2 for c, q in zip(calls, hops))  # a stop before the second hop
+    assert warmstart.varied_demonstrations(tok, index, hops[:5], cfg, seed=3) == \
+        warmstart.varied_demonstrations(tok, index, hops[:5], cfg, seed=3)
+
+
+def test_statistics():
+    assert plot.t975(1) == 12.706 and plot.t975(7) == 2.365 and abs(plot.t975(100) - 1.984) < 0.002
+    mean, half = plot.mean_ci95([1.0, 2.0, 3.0])
+    assert mean == 2.0 and half == pytest.approx(4.303 * 1.0 / math.sqrt(3))
+    assert bench_credit.bootstrap_ci([0.1] * 8) == pytest.approx((0.1, 0.1))
+    lo, hi = bench_credit.bootstrap_ci([0.0, 0.1, 0.2, 0.3, 0.1, 0.2, 0.0, 0.3])
+    assert 0.0 < lo < 0.15 < hi < 0.3 and bench_credit.bootstrap_ci([0.0, 0.1, 0.2, 0.3, 0.1, 0.2, 0.0, 0.3]) == (lo, hi)
+    d = [0.0, 0.1, 0.2, 0.3]
+    assert bench_credit.mde(d) == pytest.approx(2.8 * 0.12909944 / 2, rel=1e-6)
+    runs = [[{"step": 1, "x": 1.0}], [{"step": 1, "x": 3.0}]]
+    steps, m, lo, hi = plot.over_seeds(runs, "x", band="ci95")
+    assert (m[0], lo[0], hi[0]) == pytest.approx((2.0, 2.0 - 12.706, 2.0 + 12.706))
+    args = bench_credit.parse_args(["--steps", "20", "--eval-every", "5"])
+    assert bench_credit.eval_points(args) == [5, 10, 15, 20]
+
+
+TINY = ["--seeds", "0", "--steps", "2", "--eval-every", "1", "--eval-n", "4", "--G", "2", "--batch-size", "4",
+        "--hidden", "64", "--layers", "1", "--drill-steps", "2", "--instrument-steps", "2", "--warmstart-steps", "1",
+        "--jobs", "1", "--threads", "1"]
+
+
+def test_the_script_runs_end_to_end_and_writes_its_results(tmp_path, capsys):
+    out, results = tmp_path / "runs", tmp_path / "results"
+    argv = [*TINY, "--out", str(out), "--results", str(results), "--methods", "grpo_or", "mt_grpo", "mt_grpo_naive"]
+    assert bench_credit.main(argv) == 0
+    md = (results / "credit.md").read_text()
+    for text in ("| start (seed's warm start) |", "| GRPO-OR |", "| MT-GRPO |", "| MT-GRPO - GRPO-OR |",
+                 "Pairing check: the step-1 rollouts' rewards are identical across the methods in 1 of 1 seeds"):
+        assert text in md, text
+    assert "| MT-GRPO naive - MT-GRPO (K-turn) |" in (results / "credit_k3.md").read_text()
+    for name in ("credit_curves", "credit_training", "credit_k3_curves", "credit_k3_training"):
+        assert (results / f"{name}.png").stat().st_size > 5000
+    run = out / "credit" / "mt_grpo-seed0"
+    assert [json.loads((run / f"eval-step{s}.json").read_text())["step"] for s in (1, 2)] == [1, 2]
+    assert len(plot.load_run(str(run))) == 2  # two segments, one run: steps 1 and 2 once each
+    assert "full design, estimated:" in capsys.readouterr().out
+    assert bench_credit.main(argv) == 0  # everything cached: a second call redoes nothing
+
+
+def test_properties_are_measured_and_written(tmp_path):
+    results = tmp_path / "results"
+    argv = [*TINY, "--out", str(tmp_path / "runs"), "--results", str(results), "--properties", "--property-n", "4",
+            "--eval-n", "4"]
+    assert bench_credit.main(argv) == 0
+    text = (results / "credit_properties.txt").read_text()
+    assert text.startswith("python bench/bench_credit.py ") and "--properties" in text.splitlines()[0]
+    for label in ("(b) top-1 hit rate", "(a) every person's passage names 3-3 towns", "(a, measured)", "(c) at the start of RL",
+                  "the instrument: Llama 64 x 1"):
+        assert label in text, label
+    assert float(text.split("the right query (\"the <kind> <work>\") ")[1].split(";")[0]) == 1.0  # (b) on this world
