@@ -13,8 +13,8 @@ finds the decoy's passage whenever there is a decoy (about 70% of questions): tu
 for the work. (c) is the target for the start of RL: EM about 5-20%, tool-call rate 30-60%.
 ``--properties`` measures and prints all three (bench/results/credit_properties.txt). Measured for world
 seed 0 and the default instrument: (a) and (b) hold (the question as query finds the subject 0.2% of the
-time when a decoy is named, the right query 100%), (c) does NOT: the seed-0 start searches in 22% of its
-sampled episodes, never with the right query, and its EM is 0. See THE INSTRUMENT.
+time when a decoy is named, the right query 100%), (c) does NOT: the seed-0 start searches in 56% of its
+sampled episodes, never with the right query, and its EM is 0.008. See THE INSTRUMENT.
 
 Part "credit" (K = 2, the paper's protocol: one search, then the answer): GRPO-OR, GRPO-MR, MT-GRPO.
 Part "k3" (K = 3, ``train.py --k-turn --max-tool-calls 2``) on the same world's hops questions, half one-hop
@@ -34,15 +34,16 @@ name picked half the time). Each seed then continues that warm start for a few s
 demonstrations with its own draws (``--warmstart-steps``): the seed's start. Its limits: it copies
 one-token names only (hence the world's names), it knows nothing but these demonstrations, and what it
 learns in 20 steps is what a 7M model learns in 20 steps; it stands in for an LLM's prior, not its ability.
-STATUS: the default instrument (600 drill steps, then 300 demonstration steps, 4,800 demonstrations, loss
-10.9 -> 0.28, 7 min at 2 threads) has learned the episode's format but not the copying the task rests on: greedy, it
-answers "the town of <one town>" for every question without searching; sampled, its queries never name the
-work. RL from it has no signal (all-zero EM, the pilot's curves), so the comparison below has not been run
-at power yet. That first drill had one span length (12, no gap) and reached loss 0.39 by a fixed-offset
-shortcut; with the span and gap varied (this copy_drill) the drill's loss stays at 10.25 after 600 steps
-(no induction head formed yet), and the instrument then searches in 56% of its sampled episodes, with
-names costing 5.4 nats teacher-forced, the right query still never, greedy held-out EM 0.021. What to try next: more demonstration steps, a wider model, demonstrations with the right
-query more often, until ``--properties`` shows (c).
+STATUS: the instrument has not learned the copying the task rests on. With the first copy drill (one
+span length, 12, no gap) the drill's loss fell to 0.39 by a fixed-offset shortcut; after 300 demonstration
+steps (loss 10.9 -> 0.28, 7 min at 2 threads) the model wrote the format's tokens at ~0 nats teacher-forced,
+but greedy it answered "the town of <one town>" for every question without searching, and its sampled
+queries never named the work (EM 0). With span and gap varied (this copy_drill, the default) the drill's
+loss stays at 10.25 after 600 steps (no induction head formed yet); the instrument then searches in 56% of
+its sampled episodes, names cost it 5.4 nats teacher-forced, the right query still never comes, and its
+greedy held-out EM is 0.021. RL from such a start has almost no signal, so the comparison below has not
+been run at power yet. What to try next: a longer or staged drill (short gaps first) until the name loss
+of ``--properties`` is under ~1 nat, a wider model, demonstrations with the right query more often.
 Everything RL does to it is train.py's own loop (``train.main``), nothing of the algorithm is re-implemented.
 
 THE DESIGN. Paired: a seed's methods start from the same warm-start folder (``--model``, ``--warmstart-steps
@@ -573,7 +574,6 @@ def name_loss(model, tok, index, rows: list[dict], cfg) -> float:
     target = ids[:, 1:]
     sel = (turn[:, 1:] > 0) & torch.isin(target, torch.tensor(sorted(names)))
     return float(-logp[sel].mean()) if sel.any() else math.nan
-
 
 
 def properties(args, paths: dict) -> str:
