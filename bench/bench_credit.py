@@ -12,9 +12,10 @@ so R^O is 0 after a perfect search whenever turn 2 picks the wrong one. (b) The 
 finds the decoy's passage whenever there is a decoy (about 70% of questions): turn 1 must learn to search
 for the work. (c) is the target for the start of RL: EM about 5-20%, tool-call rate 30-60%.
 ``--properties`` measures and prints all three (bench/results/credit_properties.txt). Measured for world
-seed 0 and the default instrument: (a) and (b) hold (the question as query finds the subject 0.2% of the
-time when a decoy is named, the right query 100%), (c) does NOT: the seed-0 start searches in 56% of its
-sampled episodes, never with the right query, and its EM is 0.008. See THE INSTRUMENT.
+seed 0 and the default instrument: (a) holds (of the sampled episodes whose search found the answer, 22%
+answered right), (b) holds (the question as query finds the subject 0.2% of the time when a decoy is named,
+the right query 100%), (c) at its low edge: the seed-0 start samples EM 0.039 (95% Wilson interval
+0.017-0.088) with tool-call rate 0.375, and searches with the right query in 16% of its episodes.
 
 Part "credit" (K = 2, the paper's protocol: one search, then the answer): GRPO-OR, GRPO-MR, MT-GRPO.
 Part "k3" (K = 3, ``train.py --k-turn --max-tool-calls 2``) on the same world's hops questions, half one-hop
@@ -25,25 +26,35 @@ mt_grpo.turn_normalise). A second search on a one-hop question is a turn it does
 (held-out calls per episode on one-hop questions) is where the naive version's bias would show.
 
 THE INSTRUMENT. SmolLM2-135M takes ~30-50 s a 16-rollout step on this CPU: far too slow for the power below.
-The policy is a small Llama (``--hidden``, ``--layers``; default 128 x 4, 7M parameters, most of them the
-49k-token embedding) with the SmolLM2 tokenizer, trained from scratch, once per world: a copy drill
-(random token sequences repeated, which grows the attention heads that copy a token seen before; a small
-model trained on the demonstrations alone had not learned to copy after 370 steps), then supervised steps
-on both tasks' varied demonstrations (warmstart.py, style "varied": guesses, several queries, the asked
-name picked half the time). Each seed then continues that warm start for a few steps on its part's
-demonstrations with its own draws (``--warmstart-steps``): the seed's start. Its limits: it copies
-one-token names only (hence the world's names), it knows nothing but these demonstrations, and what it
-learns in 20 steps is what a 7M model learns in 20 steps; it stands in for an LLM's prior, not its ability.
-STATUS: the instrument has not learned the copying the task rests on. With the first copy drill (one
-span length, 12, no gap) the drill's loss fell to 0.39 by a fixed-offset shortcut; after 300 demonstration
-steps (loss 10.9 -> 0.28, 7 min at 2 threads) the model wrote the format's tokens at ~0 nats teacher-forced,
-but greedy it answered "the town of <one town>" for every question without searching, and its sampled
-queries never named the work (EM 0). With span and gap varied (this copy_drill, the default) the drill's
-loss stays at 10.25 after 600 steps (no induction head formed yet); the instrument then searches in 56% of
-its sampled episodes, names cost it 5.4 nats teacher-forced, the right query still never comes, and its
-greedy held-out EM is 0.021. RL from such a start has almost no signal, so the comparison below has not
-been run at power yet. What to try next: a longer or staged drill (short gaps first) until the name loss
-of ``--properties`` is under ~1 nat, a wider model, demonstrations with the right query more often.
+The policy is a small Llama (``--hidden``, ``--layers``; default 128 x 2) trained from scratch, once per world,
+with a tokenizer of its own (``--vocab world``: world_tokenizer, byte-level BPE trained on the world's text,
+~3k tokens, SmolLM2's special tokens and chat template, so every prompt renders as for SmolLM2; ``--vocab
+smollm2`` keeps SmolLM2's 49k, whose output layer was nine tenths of the compute), in float32 throughout
+(FP32 below). Its stages: out/drilled, a copy drill (copy_drill: repeats and lookups, half the rows after
+the prompt's head); out/instrument, supervised steps on both tasks' varied demonstrations (warmstart.py,
+style "varied": guesses, several queries, the asked name picked half the time) with the drill alongside,
+every row after the prompt's head; then per seed ``--warmstart-steps`` more on its part's demonstrations
+with its own draws: the seed's start. Its limits: it copies one-token names only (hence the world's
+names), it knows nothing but these demonstrations, and what it learns in 20 steps is what a 1M model
+learns in 20 steps; it stands in for an LLM's prior, not its ability.
+HOW IT CAME TO BE (world seed 0, measured; each step fixed what the one before showed):
+1. A small model trained on the demonstrations alone had not learned to copy a name after 370 steps; a
+   copy drill was added. With one span length (12, no gap) its loss fell to 0.39 by a fixed-offset
+   shortcut, and the instrument copied no name in the task (greedy: "the town of <one town>" to all).
+2. Span and gap varied from the start (gaps to 160, 16 rows a step): the loss sat at the unigram level
+   (10.25 after 600 steps). 64 rows and gaps growing from 32 over 400 steps: the head forms (128 x 2,
+   SmolLM2 vocabulary: 9.4 -> 2.4 between steps 125 and 375), yet names still cost 4.5-5.3 nats in the task.
+3. Probed per name (teacher-forced, 64 right-query right-pick episodes): after 900 demonstration steps
+   the work is copied into the query (top-1 97%), but the town read off the result is not: 4.2 nats,
+   about ln 60 (the world's towns), and the same six towns rank first for every question.
+4. The reason: the drill's heads copied only from the start of a sequence. With the 151-token prompt head
+   in front of the drill's own rows, its loss went from 0.27 to 15 nats. Drill rows after the prompt head,
+   and lookup rows (the pick after "born in" is the town that followed "born in", not "in"), took the
+   town to top-1 23%, median rank 1, 2.6 nats in 600 more steps.
+5. bf16 autocast made the 128-wide drill step 15x slower than float32 on a CPU without bf16 units, and
+   with SmolLM2's vocabulary the output layer was ~90% of the model's compute: hence FP32 and the world
+   tokenizer.
+What the default instrument does at the start of RL: ``--properties`` (bench/results/credit_properties.txt).
 Everything RL does to it is train.py's own loop (``train.main``), nothing of the algorithm is re-implemented.
 
 THE DESIGN. Paired: a seed's methods start from the same warm-start folder (``--model``, ``--warmstart-steps
@@ -112,7 +123,7 @@ PARTS = {
                    {"grpo_or": ("GRPO-OR", "grpo_or", []), "grpo_mr": ("GRPO-MR", "grpo_mr", []),
                     "mt_grpo": ("MT-GRPO", "mt_grpo", [])},
                    [("mt_grpo", "grpo_mr"), ("mt_grpo", "grpo_or"), ("grpo_mr", "grpo_or")],
-                   [("exact_match", "EM"), ("found", "search found it"), ("pick", "EM | found"),
+                   [("exact_match", "EM"), ("found", "search found it"),
                     ("tool_call_rate", "tool-call rate")],
                    ["exact_match", "search_answer", "tool_call_rate", "reward_turn", "reward_outcome"]),
     "k3": Part("k3", "Credit assignment, K = 3 (the credit world's one-hop and two-hop questions)", "hops_train",
@@ -171,61 +182,150 @@ def init_worker(threads: int) -> None:
 
 # ------------------------------------------------------------------------------------------ the instrument
 
+# FP32: the instrument trains and samples in float32. On a CPU without AVX-512 bf16 (an AMD EPYC, where the
+# benchmark's figures were measured) bf16 autocast made a 128-wide drill step 15x slower (4.4 s against
+# 0.3 s, 64 rows) and bf16 sampling 2.4x slower (5.5 s against 2.3 s for 32 episodes); where the CPU has
+# bf16 units the gain at this width is small, so float32 is the choice that is never a trap.
 
-def copy_drill(tok, seed: int, rows: int = 16, lengths: tuple[int, int] = (4, 24), gaps: tuple[int, int] = (0, 160)):
-    """``step -> (ids, attn, turn)``: per row, a random span of one-word tokens, a random gap of other
-    such tokens, then the span again, trained on the repeat (right-padded). Predicting the repeat needs an
-    attention head that finds where the current token was seen before and copies the token after it,
-    which the search task needs at every name. The span's length and the gap vary from row to row so the
-    head cannot learn a fixed offset instead: with one constant length (12, no gap) the drill's loss fell
-    to 0.39 while the instrument still did not copy a single name in the task (a positional shortcut)."""
+
+def copy_drill(tok, seed: int, rows: int = 64, lengths: tuple[int, int] = (2, 12), gaps: tuple[int, int] = (0, 160),
+               ramp: int = 400, lookup: float = 0.0, prefix: list[int] = (), prefixed: float = 0.5):
+    """``step -> (ids, attn, turn)``: rows of one-word tokens, trained (``turn`` 1) where a copy is due.
+
+    A repeat row: a random span, a random gap of other words, then the span again, trained on the
+    repeat (less its first token). Predicting it needs an attention head that finds where the current
+    token was seen before and copies the token after it, which the search task needs at every name.
+    The span's length and the gap vary from row to row so the head cannot learn a fixed offset instead:
+    with one constant length (12, no gap) the drill's loss fell to 0.39 while the instrument still did
+    not copy a single name in the task (a positional shortcut). The longest gap grows from 32 to
+    ``gaps[1]`` over the first ``ramp`` steps: with gaps up to 160 from the start and 16 rows a step, the
+    loss sat at the unigram level (10.25 after 600 steps); 64 rows and short gaps first let the copying
+    head form (measured on a 128 x 2 model: loss 9.4 -> 2.4 between steps 125 and 375).
+
+    A lookup row (a ``lookup`` share of the rows): 2-4 facts "key link value" with one link word for
+    the row ("Fay was born in Rome, Fay studied in Oslo" has the shape: the token before the value does
+    not say which value), a gap, then the keys again in another order, each followed by its link and
+    trained on its value. This is the passage's pick: after "born in" the town is the one that followed
+    "born in", not another that followed "in"; the repeat rows alone do not teach a key two tokens back.
+
+    ``prefix`` (token ids; the task's prompt head) starts a ``prefixed`` share of the rows: heads that
+    learned to copy only from the start of a sequence did not copy after the 151-token chat prompt (the
+    drill's loss went from 0.27 to 15 nats with it in front), and in the task every copy comes after it."""
     import torch
 
     pool = sorted(i for t, i in tok.get_vocab().items() if re.fullmatch("\u0120[A-Za-z]{3,9}", t))
     rng = random.Random(seed)
 
+    def repeat_row(longest):
+        span = [rng.choice(pool) for _ in range(rng.randint(*lengths))]
+        gap = [rng.choice(pool) for _ in range(rng.randint(gaps[0], longest))]
+        return span + gap + span, [0] * (len(span + gap) + 1) + [1] * (len(span) - 1)
+
+    def lookup_row(longest):
+        facts = [(rng.choice(pool), rng.choice(pool)) for _ in range(rng.randint(2, 4))]
+        facts = list(dict(facts).items())  # one value a key
+        link = rng.choice(pool)
+        ids = [t for k, v in facts for t in (k, link, v)]
+        ids += [rng.choice(pool) for _ in range(rng.randint(gaps[0], min(longest, 40)))]
+        mask = [0] * len(ids)
+        for k, v in rng.sample(facts, len(facts)):
+            ids += [k, link, v]
+            mask += [0, 0, 1]
+        return ids, mask
+
     def batch(step):
-        seqs = []
-        for _ in range(rows):
-            span = [rng.choice(pool) for _ in range(rng.randint(*lengths))]
-            gap = [rng.choice(pool) for _ in range(rng.randint(*gaps))]
-            seqs.append((span + gap, span))
-        width = max(len(a) + len(b) for a, b in seqs)
+        longest = gaps[1] if step >= ramp else min(gaps[1], 32 + (gaps[1] - 32) * step // max(ramp, 1))
+        seqs = [(lookup_row if lookup and rng.random() < lookup else repeat_row)(longest) for _ in range(rows)]
+        seqs = [(list(prefix) + r, [0] * len(prefix) + m) if prefix and rng.random() < prefixed else (r, m)
+                for r, m in seqs]  # (no draw where a share is 0: the plain drill's rows stay as they were)
+        width = max(len(ids) for ids, _ in seqs)
         ids = torch.full((rows, width), tok.pad_token_id, dtype=torch.long)
         attn, turn = torch.zeros_like(ids), torch.zeros_like(ids)
-        for i, (head, span) in enumerate(seqs):
-            n = len(head) + len(span)
-            ids[i, :n] = torch.tensor(head + span)
-            attn[i, :n] = 1
-            turn[i, len(head) + 1:n] = 1  # the repeat, less its first token (not predictable)
+        for i, (row, mask) in enumerate(seqs):
+            ids[i, :len(row)] = torch.tensor(row)
+            attn[i, :len(row)] = 1
+            turn[i, :len(row)] = torch.tensor(mask)
         return ids, attn, turn
     return batch
 
 
-def build_instrument(args, paths: dict) -> Path:
-    """out/instrument: a small Llama trained from scratch (copy drill, then both tasks' varied
-    demonstrations with the drill alongside), shared by every seed and both parts."""
-    folder = Path(args.out) / "instrument"
+def prompt_head(tok) -> list[int]:
+    """The ids every episode starts with: the system prompt and the user message's opening."""
+    import env
+
+    marker = "\x00"
+    text = tok.apply_chat_template([{"role": "system", "content": env.SYSTEM_PROMPT},
+                                    {"role": "user", "content": marker}], tokenize=False)
+    return tok(text.split(marker)[0], add_special_tokens=False)["input_ids"]
+
+
+def world_tokenizer(paths: dict, seed: int):
+    """A byte-level BPE tokenizer trained on the world's own text (its passages, questions, the system
+    prompt and varied demonstrations), with SmolLM2's special tokens and chat template, so every prompt
+    renders exactly as it does for SmolLM2. Every name of the world is one token (checked). Its ~3k
+    entries against SmolLM2's 49k make the output layer, nine tenths of a 128-wide model's compute at
+    49k, a small share, and the copy drill's words are the world's own, not 20k words the task never uses."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    cached = Path(paths["corpus"]).parent / f"tokenizer-seed{seed}"  # beside the world's files, built once
+    if (cached / "tokenizer.json").is_file():
+        return AutoTokenizer.from_pretrained(cached)
+    import env
+    import search
+    import warmstart
+    from common import tokenizer
+
+    smol = tokenizer()
+    corpus = data.read_jsonl(paths["corpus"])
+    questions = [q for key in ("train", "eval", "hops_train", "hops_eval") for q in data.load_questions(paths[key])]
+    names = sorted({w.strip(".,") for c in corpus for w in c["text"].split() if w[:1].isupper()})
+    index, rng = search.load_index(paths["corpus"]), random.Random(seed)
+    guesses = sorted({q["answer"] for q in questions})
+    texts = [env.SYSTEM_PROMPT] * 50 + [c["text"] for c in corpus] + [q["question"] for q in questions]
+    texts += [" " + n for n in names for _ in range(2)]  # so even a name read once is merged whole
+    texts += [t for q in rng.sample(questions, 2000) for t in warmstart.credit_turns(q, index, 1, rng, guesses)]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    specials = [smol.unk_token, smol.bos_token, smol.eos_token]  # ids 0, 1, 2 as in SmolLM2
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=8192, min_frequency=2, special_tokens=specials, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))  # every byte: any text still encodes
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token=smol.unk_token, bos_token=smol.bos_token,
+                                  eos_token=smol.eos_token, pad_token=smol.pad_token)
+    tok.chat_template = smol.chat_template
+    split = [n for n in names if len(tok.encode(" " + n)) != 1]
+    if split:
+        raise SystemExit(f"the world tokenizer splits {len(split)} names (e.g. {split[:3]}); raise its vocab_size")
+    tmp = cached.with_name(cached.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tok.save_pretrained(tmp)
+    shutil.rmtree(cached, ignore_errors=True)
+    os.replace(tmp, cached)
+    return tok
+
+
+def build_drilled(args, paths: dict) -> Path:
+    """out/drilled: a small Llama trained from scratch on the copy drill alone (with the tokenizer of
+    --vocab), the stage both the instrument and experiments with other demonstrations start from."""
+    folder = Path(args.out) / "drilled"
     if (folder / "stage.json").is_file():
         return folder
-    with logged(Path(args.out) / "logs" / "instrument.log"):
+    with logged(Path(args.out) / "logs" / "drilled.log"):
         import torch
 
-        import search
-        import train
-        import warmstart
         from common import random_llama, tokenizer
         from policy import token_logprobs
 
         t0 = time.time()
-        tok = tokenizer()
+        tok = world_tokenizer(paths, args.world_seed) if args.vocab == "world" else tokenizer()
         model = random_llama(tok, args.hidden, args.layers, seed=args.world_seed).train()
-        drill = copy_drill(tok, args.world_seed)
-        t_drill = time.time()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=args.instrument_lr)
+        drill, t_drill = copy_drill(tok, args.world_seed), time.time()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=args.drill_lr)
         for step in range(args.drill_steps):
             ids, attn, turn = drill(step)
-            logp = token_logprobs(model, ids, attn, turn, True)
+            logp = token_logprobs(model, ids, attn, turn, False)  # fp32: see FP32
             loss = -(logp * (turn[:, 1:] > 0)).sum() / (turn[:, 1:] > 0).sum()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -233,17 +333,40 @@ def build_instrument(args, paths: dict) -> Path:
             optimizer.zero_grad(set_to_none=True)
             if step % 50 == 0 or step == args.drill_steps - 1:
                 print(f"copy drill step {step + 1}: loss {loss.item():.3f}", flush=True)
-        t_drill, t_demo = time.time() - t_drill, time.time()
-        questions = data.load_questions(paths["train"]) + data.load_questions(paths["hops_train"])
-        ws = warmstart.run(model, tok, search.load_index(paths["corpus"]), questions,
-                           train.env_config(train.Config(**K3_ENV)), steps=args.instrument_steps,
-                           lr=args.instrument_lr, batch=16, seed=args.world_seed, bf16=True, micro_batch=4,
-                           style="varied", drill=drill if args.drill_steps else None)
-        print(f"demonstrations: {ws}", flush=True)
-        save_model(model, tok, folder, {"hidden": args.hidden, "layers": args.layers, "drill_steps": args.drill_steps,
-                                        "instrument_steps": args.instrument_steps, "warm_start": ws,
-                                        "drill_seconds": t_drill, "demo_seconds": time.time() - t_demo,
+        save_model(model, tok, folder, {"hidden": args.hidden, "layers": args.layers, "vocab": len(tok),
+                                        "drill_steps": args.drill_steps, "drill_loss": loss.item() if args.drill_steps
+                                        else None, "drill_seconds": time.time() - t_drill,
                                         "minutes": (time.time() - t0) / 60})
+    return folder
+
+
+def build_instrument(args, paths: dict) -> Path:
+    """out/instrument: out/drilled after both tasks' varied demonstrations, with the drill alongside;
+    shared by every seed and both parts."""
+    folder = Path(args.out) / "instrument"
+    if (folder / "stage.json").is_file():
+        return folder
+    drilled = build_drilled(args, paths)
+    with logged(Path(args.out) / "logs" / "instrument.log"):
+        import search
+        import train
+        import warmstart
+        from policy import load_policy
+
+        t0 = time.time()
+        model, tok = load_policy(str(drilled))
+        questions = data.load_questions(paths["train"]) + data.load_questions(paths["hops_train"])
+        ws = warmstart.run(model.train(), tok, search.load_index(paths["corpus"]), questions,
+                           train.env_config(train.Config(**K3_ENV)), steps=args.instrument_steps,
+                           lr=args.instrument_lr, batch=16, seed=args.world_seed, bf16=False, micro_batch=4,
+                           style="varied", drill=copy_drill(tok, args.world_seed + 1, rows=32, ramp=0, lookup=0.5,
+                                                            prefix=prompt_head(tok), prefixed=1.0)
+                           if args.drill_steps else None)  # kept up alongside, at full gaps, always after the prompt
+        print(f"demonstrations: {ws}", flush=True)
+        drill_info = json.loads((drilled / "stage.json").read_text())
+        save_model(model, tok, folder, {**drill_info, "instrument_steps": args.instrument_steps, "warm_start": ws,
+                                        "demo_seconds": time.time() - t0,
+                                        "minutes": drill_info["minutes"] + (time.time() - t0) / 60})
     return folder
 
 
@@ -268,7 +391,7 @@ def seed_start(job) -> str:
                 ws = warmstart.run(model, tok, search.load_index(paths["corpus"]),
                                    data.load_questions(paths[part.train_key]), train.env_config(train.Config(**part.env)),
                                    steps=args.warmstart_steps, lr=args.instrument_lr, batch=16, seed=1000 + seed,
-                                   micro_batch=4, style="varied")
+                                   micro_batch=4, style="varied", bf16=False)
             save_model(model, tok, folder, {"warm_start": ws, "seconds": time.time() - t0})
         evaluate_point(args, part, folder, folder / "eval-step0.json", 0, paths)
     return str(folder)
@@ -284,6 +407,8 @@ def evaluate_point(args, part: Part, model_dir: Path, path: Path, step: int, pat
         return json.loads(path.read_text())
     import dataclasses
 
+    import torch
+
     import eval as ev
     import search
     import train
@@ -294,7 +419,7 @@ def evaluate_point(args, part: Part, model_dir: Path, path: Path, step: int, pat
     index = search.load_index(paths["corpus"])
     env_cfg = dataclasses.replace(train.env_config(train.Config(**part.env)), temperature=0.0)
     model, tok = load_policy(str(model_dir))
-    policy = CachedPolicy(model.eval(), tok, seed=0)
+    policy = CachedPolicy(model.eval(), tok, seed=0, dtype=torch.float32)
     groups = {"all": rows}
     if part.name == "k3":
         groups = {"one_hop": [q for q in rows if q["hops"] == 1], "two_hop": [q for q in rows if q["hops"] == 2]}
@@ -310,8 +435,8 @@ def endpoints(part: Part, scores: dict) -> dict:
     if part.name == "credit":
         r = scores["all"]
         found = r["search_answer"] / 0.5  # the share of episodes whose first result held the answer
-        return {"exact_match": r["exact_match"], "found": found, "tool_call_rate": r["tool_call_rate"],
-                "pick": r["exact_match"] / found if found else math.nan}
+        # (EM / found is no pick rate: a guess without a search can be right too)
+        return {"exact_match": r["exact_match"], "found": found, "tool_call_rate": r["tool_call_rate"]}
     one, two = scores["one_hop"], scores["two_hop"]
     return {"exact_match": (one["exact_match"] + two["exact_match"]) / 2, "one_hop_em": one["exact_match"],
             "two_hop_em": two["exact_match"], "one_hop_calls": one["calls_per_episode"],
@@ -363,6 +488,7 @@ def rl_run(job) -> str:
                     "--method", train_method, *extra, "--seed", str(seed), "--max-steps", str(point),
                     "--G", str(args.G), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
                     "--save-every", str(args.eval_every), "--sample-every", "0", "--threads", str(args.threads),
+                    "--no-bf16", "--sampler-dtype", "float32",
                     "--output-dir", str(folder)]
             # continuing a run that already reached ``point`` (killed during its evaluation) trains nothing
             if train.main(argv + (["--resume"] if checkpoint.is_file() else [])) != 0:
@@ -489,8 +615,9 @@ def report(args, part: Part, minutes: float | None = None) -> str:
 
 def setup_text(args, part: Part, paths: dict) -> str:
     info = json.loads((Path(args.out) / "instrument" / "stage.json").read_text())
+    n_held = len(data.read_jsonl(paths[part.eval_key]))
     return (f"World seed {args.world_seed}: {len(data.read_jsonl(paths[part.train_key])):,} training questions, "
-            f"the first {args.eval_n} of {len(data.read_jsonl(paths[part.eval_key]))} held-out ones (people never "
+            f"the first {min(args.eval_n, n_held)} of {n_held} held-out ones (people never "
             f"trained on), {len(data.read_jsonl(paths['corpus']))} passages. Instrument: Llama {info['hidden']} x "
             f"{info['layers']} from scratch, {info['drill_steps']} copy-drill steps, {info['instrument_steps']} "
             f"steps on varied demonstrations; per seed {args.warmstart_steps} more. RL: {args.steps} steps of "
@@ -576,6 +703,14 @@ def name_loss(model, tok, index, rows: list[dict], cfg) -> float:
     return float(-logp[sel].mean()) if sel.any() else math.nan
 
 
+def wilson(k: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The 95% Wilson score interval of a proportion k / n (sound near 0, where the normal one is not)."""
+    p, d = k / n, 1 + z * z / n
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    centre = (p + z * z / (2 * n)) / d
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 def properties(args, paths: dict) -> str:
     """(a)-(c) of the credit task, measured: the hit rates of the queries (no model), and the seed-0 start's
     behaviour (builds the instrument and that warm start when they are missing)."""
@@ -604,6 +739,8 @@ def properties(args, paths: dict) -> str:
     seed_start((args, "credit", 0, paths))
     import dataclasses
 
+    import torch
+
     import env
     import rewards
     import train
@@ -611,7 +748,7 @@ def properties(args, paths: dict) -> str:
     from sampler import CachedPolicy
 
     model, tok = load_policy(str(Path(args.out) / "credit" / "warmstart-seed0"))
-    policy = CachedPolicy(model.eval(), tok, seed=0)
+    policy = CachedPolicy(model.eval(), tok, seed=0, dtype=torch.float32)
     rows = random.Random(0).sample(train_rows, min(args.property_n, len(train_rows)))
     cfg = train.env_config(train.Config(**CREDIT_ENV))
     trajs = env.rollout(policy, tok, [q["question"] for q in rows], 1, index, cfg)
@@ -624,11 +761,13 @@ def properties(args, paths: dict) -> str:
     lines.append(f"(a, measured) the seed-0 start, sampled at temperature 1 on {n} training questions: the search found "
                  f"the answer in {sum(found) / n:.3f} of the episodes, and of those the answer was right in "
                  f"{sum(e for e, f in zip(em, found) if f) / max(1, sum(found)):.3f} (R^O's exact match 0 in the rest).")
-    lines.append(f"(c) at the start of RL (the same rollouts): EM {sum(em) / n:.3f}, tool-call rate "
-                 f"{stats['tool_call_rate']:.3f}, the right query in {sum(right_query) / n:.3f} of the episodes.")
+    lines.append(f"(c) at the start of RL (the same rollouts): EM {sum(em) / n:.3f} (95% Wilson interval "
+                 f"{'-'.join(f'{x:.3f}' for x in wilson(sum(em), n))}), tool-call rate {stats['tool_call_rate']:.3f}, "
+                 f"the right query in {sum(right_query) / n:.3f} of the episodes.")
     lines.append(f"    copying, teacher-forced on {len(rows)} varied demonstrations: {name_loss(model, tok, index, rows, cfg):.2f} "
                  f"nats per name token the demonstration writes (a name read in the question or a result; "
-                 f"0 is a perfect copy, ln 49,152 = 10.8 a uniform guess over the vocabulary)")
+                 f"0 is a perfect copy, ln {len(tok):,} = {math.log(len(tok)):.1f} a uniform guess over the vocabulary; "
+                 f"the guesses and wrong picks among them cannot be copied, so part of it is irreducible)")
     info = json.loads((Path(args.out) / "instrument" / "stage.json").read_text())
     lines.append(f"    the instrument: Llama {info['hidden']} x {info['layers']}, {info['drill_steps']} copy-drill steps, "
                  f"{info['instrument_steps']} demonstration steps (loss {info['warm_start']['first_loss']:.2f} -> "
@@ -664,10 +803,13 @@ def parse_args(argv=None):
     ap.add_argument("--batch-size", type=int, default=32, help="rollouts per RL step")
     ap.add_argument("--lr", type=float, default=2e-4, help="RL learning rate (the small model needs more than 2e-5)")
     ap.add_argument("--hidden", type=int, default=128, help="the instrument's hidden size (a multiple of 64)")
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--drill-steps", type=int, default=600, help="copy-drill steps of the instrument")
-    ap.add_argument("--instrument-steps", type=int, default=300, help="its supervised steps on varied demonstrations")
-    ap.add_argument("--instrument-lr", type=float, default=2e-3)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--vocab", choices=("world", "smollm2"), default="world",
+                    help="the instrument's tokenizer: BPE trained on the world's text (~3k tokens) or SmolLM2's (49k)")
+    ap.add_argument("--drill-steps", type=int, default=800, help="copy-drill steps of the instrument")
+    ap.add_argument("--instrument-steps", type=int, default=900, help="its supervised steps on varied demonstrations")
+    ap.add_argument("--drill-lr", type=float, default=2e-3)
+    ap.add_argument("--instrument-lr", type=float, default=1e-3, help="its demonstration steps' and the seeds' warm starts' lr")
     ap.add_argument("--warmstart-steps", type=int, default=30, help="per seed, more steps on the part's demonstrations")
     ap.add_argument("--property-n", type=int, default=128, help="sampled episodes behind properties (a) and (c)")
     ap.add_argument("--out", default="runs/bench-credit")

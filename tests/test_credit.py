@@ -68,6 +68,43 @@ def test_the_question_as_query_fails_where_a_decoy_is_named_and_the_right_query_
             assert index.search(f"the town {q['town']}", 1)[0]["id"] == f"town-{q['town']}"
 
 
+@pytest.fixture(scope="module")
+def world_tok(world):
+    return bench_credit.world_tokenizer(world, 0)
+
+
+def test_the_world_tokenizer_keeps_names_whole_and_renders_prompts_as_smollm2(tok, world, world_tok):
+    assert len(world_tok) < 5000  # the point of it: a small output layer
+    names = {w.strip(".,") for p in data.read_jsonl(world["corpus"]) for w in p["text"].split() if w[:1].isupper()}
+    assert all(len(world_tok(" " + n, add_special_tokens=False)["input_ids"]) == 1 for n in names)
+    messages = [{"role": "system", "content": env.SYSTEM_PROMPT}, {"role": "user", "content": "Where? Ünïcode 🙂"}]
+    render = dict(tokenize=False, add_generation_prompt=True)
+    assert world_tok.apply_chat_template(messages, **render) == tok.apply_chat_template(messages, **render)
+    text = 'Any text at all: {"query": "Zürich ☃"}\n<|im_end|>'
+    assert world_tok.decode(world_tok(text, add_special_tokens=False)["input_ids"]) == text  # byte-level: lossless
+    assert (world_tok.eos_token_id, world_tok.pad_token_id) == (tok.eos_token_id, tok.pad_token_id)
+    assert bench_credit.world_tokenizer(world, 0).get_vocab() == world_tok.get_vocab()  # cached, the same
+
+
+def test_the_copy_drill_trains_the_repeat_and_the_lookups_value(world_tok):
+    ids, attn, turn = bench_credit.copy_drill(world_tok, 0, rows=64, gaps=(0, 20), lookup=0.5)(0)
+    kinds = {"repeat": 0, "lookup": 0}
+    for row, a, t in zip(ids.tolist(), attn.tolist(), turn.tolist()):
+        n = sum(a)
+        trained = [p for p in range(n) if t[p]]
+        assert trained and trained[-1] == n - 1 and not any(t[n:])
+        if trained == list(range(trained[0], n)):  # a repeat: the row ends with its first tokens again
+            span = n - trained[0] + 1
+            assert row[n - span:n] == row[:span]
+            kinds["repeat"] += 1
+        else:  # a lookup: each value follows the key and link it followed the first time they were written
+            for p in trained:
+                first = next(q for q in range(2, n) if row[q - 2:q] == row[p - 2:p])
+                assert first < p and row[first] == row[p]
+            kinds["lookup"] += 1
+    assert min(kinds.values()) > 16, kinds
+
+
 def test_the_varied_demonstrator_does_every_thing_some_of_the_time(tok, world, index):
     cfg = env.EnvConfig(**bench_credit.K3_ENV)
     rows = random.Random(0).choices(data.read_jsonl(world["train"]), k=120)
@@ -93,6 +130,8 @@ def test_statistics():
     mean, half = plot.mean_ci95([1.0, 2.0, 3.0])
     assert mean == 2.0 and half == pytest.approx(4.303 * 1.0 / math.sqrt(3))
     assert bench_credit.bootstrap_ci([0.1] * 8) == pytest.approx((0.1, 0.1))
+    assert bench_credit.wilson(5, 128) == pytest.approx((0.0168, 0.0882), abs=1e-4)  # 5/128, by hand
+    assert bench_credit.wilson(0, 10)[0] == 0.0 and bench_credit.wilson(10, 10)[1] == 1.0
     lo, hi = bench_credit.bootstrap_ci([0.0, 0.1, 0.2, 0.3, 0.1, 0.2, 0.0, 0.3])
     assert 0.0 < lo < 0.15 < hi < 0.3 and bench_credit.bootstrap_ci([0.0, 0.1, 0.2, 0.3, 0.1, 0.2, 0.0, 0.3]) == (lo, hi)
     d = [0.0, 0.1, 0.2, 0.3]
