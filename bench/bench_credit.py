@@ -159,15 +159,22 @@ def write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
-def save_model(model, tok, folder: Path, info: dict) -> None:
-    """Atomically: a killed stage never leaves a folder that looks finished."""
+@contextlib.contextmanager
+def atomic_folder(folder: Path):
+    """A temporary folder that replaces ``folder`` only once the block has finished: a killed stage never
+    leaves a folder that looks finished."""
     tmp = folder.with_name("." + folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    write_json(tmp / "stage.json", info)
+    yield tmp
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)
+
+
+def save_model(model, tok, folder: Path, info: dict) -> None:
+    with atomic_folder(folder) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        write_json(tmp / "stage.json", info)
 
 
 def init_worker(threads: int) -> None:
@@ -249,14 +256,12 @@ def copy_drill(tok, seed: int, rows: int = 64, lengths: tuple[int, int] = (2, 12
     return batch
 
 
-def prompt_head(tok) -> list[int]:
-    """The ids every episode starts with: the system prompt and the user message's opening."""
+def prompt_head(tok, env_cfg) -> list[int]:
+    """The ids every episode's prompt starts with: env.build_prompt's, up to where the question begins."""
     import env
 
-    marker = "\x00"
-    text = tok.apply_chat_template([{"role": "system", "content": env.SYSTEM_PROMPT},
-                                    {"role": "user", "content": marker}], tokenize=False)
-    return tok(text.split(marker)[0], add_special_tokens=False)["input_ids"]
+    a, b = env.build_prompt(tok, "a", env_cfg), env.build_prompt(tok, "b", env_cfg)
+    return a[:next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)]
 
 
 def world_tokenizer(paths: dict, seed: int):
@@ -298,11 +303,8 @@ def world_tokenizer(paths: dict, seed: int):
     split = [n for n in names if len(tok.encode(" " + n)) != 1]
     if split:
         raise SystemExit(f"the world tokenizer splits {len(split)} names (e.g. {split[:3]}); raise its vocab_size")
-    tmp = cached.with_name(cached.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tok.save_pretrained(tmp)
-    shutil.rmtree(cached, ignore_errors=True)
-    os.replace(tmp, cached)
+    with atomic_folder(cached) as tmp:
+        tok.save_pretrained(tmp)
     return tok
 
 
@@ -355,12 +357,13 @@ def build_instrument(args, paths: dict) -> Path:
 
         t0 = time.time()
         model, tok = load_policy(str(drilled))
+        env_cfg = train.env_config(train.Config(**K3_ENV))
         questions = data.load_questions(paths["train"]) + data.load_questions(paths["hops_train"])
         ws = warmstart.run(model.train(), tok, search.load_index(paths["corpus"]), questions,
-                           train.env_config(train.Config(**K3_ENV)), steps=args.instrument_steps,
+                           env_cfg, steps=args.instrument_steps,
                            lr=args.instrument_lr, batch=16, seed=args.world_seed, bf16=False, micro_batch=4,
                            style="varied", drill=copy_drill(tok, args.world_seed + 1, rows=32, ramp=0, lookup=0.5,
-                                                            prefix=prompt_head(tok), prefixed=1.0)
+                                                            prefix=prompt_head(tok, env_cfg), prefixed=1.0)
                            if args.drill_steps else None)  # kept up alongside, at full gaps, always after the prompt
         print(f"demonstrations: {ws}", flush=True)
         drill_info = json.loads((drilled / "stage.json").read_text())
