@@ -155,6 +155,14 @@ def varied_demonstrations(tokenizer, index, questions: list[dict], env_cfg: env.
     return [t for t in trajectories if not t.truncated]
 
 
+def token_loss(model, ids, attn, turn, bf16: bool, n_tokens: int | None = None) -> torch.Tensor:
+    """Next-token loss over the model-written tokens (turn > 0) of a packed batch: their summed -log pi
+    divided by ``n_tokens`` (default: their count, the mean; a micro-batch passes its whole batch's count)."""
+    ids, attn, turn = (x.to(model.device) for x in (ids, attn, turn))
+    written = turn[:, 1:] > 0
+    return -(token_logprobs(model, ids, attn, turn, bf16) * written).sum() / (n_tokens or written.sum())
+
+
 def run(model, tokenizer, index, questions: list[dict], env_cfg: env.EnvConfig, steps: int,
         lr: float = 5e-5, batch: int = 8, seed: int = 0, bf16: bool = True, micro_batch: int = 4,
         style: str = "protocol", drill=None) -> dict:
@@ -183,15 +191,11 @@ def run(model, tokenizer, index, questions: list[dict], env_cfg: env.EnvConfig, 
         n_tokens = sum(sum(k > 0 for k in t.turn_idx) for t in chunk)
         loss = 0.0
         for j in range(0, batch, micro_batch):
-            ids, attn, turn = (x.to(model.device) for x in pack(chunk[j:j + micro_batch], tokenizer.pad_token_id))
-            logp = token_logprobs(model, ids, attn, turn, bf16)
-            part = -(logp * (turn[:, 1:] > 0)).sum() / n_tokens
+            part = token_loss(model, *pack(chunk[j:j + micro_batch], tokenizer.pad_token_id), bf16, n_tokens)
             part.backward()
             loss += part.item()
         if drill is not None:
-            ids, attn, turn = (x.to(model.device) for x in drill(s))
-            logp = token_logprobs(model, ids, attn, turn, bf16)
-            (-(logp * (turn[:, 1:] > 0)).sum() / (turn[:, 1:] > 0).sum()).backward()
+            token_loss(model, *drill(s), bf16).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -119,6 +119,9 @@ def main(argv=None) -> int:
     p.add_argument("--model", default=None, help="a model folder instead of SmolLM2-135M (the smoke test's tiny one)")
     p.add_argument("--G", type=int, default=0, help="rollouts per question (0: train.py's default); 2 questions a step")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "cpu_step.txt"))
+    p.add_argument("--peak-sizes", type=int, nargs="+", default=[1024, 2048, 3072],
+                   help="square matmul sizes behind the bf16 peak (small ones only to smoke-test: on a CPU without "
+                        "bf16 units a 3072 product takes minutes)")
     args = p.parse_args(argv)
     set_threads(args.threads)
     quiet_transformers()
@@ -127,7 +130,7 @@ def main(argv=None) -> int:
     from bench_step import matmul_peak
 
     rows = timed_steps(args)
-    write_result(args.out, report(args, rows, matmul_peak(torch.bfloat16)))
+    write_result(args.out, report(args, rows, matmul_peak(torch.bfloat16, tuple(args.peak_sizes))))
     return 0
 
 

@@ -74,6 +74,30 @@ so at n = 8 no design here detects less than ~0.05 (5 EM points); training noise
 results file states them beside each difference. Measured pilot timing and the full run's estimate: see
 the README section "The paper's comparison in miniature".
 
+THE REALISTIC CHECK (``--policy smollm2``): the same task, protocol and loop with SmolLM2-135M-Instruct as the
+policy, warm-started per seed by ``--warmstart-steps`` on the part's varied demonstrations at train.py's
+warm-start lr, RL at train.py's lr. Its cost on this CPU (float32, measured by a pilot: 123 s an RL step of
+32 rollouts, 1.8 s a held-out question, 33 s a warm-start step) allows, in about 90 min, the design fixed
+before it ran: part "credit", seeds 0-2, 10 warm-start steps, 10 RL steps of 16 rollouts (2 questions x G 8),
+greedy held-out evaluation on 64 questions at steps 0, 5 and 10:
+
+    python bench/bench_credit.py --policy smollm2 --part credit --seeds 0 1 2 --steps 10 --batch-size 16 \
+        --eval-n 64 --warmstart-steps 10 --out runs/credit-smollm2 --jobs 2 --threads 1
+
+Three seeds give no power: two greedy EMs on 64 questions at p ~ 0.1 differ by sd 0.053 from the evaluation
+alone, so a paired mean over 3 seeds detects nothing under ~0.15. It asks one question the instrument cannot
+answer: does a pretrained LLM, in the same loop, start in the same regime and move the same way? Results:
+credit_smollm2.md, read beside credit.md as a direction, not as a measurement.
+What came out (step 10, held-out EM, seeds 0/1/2): GRPO-OR 0.98/0.75/0.83, GRPO-MR 0.89/0.70/0.19 (its
+search collapsed in seed 2), MT-GRPO 0.94/0.69/0.77, from starts 0.33/0.38/0.00. Every method learns the
+task and MT-GRPO is not ahead of GRPO-OR (-4.6 to -6.2 points a seed, inside the evaluation's noise). The
+sampled start is like the instrument's (step-1 EM 0.10, answer found 0.25; the instrument 0.07, 0.22), but a
+pretrained reader learns the pick within a few steps (EM 0.80-0.85 with the answer found in 0.98-1.00
+at step 10), after which R^O pays for every good search. The instrument's pick stays near 1/3, so R^O
+keeps scoring good searches as 0, and that is where turn-level credit helps. The instrument's limit: its
+result holds where the second turn stays hard after a right first turn; this world's second turn does not
+stay hard for SmolLM2.
+
 Every stage is cached under ``--out`` (instrument, warm starts, run segments, evaluations) and skipped
 when it exists, so a killed benchmark continues where it stopped. Results: ``--results``/credit.md,
 credit_curves.png, credit_training.png, and the same with credit_k3.
@@ -317,8 +341,8 @@ def build_drilled(args, paths: dict) -> Path:
     with logged(Path(args.out) / "logs" / "drilled.log"):
         import torch
 
+        import warmstart
         from common import random_llama, tokenizer
-        from policy import token_logprobs
 
         t0 = time.time()
         tok = world_tokenizer(paths, args.world_seed) if args.vocab == "world" else tokenizer()
@@ -326,9 +350,7 @@ def build_drilled(args, paths: dict) -> Path:
         drill, t_drill = copy_drill(tok, args.world_seed), time.time()
         optimizer = torch.optim.AdamW(model.parameters(), lr=args.drill_lr)
         for step in range(args.drill_steps):
-            ids, attn, turn = drill(step)
-            logp = token_logprobs(model, ids, attn, turn, False)  # fp32: see FP32
-            loss = -(logp * (turn[:, 1:] > 0)).sum() / (turn[:, 1:] > 0).sum()
+            loss = warmstart.token_loss(model, *drill(step), False)  # fp32: see FP32
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
@@ -373,8 +395,14 @@ def build_instrument(args, paths: dict) -> Path:
     return folder
 
 
+def policy_start(args) -> Path:
+    """The model every seed's warm start begins from: the instrument (--policy instrument, built under --out
+    once) or the embedded SmolLM2-135M-Instruct itself (--policy smollm2, the realistic check)."""
+    return data.embedded_model_dir() if args.policy == "smollm2" else Path(args.out) / "instrument"
+
+
 def seed_start(job) -> str:
-    """out/<part>/warmstart-seed<s>: the instrument after --warmstart-steps more supervised steps on the
+    """out/<part>/warmstart-seed<s>: policy_start after --warmstart-steps supervised steps on the
     part's varied demonstrations with the seed's own draws; then its held-out evaluation (step 0)."""
     args, part, seed, paths = job
     part = PARTS[part]
@@ -388,12 +416,12 @@ def seed_start(job) -> str:
 
             t0 = time.time()
             train.seed_everything(seed)
-            model, tok = load_policy(str(Path(args.out) / "instrument"))
+            model, tok = load_policy(str(policy_start(args)))
             ws = {"steps": 0}
             if args.warmstart_steps:
                 ws = warmstart.run(model, tok, search.load_index(paths["corpus"]),
                                    data.load_questions(paths[part.train_key]), train.env_config(train.Config(**part.env)),
-                                   steps=args.warmstart_steps, lr=args.instrument_lr, batch=16, seed=1000 + seed,
+                                   steps=args.warmstart_steps, lr=args.warmstart_lr, batch=16, seed=1000 + seed,
                                    micro_batch=4, style="varied", bf16=False)
             save_model(model, tok, folder, {"warm_start": ws, "seconds": time.time() - t0})
         evaluate_point(args, part, folder, folder / "eval-step0.json", 0, paths)
@@ -611,29 +639,41 @@ def report(args, part: Part, minutes: float | None = None) -> str:
     if steps:
         lines.append(f"Step time: median {sorted(steps)[len(steps) // 2]:.1f} s over {len(steps)} steps "
                      f"({args.jobs} runs at a time, {args.threads} thread each).")
-    if minutes is not None:
+    root = Path(args.out) / part.name
+    warm = sum(json.loads((root / f"warmstart-seed{s}" / "stage.json").read_text())["seconds"] for s in seeds)
+    held = sum(r["seconds"] for m, by_seed in evals.items() for s, rows in by_seed.items() if s in seeds
+               for r in (rows if m == "start" else rows[1:]))  # a method's rows repeat the start's evaluation first
+    rl = sum(r["step_seconds"] for m in methods for s in seeds for r in training.get(m, {}).get(s, []))
+    lines.append(f"Compute behind these numbers, from the stages' own records: warm starts {warm / 60:.0f} min, RL steps "
+                 f"{rl / 60:.0f} min, held-out evaluations {held / 60:.0f} min of process time, {args.jobs} processes at a time.")
+    if minutes is not None and minutes >= 1:  # below: every stage was cached, the files only re-rendered
         lines.append(f"Wall time of this invocation: {minutes:.0f} min.")
     return "\n".join(lines)
 
 
 def setup_text(args, part: Part, paths: dict) -> str:
-    info = json.loads((Path(args.out) / "instrument" / "stage.json").read_text())
     n_held = len(data.read_jsonl(paths[part.eval_key]))
+    if args.policy == "smollm2":
+        policy = (f"Policy: SmolLM2-135M-Instruct (the embedded model), per seed {args.warmstart_steps} supervised "
+                  f"steps on the part's varied demonstrations at lr {args.warmstart_lr:g}, float32.")
+    else:
+        info = json.loads((Path(args.out) / "instrument" / "stage.json").read_text())
+        policy = (f"Instrument: Llama {info['hidden']} x {info['layers']} from scratch, {info['drill_steps']} copy-drill "
+                  f"steps, {info['instrument_steps']} steps on varied demonstrations; per seed {args.warmstart_steps} more.")
     return (f"World seed {args.world_seed}: {len(data.read_jsonl(paths[part.train_key])):,} training questions, "
             f"the first {min(args.eval_n, n_held)} of {n_held} held-out ones (people never "
-            f"trained on), {len(data.read_jsonl(paths['corpus']))} passages. Instrument: Llama {info['hidden']} x "
-            f"{info['layers']} from scratch, {info['drill_steps']} copy-drill steps, {info['instrument_steps']} "
-            f"steps on varied demonstrations; per seed {args.warmstart_steps} more. RL: {args.steps} steps of "
+            f"trained on), {len(data.read_jsonl(paths['corpus']))} passages. {policy} RL: {args.steps} steps of "
             f"{args.batch_size} rollouts (G {args.G}), lr {args.lr:g}, `train.py {' '.join(part.flags + env_flags(part.env))}`.")
 
 
 def write_results(args, part: Part, paths: dict, minutes: float) -> str:
-    name = "credit" if part.name == "credit" else "credit_k3"
+    name = ("credit" if part.name == "credit" else "credit_k3") + ("_smollm2" if args.policy == "smollm2" else "")
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
     body = report(args, part, minutes)
     command = "python bench/bench_credit.py " + " ".join(sys.argv[1:])
-    text = (f"# {part.title}\n\n`{command}`\n\n{setup_text(args, part, paths)}\n\n{body}\n\n"
+    title = part.title + (": SmolLM2-135M-Instruct, the realistic check" if args.policy == "smollm2" else "")
+    text = (f"# {title}\n\n`{command}`\n\n{setup_text(args, part, paths)}\n\n{body}\n\n"
             f"![held-out curves]({name}_curves.png)\n\n![training curves]({name}_training.png)\n")
     (results / f"{name}.md").write_text(text)
     evals, training = load_part(args, part)
@@ -655,12 +695,14 @@ def timing(args, full=None) -> str:
     the defaults) would take at those rates with its --jobs runs at a time: the pilot's sizing line."""
     full = full or parse_args([])
     out = Path(args.out)
-    inst = json.loads((out / "instrument" / "stage.json").read_text())
-    per_drill = inst["drill_seconds"] / max(1, inst["drill_steps"])
-    per_demo = inst["demo_seconds"] / max(1, inst["instrument_steps"])
-    lines, total = [], per_drill * full.drill_steps + per_demo * full.instrument_steps
-    lines.append(f"instrument: {per_drill:.2f} s per copy-drill step, {per_demo:.2f} s per demonstration step "
-                 f"-> {total / 60:.1f} min at the full size (one process)")
+    lines, total = [], 0.0
+    if args.policy == "instrument":
+        inst = json.loads((out / "instrument" / "stage.json").read_text())
+        per_drill = inst["drill_seconds"] / max(1, inst["drill_steps"])
+        per_demo = inst["demo_seconds"] / max(1, inst["instrument_steps"])
+        total = per_drill * full.drill_steps + per_demo * full.instrument_steps
+        lines.append(f"instrument: {per_drill:.2f} s per copy-drill step, {per_demo:.2f} s per demonstration step "
+                     f"-> {total / 60:.1f} min at the full size (one process)")
     parallel = 0.0
     for name in args.methods_of:
         part, root = PARTS[name], out / name
@@ -804,7 +846,11 @@ def parse_args(argv=None):
     ap.add_argument("--eval-n", type=int, default=192, help="held-out questions (k3: at most 128, half one-hop)")
     ap.add_argument("--G", type=int, default=8)
     ap.add_argument("--batch-size", type=int, default=32, help="rollouts per RL step")
-    ap.add_argument("--lr", type=float, default=2e-4, help="RL learning rate (the small model needs more than 2e-5)")
+    ap.add_argument("--policy", choices=("instrument", "smollm2"), default="instrument",
+                    help="the policy RL trains: the small instrument built here, or SmolLM2-135M-Instruct (the realistic "
+                         "check: ~90 s a step, so fewer seeds; its results files end in _smollm2)")
+    ap.add_argument("--lr", type=float, help="RL learning rate (default: 2e-4 for the instrument, which needs more than "
+                                             "SmolLM2's 2e-5, train.py's default)")
     ap.add_argument("--hidden", type=int, default=128, help="the instrument's hidden size (a multiple of 64)")
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--vocab", choices=("world", "smollm2"), default="world",
@@ -814,6 +860,8 @@ def parse_args(argv=None):
     ap.add_argument("--drill-lr", type=float, default=2e-3)
     ap.add_argument("--instrument-lr", type=float, default=1e-3, help="its demonstration steps' and the seeds' warm starts' lr")
     ap.add_argument("--warmstart-steps", type=int, default=30, help="per seed, more steps on the part's demonstrations")
+    ap.add_argument("--warmstart-lr", type=float, help="their lr (default: --instrument-lr for the instrument, "
+                                                       "train.py's --warmstart-lr for SmolLM2)")
     ap.add_argument("--property-n", type=int, default=128, help="sampled episodes behind properties (a) and (c)")
     ap.add_argument("--out", default="runs/bench-credit")
     ap.add_argument("--results", help="where the tables and plots go (default bench/results)")
@@ -826,6 +874,14 @@ def parse_args(argv=None):
         args.out = str(Path(args.out) / "pilot")
         args.results = args.results or str(Path(args.out) / "results")
     args.results = args.results or str(ROOT / "bench" / "results")
+    import train
+
+    smol = args.policy == "smollm2"
+    args.lr = args.lr if args.lr is not None else train.Config.lr if smol else 2e-4
+    args.warmstart_lr = args.warmstart_lr or (train.Config.warmstart_lr if smol else args.instrument_lr)
+    if smol and args.properties:
+        ap.error("--properties measures the instrument; a SmolLM2 run reports its start (step-0 evaluation and "
+                 "step-1 rollouts) in its results file")
     parts = ["credit", "k3"] if args.part == "both" else [args.part]
     args.methods_of = {p: [m for m in PARTS[p].methods if args.methods is None or m in args.methods] for p in parts}
     unknown = set(args.methods or []) - {m for p in PARTS.values() for m in p.methods}
@@ -848,8 +904,9 @@ def main(argv=None) -> int:
         write_result(Path(args.results) / "credit_properties.txt", f"{command}\n\n{properties(args, paths)}\n")
         return 0
     t0 = time.time()
-    build_instrument(args, paths)
-    print(f"instrument ready ({(time.time() - t0) / 60:.1f} min)", flush=True)
+    if args.policy == "instrument":
+        build_instrument(args, paths)
+    print(f"{args.policy} ready ({(time.time() - t0) / 60:.1f} min)", flush=True)
     parts = [p for p in args.methods_of if args.methods_of[p]]
     starts = [(args, p, s, paths) for p in parts for s in args.seeds]
     runs = [(args, p, m, s, paths) for p in parts for s in args.seeds for m in args.methods_of[p]]  # seed-major

@@ -130,8 +130,10 @@ def hang_after(step: int):
         if args[STEP_ARG] == step:
             if accelerator.is_main_process:
                 (out / "hanging").write_text(str(step))
-            while True:
-                time.sleep(60)
+            parent = os.getppid()
+            while os.getppid() == parent:  # until the job is killed; then go too, never living on as an orphan
+                time.sleep(0.5)
+            os._exit(1)
     train.save_checkpoint = save
 
 

@@ -34,7 +34,7 @@ def test_bench_step(capsys):
 def test_bench_cpu_step(tmp_path, tiny_model_dir, capsys):
     out = tmp_path / "cpu_step.txt"
     assert bench_cpu_step.main(["--model", str(tiny_model_dir), "--G", "2", "--steps", "1", "--warmup", "0",
-                                "--warmstart-steps", "1", "--threads", "1", "--out", str(out)]) == 0
+                                "--warmstart-steps", "1", "--threads", "1", "--peak-sizes", "128", "--out", str(out)]) == 0
     text = out.read_text()
     assert "ratio before/after: step" in text and "| before |" in text and "| after |" in text
 

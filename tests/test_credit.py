@@ -12,6 +12,7 @@ import env
 import plot
 import rewards
 import search
+import train
 import warmstart
 
 
@@ -177,3 +178,25 @@ def test_properties_are_measured_and_written(tmp_path):
                   "the instrument: Llama 64 x 1"):
         assert label in text, label
     assert float(text.split("the right query (\"the <kind> <work>\") ")[1].split(";")[0]) == 1.0  # (b) on this world
+
+
+def test_the_realistic_check_trains_the_embedded_model_in_the_same_loop(tmp_path, tiny_model_dir, monkeypatch):
+    """--policy smollm2 builds no instrument: each seed's warm start begins from the embedded model (here
+    the tiny stand-in, which has SmolLM2's tokenizer) at train.py's learning rates, and its results files
+    are the _smollm2 ones, beside the instrument's."""
+    monkeypatch.setattr(data, "embedded_model_dir", lambda cache_dir=None: tiny_model_dir)
+    args = bench_credit.parse_args(["--policy", "smollm2"])
+    assert (args.lr, args.warmstart_lr) == (train.Config.lr, train.Config.warmstart_lr)
+    assert bench_credit.parse_args([]).lr == 2e-4  # the instrument's own
+    out, results = tmp_path / "runs", tmp_path / "results"
+    argv = [*TINY, "--policy", "smollm2", "--part", "credit", "--methods", "grpo_mr", "mt_grpo", "--out", str(out),
+            "--results", str(results)]
+    assert bench_credit.main(argv) == 0
+    assert not (out / "instrument").exists() and not (results / "credit.md").exists()
+    start = json.loads((out / "credit" / "warmstart-seed0" / "config.json").read_text())
+    assert start["hidden_size"] == json.loads((tiny_model_dir / "config.json").read_text())["hidden_size"]
+    md = (results / "credit_smollm2.md").read_text()
+    for text in ("Policy: SmolLM2-135M-Instruct", "| MT-GRPO - GRPO-MR |", "identical across the methods in 1 of 1 seeds"):
+        assert text in md, text
+    with pytest.raises(SystemExit):
+        bench_credit.parse_args(["--policy", "smollm2", "--properties"])
