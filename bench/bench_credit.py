@@ -92,7 +92,7 @@ What came out (step 10, held-out EM, seeds 0/1/2): GRPO-OR 0.98/0.75/0.83, GRPO-
 search collapsed in seed 2), MT-GRPO 0.94/0.69/0.77, from starts 0.33/0.38/0.00. Every method learns the
 task and MT-GRPO is not ahead of GRPO-OR (-4.6 to -6.2 points a seed, inside the evaluation's noise). The
 sampled start is like the instrument's (step-1 EM 0.10, answer found 0.25; the instrument 0.07, 0.22), but a
-pretrained reader learns the pick within a few steps (EM 0.80-0.85 with the answer found in 0.98-1.00
+pretrained reader learns the pick within 10 steps (EM 0.80-0.85 with the answer found in 0.98-1.00
 at step 10), after which R^O pays for every good search. The instrument's pick stays near 1/3, so R^O
 keeps scoring good searches as 0, and that is where turn-level credit helps. The instrument's limit: its
 result holds where the second turn stays hard after a right first turn; this world's second turn does not
