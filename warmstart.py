@@ -160,7 +160,7 @@ def token_loss(model, ids, attn, turn, bf16: bool, n_tokens: int | None = None) 
     divided by ``n_tokens`` (default: their count, the mean; a micro-batch passes its whole batch's count)."""
     ids, attn, turn = (x.to(model.device) for x in (ids, attn, turn))
     written = turn[:, 1:] > 0
-    return -(token_logprobs(model, ids, attn, turn, bf16) * written).sum() / (n_tokens or written.sum())
+    return -(token_logprobs(model, ids, attn, turn, bf16) * written).sum() / (written.sum() if n_tokens is None else n_tokens)
 
 
 def run(model, tokenizer, index, questions: list[dict], env_cfg: env.EnvConfig, steps: int,

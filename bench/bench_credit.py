@@ -25,7 +25,8 @@ naive normalisation (``--k-turn-normalise naive``: a turn not taken counts as re
 mt_grpo.turn_normalise). A second search on a one-hop question is a turn it does not need; its count
 (held-out calls per episode on one-hop questions) is where the naive version's bias would show.
 
-THE INSTRUMENT. SmolLM2-135M takes ~30-50 s a 16-rollout step on this CPU: far too slow for the power below.
+THE INSTRUMENT. SmolLM2-135M takes 76 s a 16-rollout step on this CPU (THE REALISTIC CHECK): far too slow for
+the power below.
 The policy is a small Llama (``--hidden``, ``--layers``; default 128 x 2) trained from scratch, once per world,
 with a tokenizer of its own (``--vocab world``: world_tokenizer, byte-level BPE trained on the world's text,
 ~3k tokens, SmolLM2's special tokens and chat template, so every prompt renders as for SmolLM2; ``--vocab
@@ -77,9 +78,9 @@ the README section "The paper's comparison in miniature".
 THE REALISTIC CHECK (``--policy smollm2``): the same task, protocol and loop with SmolLM2-135M-Instruct as the
 policy, warm-started per seed by ``--warmstart-steps`` on the part's varied demonstrations at train.py's
 warm-start lr, RL at train.py's lr. Its cost on this CPU (float32, measured by a pilot: 123 s an RL step of
-32 rollouts, 1.8 s a held-out question, 33 s a warm-start step) allows, in about 90 min, the design fixed
-before it ran: part "credit", seeds 0-2, 10 warm-start steps, 10 RL steps of 16 rollouts (2 questions x G 8),
-greedy held-out evaluation on 64 questions at steps 0, 5 and 10:
+32 rollouts, 1.8 s a held-out question, 33 s a warm-start step) allowed, in an estimated 90 min (it took
+115), the design fixed before it ran: part "credit", seeds 0-2, 10 warm-start steps, 10 RL steps of 16
+rollouts (2 questions x G 8), greedy held-out evaluation on 64 questions at steps 0, 5 and 10:
 
     python bench/bench_credit.py --policy smollm2 --part credit --seeds 0 1 2 --steps 10 --batch-size 16 \
         --eval-n 64 --warmstart-steps 10 --out runs/credit-smollm2 --jobs 2 --threads 1
@@ -848,7 +849,7 @@ def parse_args(argv=None):
     ap.add_argument("--batch-size", type=int, default=32, help="rollouts per RL step")
     ap.add_argument("--policy", choices=("instrument", "smollm2"), default="instrument",
                     help="the policy RL trains: the small instrument built here, or SmolLM2-135M-Instruct (the realistic "
-                         "check: ~90 s a step, so fewer seeds; its results files end in _smollm2)")
+                         "check: 76-123 s a step here, so fewer seeds; its results files end in _smollm2)")
     ap.add_argument("--lr", type=float, help="RL learning rate (default: 2e-4 for the instrument, which needs more than "
                                              "SmolLM2's 2e-5, train.py's default)")
     ap.add_argument("--hidden", type=int, default=128, help="the instrument's hidden size (a multiple of 64)")
@@ -878,7 +879,8 @@ def parse_args(argv=None):
 
     smol = args.policy == "smollm2"
     args.lr = args.lr if args.lr is not None else train.Config.lr if smol else 2e-4
-    args.warmstart_lr = args.warmstart_lr or (train.Config.warmstart_lr if smol else args.instrument_lr)
+    if args.warmstart_lr is None:
+        args.warmstart_lr = train.Config.warmstart_lr if smol else args.instrument_lr
     if smol and args.properties:
         ap.error("--properties measures the instrument; a SmolLM2 run reports its start (step-0 evaluation and "
                  "step-1 rollouts) in its results file")
