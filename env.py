@@ -288,6 +288,8 @@ def rollout(policy, tokenizer, questions: list[str], G: int, searcher, cfg: EnvC
         cuts = [cut_turn(out, tokenizer, STOP, limit) for out, limit in zip(outs, limits)]
         live = [t for t, ids, lp in zip(live, cuts, logprobs)
                 if _step(t, ids, (list(lp) + [math.nan] * len(ids))[:len(ids)], tokenizer, searcher, cfg)]
+    if hasattr(policy, "end_rollout"):
+        policy.end_rollout()
     return trajs
 
 

@@ -133,6 +133,13 @@ def token_logprobs(model, ids: torch.Tensor, attn: torch.Tensor, turn: torch.Ten
     return torch.zeros(sel.shape, dtype=logp_sel.dtype, device=ids.device).masked_scatter(sel, logp_sel)
 
 
+def common_head(ids: torch.Tensor, turn: torch.Tensor) -> int:
+    """How many leading ids all rows share, stopping before any row's first model-written id: a head
+    (the system prompt, for rows of different questions) that one forward can compute for all of them."""
+    same = (ids == ids[:1]).all(0) & (turn == 0).all(0)
+    return int(same.long().cumprod(0).sum())
+
+
 def shared_prefix_logprobs(model, ids: torch.Tensor, attn: torch.Tensor, turn: torch.Tensor, prompt_lens: torch.Tensor,
                            bf16: bool = True, chunk: int = LOGPROB_CHUNK) -> torch.Tensor:
     """token_logprobs, computing each distinct prompt once: (N, L-1), the same numbers.

@@ -169,26 +169,33 @@ class DecodeStep:
         """Logits (B, vocab) in fp32 for one new id per row. ``token``, ``position``: (B,); ``cache``: the
         InPlaceLayer cache, whose layers all hold ``length`` positions (the new key goes at that index);
         ``key_bias``: (B, 1, 1, cache room) additive mask, 0 where a row may attend (the new position
-        included), -inf elsewhere."""
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
+        included), -inf elsewhere. Each line is the model's own computation in fewer, larger operations
+        (a one-token step launches ~40 small operations a layer; each costs microseconds of overhead)."""
         m, B, H, Hk, D = self.model.model, token.shape[0], self.H, self.Hk, self.D
-        x = m.embed_tokens(token)                             # (B, hidden)
-        cos, sin = m.rotary_emb(x, position[:, None])         # (B, 1, D)
+        x = m.embed_tokens(token)                                       # (B, hidden)
+        cos, sin = (c.unsqueeze(1) for c in m.rotary_emb(x, position[:, None]))   # (B, 1, 1, D)
         for layer, (qkv, o_proj, gate_up, down), kv in zip(m.layers, self.layers, cache.layers):
-            q, k, v = qkv(layer.input_layernorm(x)).split([H * D, Hk * D, Hk * D], -1)
-            q, k = apply_rotary_pos_emb(q.view(B, 1, H, D).transpose(1, 2), k.view(B, 1, Hk, D).transpose(1, 2), cos, sin)
-            kv.store_k[:, :, kv.length], kv.store_v[:, :, kv.length] = k[:, :, 0], v.view(B, Hk, D)
+            projected = qkv(rms_norm(x, layer.input_layernorm))
+            qk = projected[:, :(H + Hk) * D].view(B, 1, H + Hk, D)   # queries and keys, rotated together
+            half = D // 2
+            qk = torch.addcmul(qk * cos, torch.cat([-qk[..., half:], qk[..., :half]], -1), sin)[:, 0]
+            kv.store_k[:, :, kv.length], kv.store_v[:, :, kv.length] = qk[:, H:], projected[:, (H + Hk) * D:].view(B, Hk, D)
             kv.length += 1
-            grouped = q.reshape(B, Hk, H // Hk, D)         # query head h reads key/value head h // n_rep
-            scores = torch.matmul(grouped, kv.store_k.transpose(-1, -2)).float() * self.scaling + key_bias
-            out = torch.matmul(scores.softmax(-1).to(v.dtype), kv.store_v)  # (B, Hk, n_rep, D)
+            grouped = qk[:, :H].reshape(B, Hk, H // Hk, D)   # query head h reads key/value head h // n_rep
+            scores = torch.add(key_bias, torch.matmul(grouped, kv.store_k.transpose(-1, -2)).float(), alpha=self.scaling)
+            out = torch.matmul(scores.softmax(-1).to(x.dtype), kv.store_v)  # (B, Hk, n_rep, D)
             x = x + o_proj(out.reshape(B, H * D))
-            gate, up = gate_up(layer.post_attention_layernorm(x)).chunk(2, dim=-1)
+            gate, up = gate_up(rms_norm(x, layer.post_attention_layernorm)).chunk(2, dim=-1)
             x = x + down(torch.nn.functional.silu(gate) * up)
         for kv in cache.layers:
             kv._views()
-        return self.head(m.norm(x)).float()
+        return self.head(rms_norm(x, m.norm)).float()
+
+
+def rms_norm(x: torch.Tensor, norm) -> torch.Tensor:
+    """The model's RMSNorm module ``norm`` (Llama's, Qwen2's: normalise in fp32, round, scale) as one
+    fused normalisation: ``norm(x)``, in 3 operations instead of 7."""
+    return torch.nn.functional.rms_norm(x.float(), x.shape[-1:], eps=norm.variance_epsilon).to(x.dtype) * norm.weight
 
 
 class CachedPolicy:
@@ -224,6 +231,11 @@ class CachedPolicy:
                 dst.copy_(src)
         # the one-token step's fused projections are copies: rebuilt from the current weights every rollout
         self.fast = DecodeStep(self.model) if self.fast_decode and DecodeStep.supports(self.model) else None
+
+    def end_rollout(self) -> None:
+        """Free what only the rollout needed (every row's KV cache, the packed one-token weights) before
+        the update takes its memory: at SmolLM2's CPU batch that is 0.7 GB off the step's peak."""
+        self.store, self.fast = [], None
 
     def _longest_prefix(self, row: list[int]) -> tuple[int, int]:
         """(entry, n): the stored sequence sharing the longest prefix with ``row``, and that prefix's length,

@@ -36,7 +36,7 @@ import env
 import lora
 import rewards
 from data import CREDIT_RELATIONS, DataError, credit_facts
-from policy import pack, token_logprobs
+from policy import common_head, pack, shared_prefix_logprobs, token_logprobs
 
 
 def demonstration_turns(question: dict) -> list[str]:
@@ -160,7 +160,13 @@ def token_loss(model, ids, attn, turn, bf16: bool, n_tokens: int | None = None) 
     divided by ``n_tokens`` (default: their count, the mean; a micro-batch passes its whole batch's count)."""
     ids, attn, turn = (x.to(model.device) for x in (ids, attn, turn))
     written = turn[:, 1:] > 0
-    return -(token_logprobs(model, ids, attn, turn, bf16) * written).sum() / (written.sum() if n_tokens is None else n_tokens)
+    # every row starts with the same system prompt: forwarded once for the micro-batch (the same numbers)
+    head = common_head(ids, turn)
+    if head > 1 and not getattr(model, "is_gradient_checkpointing", False):
+        logp = shared_prefix_logprobs(model, ids, attn, turn, torch.full((len(ids),), head, device=ids.device), bf16)
+    else:
+        logp = token_logprobs(model, ids, attn, turn, bf16)
+    return -(logp * written).sum() / (written.sum() if n_tokens is None else n_tokens)
 
 
 def run(model, tokenizer, index, questions: list[dict], env_cfg: env.EnvConfig, steps: int,

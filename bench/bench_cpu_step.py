@@ -33,7 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import ROOT, mean, quiet_transformers, set_threads, write_result  # first: puts the repository root on sys.path
+from common import ROOT, allocator, mean, quiet_transformers, set_threads, write_result  # first: puts the repository root on sys.path
 
 ARMS = {"before": {"sampler": "generate", "shared_prefix": False}, "after": {}}
 
@@ -92,7 +92,7 @@ def report(args, rows: dict[str, list[dict]], peak: float) -> str:
     share = {arm: 100 * sum(r["update_flops"] for r in rs) / sum(r["update_seconds"] for r in rs) / peak
              for arm, rs in rows.items()}
     lines = [f"bench_cpu_step: {args.model or 'SmolLM2-135M'}, train.py's CPU defaults (batch 16 = 2 questions x G 8, micro-batch 4, "
-             f"bf16 update), torch {torch.__version__}, {args.threads} threads; {args.warmup} warm-up + {args.steps} "
+             f"bf16 update), torch {torch.__version__}, {args.threads} threads, allocator {allocator()}; {args.warmup} warm-up + {args.steps} "
              f"timed steps an arm, alternating; bf16 matmul peak {peak / 1e9:.0f} GFLOP/s",
              "| arm | s/step | rollout s | rollout model tok/s | update s | update, share of bf16 peak (plain FLOPs) |",
              "|---|---|---|---|---|---|"]

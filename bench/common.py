@@ -112,5 +112,15 @@ def synthetic_batch(tok, rows: int, seed: int = 0):
     return pack(trajs, tok.pad_token_id)
 
 
+def allocator() -> str:
+    """The memory allocator this process runs with: the Makefile's ``make train`` preloads tcmalloc where
+    it is installed, and a CPU step's time depends on it (the README's section on the CPU step)."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return "unknown"
+    return next((name for name in ("tcmalloc", "jemalloc") if name in maps), "the C library's malloc")
+
+
 def mean(rows: list[dict], key: str) -> float:
     return sum(r[key] for r in rows) / len(rows)

@@ -75,8 +75,17 @@ def test_prompt_groups_follow_the_ids_not_the_row_order(tok):
     assert policy.prompt_groups(ids, lens).tolist() == [0, 1, 2, 2]
 
 
+def count_decode_steps(monkeypatch) -> list:
+    """Record each call of sampler.DecodeStep (so a test knows the one-token steps took that path)."""
+    import sampler
+
+    calls, step = [], sampler.DecodeStep.__call__
+    monkeypatch.setattr(sampler.DecodeStep, "__call__", lambda self, *a: calls.append(1) or step(self, *a))
+    return calls
+
+
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_cached_sampler_matches_a_plain_forward(tok, temperature):
+def test_cached_sampler_matches_a_plain_forward(tok, temperature, monkeypatch):
     """Multi-turn rollouts with the prefix-caching sampler in fp32: every sampled id's reported log-prob is
     the plain full-context forward's (so the KV cache it reused, across the G rows and across turns, was
     the right one), and greedy ids equal HF generate's."""
@@ -84,9 +93,10 @@ def test_cached_sampler_matches_a_plain_forward(tok, temperature):
     cfg = env.EnvConfig(max_turn_tokens=6, max_completion_tokens=120, temperature=temperature)
     questions = ["Who wrote Dracula?", "Where is Paris?"]
     cached = CachedPolicy(model, tok, seed=3, dtype=None)
-    cached.start_rollout()
+    steps = count_decode_steps(monkeypatch)
     trajs = env.rollout(cached, tok, questions, 3, FakeSearcher(), cfg)
-    assert any(t.turn_idx.count(0) for t in trajs)  # environment ids between model turns were continued
+    assert steps and any(t.turn_idx.count(0) for t in trajs)  # one-token steps ran; environment ids were continued
+    assert cached.store == [] and cached.fast is None  # end_rollout freed the caches before the update
     for t in trajs:
         ids = torch.tensor([t.prompt_ids + t.completion_ids])
         turn = torch.tensor([[0] * len(t.prompt_ids) + t.turn_idx])
@@ -152,3 +162,64 @@ def test_cached_sampler_copy_with_its_own_attention_matches_the_model(tok):
         got = torch.tensor(t.sampler_logprobs)
         ok = got.isfinite()
         assert ok.sum() == t.model_tokens and torch.allclose(got[ok], ref[ok], atol=1e-4)
+
+
+def tiny_qwen2(tok, kv_heads=2):
+    """A random Qwen2 (biased query/key/value projections, untied head) with the real vocabulary."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    torch.manual_seed(1)
+    return Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=kv_heads, tie_word_embeddings=False)).eval()
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_step_is_the_models_own_forward(tok, family, dtype):
+    """sampler.DecodeStep (fused and oneDNN-packed projections, attention over the whole cache buffer)
+    against the model's own forward, two one-token steps over a left-padded two-row cache (the second
+    reads the key the first wrote): the same logits as the model's cached step, to rounding, and in fp32
+    the same as a full forward over each whole sequence. A wrong position, head order or mask would move
+    them by far more."""
+    import sampler
+
+    model = (tiny_llama(tok, kv_heads=2) if family == "llama" else tiny_qwen2(tok)).to(dtype)
+    assert sampler.DecodeStep.supports(model)
+    rows = [torch.randint(5, 1000, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (9, 5)]
+    tokens = [torch.tensor([17, 923]), torch.tensor([40, 41])]
+
+    def two_steps(fast: bool):
+        pol = CachedPolicy(model, tok, dtype=None, fast_decode=fast)
+        pol.start_rollout()
+        assert (pol.fast is not None) == fast
+        past, ids, mask, positions = pol._batch_cache(rows, 4)
+        _, past = pol._forward(ids, mask, positions, past)
+        seen = torch.zeros(2, past.layers[0].store_k.shape[2], dtype=torch.bool)
+        seen[:, :mask.shape[1]] = mask.bool()
+        out, pos = [], positions[:, -1] + 1
+        for token in tokens:
+            seen[:, past.layers[0].length] = True
+            out.append(pol._step(token, pos, past, seen))
+            pos = pos + 1
+        return torch.stack(out)
+
+    fast, generic = two_steps(True), two_steps(False)
+    tol = 1e-4 if dtype == torch.float32 else 0.05 * generic.abs().max().item()
+    assert torch.allclose(fast, generic, atol=tol, rtol=0), (fast - generic).abs().max()
+    if dtype == torch.float32:
+        for i, r in enumerate(rows):
+            full = model(input_ids=torch.tensor([r + [int(tokens[0][i]), int(tokens[1][i])]])).logits[0, -2:]
+            assert torch.allclose(fast[:, i], full, atol=1e-4, rtol=0)
+
+
+def test_inverse_cdf_sampling_draws_the_models_distribution(tok):
+    """CachedPolicy._sample: over many draws each id's frequency is its probability (within 5 standard
+    errors), an id of probability 0 is never drawn, top-p keeps the nucleus only, temperature 0 is argmax."""
+    pol = CachedPolicy(tiny_llama(tok), tok)
+    logits = torch.tensor([[2.0, 1.0, 0.0, float("-inf"), -1.0]]).repeat(40_000, 1)
+    p = torch.softmax(logits[0], -1)
+    draws = pol._sample(logits, 1.0, 1.0, torch.Generator().manual_seed(0))
+    freq = torch.bincount(draws, minlength=5).double() / len(draws)
+    assert freq[3] == 0 and (freq - p).abs().max() < 5 * (p * (1 - p) / len(draws)).sqrt().max()
+    nucleus = pol._sample(logits, 1.0, 0.7, torch.Generator().manual_seed(0))
+    assert set(nucleus.tolist()) == {0, 1}  # p = 0.64, 0.24: the smallest set reaching 0.7
+    assert pol._sample(logits[:2], 0.0, 1.0, None).tolist() == [0, 0]
