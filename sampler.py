@@ -21,7 +21,9 @@ mismatch meter measures how nearly.
 The loop itself is the textbook one (prefill, then one token per step for every live row; a finished
 row leaves the batch). Rows are left-padded into one batch; padding inside a row (between its cached
 part and its new ids) is masked, and positions are given explicitly, so a row's numbers do not depend
-on its neighbours' lengths beyond floating-point rounding.
+on its neighbours' lengths beyond floating-point rounding. Prefills run the model's own forward; the
+one-token steps, where a rollout spends most of its time, run ``DecodeStep`` (Llama-family models): the
+same computation written for what bounds it on a CPU, the speed at which the weights stream from memory.
 """
 from __future__ import annotations
 
