@@ -24,7 +24,7 @@ $(STAMP): requirements.txt
 	-[ -n "$(TCMALLOC)" ] || ! command -v apt-get >/dev/null || { SUDO=$$( [ $$(id -u) = 0 ] || echo sudo -n ); \
 	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends libtcmalloc-minimal4 >/dev/null 2>&1 || \
 	  { $$SUDO apt-get update -q >/dev/null 2>&1 && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends libtcmalloc-minimal4 >/dev/null 2>&1; } || \
-	  echo 'note: could not install libtcmalloc-minimal4 (make train runs with the default allocator, ~25% slower)'; }
+	  echo 'note: could not install libtcmalloc-minimal4 (make train runs with the default allocator, slower)'; }
 	touch $(STAMP)
 
 # What the set-up byte-compiles by importing it once: the project's modules, what they load (the model
@@ -38,9 +38,10 @@ setup: $(STAMP)
 
 # The allocator: glibc hands every freed block over 32 MB back to the kernel, so each step's large
 # tensors (logits, the embedding's gradient, autocast's weight copies) come back as fresh pages, zeroed
-# by page faults: a fifth of a CPU step's time went to the kernel. tcmalloc keeps them for reuse: a
-# SmolLM2 step 25% faster at the same peak memory. Used when installed (the set-up tries Debian's
-# libtcmalloc-minimal4); elsewhere the run is the same, only slower. By hand: LD_PRELOAD=<the .so> python train.py
+# by page faults (25 of the 141 CPU seconds of a warm start went to the kernel). tcmalloc keeps them for
+# reuse: a SmolLM2 step in 23.6 s instead of 29.9 at no higher peak (bench/results/cpu_step.txt). Used
+# when installed (the set-up tries Debian's libtcmalloc-minimal4); elsewhere the run is the same, only
+# slower. By hand: LD_PRELOAD=<the .so> python train.py
 # (a shell look-up, not $(wildcard): make caches directory listings, and the set-up may install it mid-run)
 TCMALLOC = $$(ls /usr/lib/*/libtcmalloc_minimal.so.4 /usr/lib64/libtcmalloc_minimal.so.4 2>/dev/null | head -n 1)
 
