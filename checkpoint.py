@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate.utils import DistributedType, gather_object
+from torch.utils.serialization import config as serialization_config
 
 import lora
 
@@ -67,8 +68,11 @@ def save_checkpoint(accelerator, out: Path, trainer, model, tokenizer, optimizer
             (tmp / "lora.json").write_text(json.dumps(lora_record, indent=1))
         model.save_pretrained(tmp, state_dict=weights)
         tokenizer.save_pretrained(tmp)
-        torch.save({"step": step, "optimizer": None if is_deepspeed(accelerator) else optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "rng": rng}, tmp / "state.pt")
+        # no CRC-32 over the optimizer state (1 GB for SmolLM2): it was half of a CPU checkpoint's time, and
+        # a torn write is already excluded by writing to tmp and renaming
+        with serialization_config.patch("save.compute_crc32", False):
+            torch.save({"step": step, "optimizer": None if is_deepspeed(accelerator) else optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(), "rng": rng}, tmp / "state.pt")
         old = out / ".checkpoint-old"
         shutil.rmtree(old, ignore_errors=True)
         if (out / "checkpoint").exists():
