@@ -123,8 +123,9 @@ def packed_linear(weight: torch.Tensor, bias: torch.Tensor | None = None, rows: 
 
 class DecodeStep:
     """The one-token decode step of a Llama-family model (Llama, SmolLM2, Qwen2), written out over the
-    model's own weights, for a CPU: it is what most of a rollout's time is spent in. Its norms and
-    rotary embedding are the model's modules, called as they are; the rest is spelled out so that
+    model's own weights, for a CPU: it is what most of a rollout's time is spent in. Its rotary embedding is
+    the model's module, called as it is, and its norms use the model's norm weights (``rms_norm``); the
+    rest is spelled out so that
 
     - every weight is read in oneDNN's blocked layout (``packed_linear``), and the query/key/value and
       the gate/up projections are one product each: the step is bound by how fast the weights stream;
@@ -135,7 +136,8 @@ class DecodeStep:
       objects).
 
     The weights are copies, taken once per rollout. Numerically it is the model's forward with
-    ``grouped_decode_attention``; a test checks its log-probs against the plain forward's."""
+    ``grouped_decode_attention``; tests check its logits against the model's forward (Llama and Qwen2, fp32
+    and bf16)."""
 
     FAMILIES = ("llama", "qwen2")
 
@@ -206,8 +208,9 @@ class CachedPolicy:
     ``model`` is the trained model (any dtype); with ``dtype`` None the sampler uses it as it is, else a
     copy in ``dtype`` that ``start_rollout`` refreshes. ``seed`` gives a private, reproducible random
     stream (one generator per call). ``fast_decode``: one-token steps through ``DecodeStep`` where the
-    model's family allows it (else, and for every longer forward, the model's own forward). After each call ``last_logprobs`` holds, per row, the log-prob of
-    each returned id under the sampling model's own distribution (temperature 1, before top-p)."""
+    model's family allows it (else, and for every longer forward, the model's own forward). After each
+    call ``last_logprobs`` holds, per row, the log-prob of each returned id under the sampling model's own
+    distribution (temperature 1, before top-p)."""
 
     def __init__(self, model, tokenizer, seed: int | None = None, dtype: torch.dtype | None = torch.bfloat16,
                  fast_decode: bool = True):
@@ -236,7 +239,7 @@ class CachedPolicy:
 
     def end_rollout(self) -> None:
         """Free what only the rollout needed (every row's KV cache, the packed one-token weights) before
-        the update takes its memory: at SmolLM2's CPU batch that is 0.7 GB off the step's peak."""
+        the update takes its memory: at SmolLM2's CPU batch, about 0.5 GB off the step's peak."""
         self.store, self.fast = [], None
 
     def _longest_prefix(self, row: list[int]) -> tuple[int, int]:
