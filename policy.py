@@ -100,9 +100,16 @@ class LogProbs(torch.nn.Module):
 
     def forward(self, ids: torch.Tensor, attn: torch.Tensor, turn: torch.Tensor,
                 prompt_lens: torch.Tensor | None = None) -> torch.Tensor:
-        if prompt_lens is None or getattr(self.model, "is_gradient_checkpointing", False):
-            return token_logprobs(self.model, ids, attn, turn, self.bf16)
-        return shared_prefix_logprobs(self.model, ids, attn, turn, prompt_lens, self.bf16)
+        return logprobs(self.model, ids, attn, turn, self.bf16, prompt_lens)
+
+
+def logprobs(model, ids: torch.Tensor, attn: torch.Tensor, turn: torch.Tensor, bf16: bool = True,
+             prompt_lens: torch.Tensor | None = None) -> torch.Tensor:
+    """token_logprobs; with ``prompt_lens``, through shared_prefix_logprobs (the same numbers), except under
+    gradient checkpointing, where transformers turns the KV cache off."""
+    if prompt_lens is None or getattr(model, "is_gradient_checkpointing", False):
+        return token_logprobs(model, ids, attn, turn, bf16)
+    return shared_prefix_logprobs(model, ids, attn, turn, prompt_lens, bf16)
 
 
 def prompt_groups(ids: torch.Tensor, prompt_lens: torch.Tensor) -> torch.Tensor:

@@ -36,7 +36,7 @@ import env
 import lora
 import rewards
 from data import CREDIT_RELATIONS, DataError, credit_facts
-from policy import common_head, pack, shared_prefix_logprobs, token_logprobs
+from policy import common_head, logprobs, pack
 
 
 def demonstration_turns(question: dict) -> list[str]:
@@ -162,10 +162,7 @@ def token_loss(model, ids, attn, turn, bf16: bool, n_tokens: int | None = None) 
     written = turn[:, 1:] > 0
     # every row starts with the same system prompt: forwarded once for the micro-batch (the same numbers)
     head = common_head(ids, turn)
-    if head > 1 and not getattr(model, "is_gradient_checkpointing", False):
-        logp = shared_prefix_logprobs(model, ids, attn, turn, torch.full((len(ids),), head, device=ids.device), bf16)
-    else:
-        logp = token_logprobs(model, ids, attn, turn, bf16)
+    logp = logprobs(model, ids, attn, turn, bf16, torch.full((len(ids),), head, device=ids.device) if head > 1 else None)
     return -(logp * written).sum() / (written.sum() if n_tokens is None else n_tokens)
 
 
