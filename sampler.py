@@ -107,18 +107,32 @@ def preallocated_cache(kv: list[tuple[torch.Tensor, torch.Tensor]], room: int):
     return cache
 
 
-def packed_linear(weight: torch.Tensor, bias: torch.Tensor | None = None, rows: int = 16):
-    """``x -> F.linear(x, weight, bias)`` with the weight reordered once into oneDNN's blocked layout.
+class PackedLinear:
+    """``x -> F.linear(x, weight, bias)``, then optionally one elementwise operation, with the weight
+    reordered once into oneDNN's blocked layout.
 
-    A one-token decode step streams every weight from memory to multiply it by a handful of rows: it is
-    bound by memory bandwidth, not arithmetic. Read in its plain layout a bf16 weight streams at ~8 GB/s
-    here; in the layout oneDNN's kernel reads (the reorder PyTorch's own compiler applies to frozen
-    weights) at ~14 GB/s, with bit-identical results. Where oneDNN is missing, the plain product."""
-    if weight.device.type != "cpu" or weight.dtype not in (torch.bfloat16, torch.float32) or \
-            not torch.backends.mkldnn.is_available():
-        return lambda x: torch.nn.functional.linear(x, weight, bias)
-    packed = torch.ops.mkldnn._reorder_linear_weight(weight, rows)
-    return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    A one-token decode step multiplies every weight by a handful of rows. Read in its plain layout a bf16
+    weight streams at ~8 GB/s here; in the layout oneDNN's kernel reads (the reorder PyTorch's own compiler
+    applies to frozen weights) at ~17 GB/s, with bit-identical results. What follows the product (``then``:
+    SiLU, or ``+ other`` / ``* other`` with a tensor of the output's shape) is applied by oneDNN to the
+    product's fp32 accumulator before it is rounded and written (a "post-op"): one operation instead of
+    two, and one rounding instead of two. Where oneDNN is missing, the plain product and the operation."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, rows: int = 16):
+        self.weight, self.bias = weight, bias
+        self.packed = weight.device.type == "cpu" and weight.dtype in (torch.bfloat16, torch.float32) and \
+            torch.backends.mkldnn.is_available()
+        if self.packed:
+            self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, rows)
+
+    def __call__(self, x: torch.Tensor, then: str = "none", other: torch.Tensor | None = None) -> torch.Tensor:
+        if self.packed:
+            if other is None:  # oneDNN's names: "swish" is SiLU
+                return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, then, [], "")
+            return torch.ops.mkldnn._linear_pointwise.binary(x, other, self.weight, self.bias, then)
+        y = torch.nn.functional.linear(x, self.weight, self.bias)
+        return {"none": lambda: y, "swish": lambda: torch.nn.functional.silu(y),
+                "add": lambda: y + other, "mul": lambda: y * other}[then]()
 
 
 class DecodeStep:
@@ -127,8 +141,12 @@ class DecodeStep:
     the model's module, called as it is, and its norms use the model's norm weights (``rms_norm``); the
     rest is spelled out so that
 
-    - every weight is read in oneDNN's blocked layout (``packed_linear``), and the query/key/value and
-      the gate/up projections are one product each: the step is bound by how fast the weights stream;
+    - every weight is read in oneDNN's blocked layout (``PackedLinear``), the query/key/value
+      projections are one product, and what follows a product is fused onto it: the residual additions
+      after the attention's output projection and after the MLP's down projection, SiLU after the gate
+      projection, and the gate's product with the up projection;
+    - each RMSNorm's weight is folded into the projection that reads the norm's output (``W diag(w)``):
+      a one-token step is ~30 small operations a layer, and each costs microseconds of overhead;
     - the new key and value are written straight into the preallocated cache, and the attention reads the
       whole cache buffer, its unwritten tail masked, in its own contiguous layout (a slice of it would be
       copied by the CPU batched matmul on every step, 30 layers x 2 per step);
@@ -136,8 +154,9 @@ class DecodeStep:
       objects).
 
     The weights are copies, taken once per rollout. Numerically it is the model's forward with
-    ``grouped_decode_attention``; tests check its logits against the model's forward (Llama and Qwen2, fp32
-    and bf16)."""
+    ``grouped_decode_attention`` up to where it rounds (in bf16 the fused operations round once where the
+    model's forward rounds twice, and a folded weight is rounded after the product); tests check its logits
+    against the model's forward (Llama and Qwen2, fp32 and bf16)."""
 
     FAMILIES = ("llama", "qwen2")
 
@@ -161,12 +180,13 @@ class DecodeStep:
         self.layers = []
         for layer in model.model.layers:
             a, mlp = layer.self_attn, layer.mlp
+            w_in, w_post = layer.input_layernorm.weight, layer.post_attention_layernorm.weight
             bias = None if a.q_proj.bias is None else torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias])
-            self.layers.append((packed_linear(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]), bias),
-                                packed_linear(a.o_proj.weight, a.o_proj.bias),
-                                packed_linear(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])),
-                                packed_linear(mlp.down_proj.weight)))
-        self.head = packed_linear(model.lm_head.weight, model.lm_head.bias)
+            qkv = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]) * w_in  # (W diag(w)) x = W (w * x)
+            self.layers.append((PackedLinear(qkv, bias), PackedLinear(a.o_proj.weight, a.o_proj.bias),
+                                PackedLinear(mlp.gate_proj.weight * w_post), PackedLinear(mlp.up_proj.weight * w_post),
+                                PackedLinear(mlp.down_proj.weight)))
+        self.head = PackedLinear(model.lm_head.weight * model.model.norm.weight, model.lm_head.bias)
 
     @torch.no_grad()
     def __call__(self, token: torch.Tensor, position: torch.Tensor, cache, key_bias: torch.Tensor) -> torch.Tensor:
@@ -178,28 +198,32 @@ class DecodeStep:
         m, B, H, Hk, D = self.model.model, token.shape[0], self.H, self.Hk, self.D
         x = m.embed_tokens(token)                                       # (B, hidden)
         cos, sin = (c.unsqueeze(1) for c in m.rotary_emb(x, position[:, None]))   # (B, 1, 1, D)
-        for layer, (qkv, o_proj, gate_up, down), kv in zip(m.layers, self.layers, cache.layers):
+        # rotate_half(v) = cat(-v2, v1) = roll(v, D/2) with its first half negated: the sign goes into sin once
+        half = self.D // 2
+        sin = torch.cat([-sin[..., :half], sin[..., half:]], -1)
+        for layer, (qkv, o_proj, gate, up, down), kv in zip(m.layers, self.layers, cache.layers):
             projected = qkv(rms_norm(x, layer.input_layernorm))
             qk = projected[:, :(H + Hk) * D].view(B, 1, H + Hk, D)   # queries and keys, rotated together
-            half = D // 2
-            qk = torch.addcmul(qk * cos, torch.cat([-qk[..., half:], qk[..., :half]], -1), sin)[:, 0]
+            qk = torch.addcmul(qk * cos, qk.roll(half, -1), sin)[:, 0]   # qk cos + rotate_half(qk) sin
             kv.store_k[:, :, kv.length], kv.store_v[:, :, kv.length] = qk[:, H:], projected[:, (H + Hk) * D:].view(B, Hk, D)
             kv.length += 1
             grouped = qk[:, :H].reshape(B, Hk, H // Hk, D)   # query head h reads key/value head h // n_rep
-            scores = torch.add(key_bias, torch.matmul(grouped, kv.store_k.transpose(-1, -2)).float(), alpha=self.scaling)
+            # the bf16 scores are promoted to the fp32 key_bias's dtype inside the addition (no separate cast)
+            scores = torch.add(key_bias, torch.matmul(grouped, kv.store_k.transpose(-1, -2)), alpha=self.scaling)
             out = torch.matmul(scores.softmax(-1).to(x.dtype), kv.store_v)  # (B, Hk, n_rep, D)
-            x = x + o_proj(out.reshape(B, H * D))
-            gate, up = gate_up(rms_norm(x, layer.post_attention_layernorm)).chunk(2, dim=-1)
-            x = x + down(torch.nn.functional.silu(gate) * up)
+            x = o_proj(out.reshape(B, H * D), "add", x)                      # x + o_proj(attention)
+            h = rms_norm(x, layer.post_attention_layernorm)
+            x = down(up(h, "mul", gate(h, "swish")), "add", x)              # x + down(up(h) * silu(gate(h)))
         for kv in cache.layers:
             kv._views()
         return self.head(rms_norm(x, m.norm)).float()
 
 
 def rms_norm(x: torch.Tensor, norm) -> torch.Tensor:
-    """The model's RMSNorm module ``norm`` (Llama's, Qwen2's: normalise in fp32, round, scale) as one
-    fused normalisation: ``norm(x)``, in 3 operations instead of 7."""
-    return torch.nn.functional.rms_norm(x.float(), x.shape[-1:], eps=norm.variance_epsilon).to(x.dtype) * norm.weight
+    """The normalisation of the model's RMSNorm module ``norm`` (Llama's, Qwen2's: normalise in fp32,
+    round), without its weight, which ``DecodeStep`` folds into the next projection. PyTorch's rms_norm
+    computes a bf16 input in fp32 and rounds the result once, as the module does."""
+    return torch.nn.functional.rms_norm(x, x.shape[-1:], eps=norm.variance_epsilon)
 
 
 class CachedPolicy:
