@@ -145,8 +145,7 @@ class DecodeStep:
       projections are one product, and what follows a product is fused onto it: the residual additions
       after the attention's output projection and after the MLP's down projection, SiLU after the gate
       projection, and the gate's product with the up projection;
-    - each RMSNorm's weight is folded into the projection that reads the norm's output (``W diag(w)``):
-      a one-token step is ~30 small operations a layer, and each costs microseconds of overhead;
+      (a one-token step is ~30 small operations a layer, and each costs microseconds of overhead);
     - the new key and value are written straight into the preallocated cache, and the attention reads the
       whole cache buffer, its unwritten tail masked, in its own contiguous layout (a slice of it would be
       copied by the CPU batched matmul on every step, 30 layers x 2 per step);
@@ -154,9 +153,9 @@ class DecodeStep:
       objects).
 
     The weights are copies, taken once per rollout. Numerically it is the model's forward with
-    ``grouped_decode_attention`` up to where it rounds (in bf16 the fused operations round once where the
-    model's forward rounds twice, and a folded weight is rounded after the product); tests check its logits
-    against the model's forward (Llama and Qwen2, fp32 and bf16)."""
+    ``grouped_decode_attention`` up to where it rounds (in bf16 a fused operation rounds once where the
+    model's forward rounds twice); tests check its logits against the model's forward (Llama and Qwen2,
+    fp32 and bf16)."""
 
     FAMILIES = ("llama", "qwen2")
 
@@ -180,13 +179,11 @@ class DecodeStep:
         self.layers = []
         for layer in model.model.layers:
             a, mlp = layer.self_attn, layer.mlp
-            w_in, w_post = layer.input_layernorm.weight, layer.post_attention_layernorm.weight
             bias = None if a.q_proj.bias is None else torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias])
-            qkv = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]) * w_in  # (W diag(w)) x = W (w * x)
-            self.layers.append((PackedLinear(qkv, bias), PackedLinear(a.o_proj.weight, a.o_proj.bias),
-                                PackedLinear(mlp.gate_proj.weight * w_post), PackedLinear(mlp.up_proj.weight * w_post),
-                                PackedLinear(mlp.down_proj.weight)))
-        self.head = PackedLinear(model.lm_head.weight * model.model.norm.weight, model.lm_head.bias)
+            self.layers.append((PackedLinear(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]), bias),
+                                PackedLinear(a.o_proj.weight, a.o_proj.bias), PackedLinear(mlp.gate_proj.weight),
+                                PackedLinear(mlp.up_proj.weight), PackedLinear(mlp.down_proj.weight)))
+        self.head = PackedLinear(model.lm_head.weight, model.lm_head.bias)
 
     @torch.no_grad()
     def __call__(self, token: torch.Tensor, position: torch.Tensor, cache, key_bias: torch.Tensor) -> torch.Tensor:
@@ -220,10 +217,10 @@ class DecodeStep:
 
 
 def rms_norm(x: torch.Tensor, norm) -> torch.Tensor:
-    """The normalisation of the model's RMSNorm module ``norm`` (Llama's, Qwen2's: normalise in fp32,
-    round), without its weight, which ``DecodeStep`` folds into the next projection. PyTorch's rms_norm
-    computes a bf16 input in fp32 and rounds the result once, as the module does."""
-    return torch.nn.functional.rms_norm(x, x.shape[-1:], eps=norm.variance_epsilon)
+    """The model's RMSNorm module ``norm`` (Llama's, Qwen2's: normalise in fp32, round, scale) in two
+    operations instead of seven: PyTorch's rms_norm computes a bf16 input in fp32 and rounds the result
+    once, as the module does."""
+    return torch.nn.functional.rms_norm(x, x.shape[-1:], eps=norm.variance_epsilon) * norm.weight
 
 
 class CachedPolicy:
