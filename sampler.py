@@ -359,10 +359,13 @@ class CachedPolicy:
         gen.manual_seed((self.seed if self.seed is not None else torch.initial_seed() % 2**31) * 100_003 + self.calls)
         self.calls += 1
         past, ids, mask, positions = self._batch_cache(rows, max_new_tokens)
-        logits, past = self._forward(ids, mask, positions, past)
         # seen[j, t]: slot j may attend to cache position t (its real keys), over the whole cache buffer
         seen = torch.zeros(len(rows), past.layers[0].store_k.shape[2], dtype=torch.bool, device=mask.device)
         seen[:, :mask.shape[1]] = mask.bool()
+        if ids.shape[1] == 1:  # one new id per row (a first turn, its prompt cached): that is a decode step
+            logits = self._step(ids[:, 0], positions[:, 0], past, seen)
+        else:
+            logits, past = self._forward(ids, mask, positions, past)
         new = [[] for _ in rows]
         logps = [[] for _ in rows]
         next_pos = positions[:, -1] + 1
