@@ -186,34 +186,67 @@ class DecodeStep:
         self.head = PackedLinear(model.lm_head.weight, model.lm_head.bias)
 
     @torch.no_grad()
-    def __call__(self, token: torch.Tensor, position: torch.Tensor, cache, key_bias: torch.Tensor) -> torch.Tensor:
-        """Logits (B, vocab) in fp32 for one new id per row. ``token``, ``position``: (B,); ``cache``: the
-        InPlaceLayer cache, whose layers all hold ``length`` positions (the new key goes at that index);
-        ``key_bias``: (B, 1, 1, cache room) additive mask, 0 where a row may attend (the new position
-        included), -inf elsewhere. Each line is the model's own computation in fewer, larger operations
-        (a one-token step launches ~40 small operations a layer; each costs microseconds of overhead)."""
-        m, B, H, Hk, D = self.model.model, token.shape[0], self.H, self.Hk, self.D
-        x = m.embed_tokens(token)                                       # (B, hidden)
-        cos, sin = (c.unsqueeze(1) for c in m.rotary_emb(x, position[:, None]))   # (B, 1, 1, D)
+    def __call__(self, ids: torch.Tensor, positions: torch.Tensor, cache, may_attend: torch.Tensor,
+                 real: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, vocab) in fp32 after each row's last id, for S new ids per row (S = 1: a decode step;
+        more: a prefill). ``ids``, ``positions``: (B, S), left-padded; ``real``: (B, S), the ids that are
+        not padding (None: all are). ``cache``: the InPlaceLayer cache, whose layers all hold ``length``
+        positions; the new keys and values go at ``length`` .. ``length + S - 1``. ``may_attend``: (B, S,
+        cache room), True where new id s of a row may attend (its own position included). Each line is
+        the model's own computation in fewer, larger operations. The projections and the MLP run on the
+        real ids alone, packed (N, hidden): a padded prefill of the environment's replies is a third
+        padding. The attention of a prefill is PyTorch's SDPA, as in the model's forward."""
+        m, (B, S), H, Hk, D, n_rep = self.model.model, ids.shape, self.H, self.Hk, self.D, self.H // self.Hk
+        packed = real is not None and not bool(real.all())
+        x = m.embed_tokens(ids[real] if packed else ids.reshape(-1))          # (N, hidden)
+        pos = positions[real] if packed else positions.reshape(-1)
+        cos, sin = (c[0, :, None] for c in m.rotary_emb(x, pos[None]))     # (N, 1, D)
         # rotate_half(v) = cat(-v2, v1) = roll(v, D/2) with its first half negated: the sign goes into sin once
-        half = self.D // 2
+        half = D // 2
         sin = torch.cat([-sin[..., :half], sin[..., half:]], -1)
+        if S == 1:  # an additive mask over the scores, (B, 1, 1, cache room)
+            key_bias = torch.zeros(may_attend.shape, device=ids.device).masked_fill_(~may_attend, float("-inf"))[:, None]
         for layer, (qkv, o_proj, gate, up, down), kv in zip(m.layers, self.layers, cache.layers):
             projected = qkv(rms_norm(x, layer.input_layernorm))
-            qk = projected[:, :(H + Hk) * D].view(B, 1, H + Hk, D)   # queries and keys, rotated together
-            qk = torch.addcmul(qk * cos, qk.roll(half, -1), sin)[:, 0]   # qk cos + rotate_half(qk) sin
-            kv.store_k[:, :, kv.length], kv.store_v[:, :, kv.length] = qk[:, H:], projected[:, (H + Hk) * D:].view(B, Hk, D)
-            kv.length += 1
-            grouped = qk[:, :H].reshape(B, Hk, H // Hk, D)   # query head h reads key/value head h // n_rep
-            # the bf16 scores are promoted to the fp32 key_bias's dtype inside the addition (no separate cast)
-            scores = torch.add(key_bias, torch.matmul(grouped, kv.store_k.transpose(-1, -2)), alpha=self.scaling)
-            out = torch.matmul(scores.softmax(-1).to(x.dtype), kv.store_v)  # (B, Hk, n_rep, D)
-            x = o_proj(out.reshape(B, H * D), "add", x)                      # x + o_proj(attention)
+            qk = projected[:, :(H + Hk) * D].view(-1, H + Hk, D)   # queries and keys, rotated together
+            qk = torch.addcmul(qk * cos, qk.roll(half, -1), sin)    # qk cos + rotate_half(qk) sin
+            keys, values = qk[:, H:], projected[:, (H + Hk) * D:].view(-1, Hk, D)
+            new_k = kv.store_k[:, :, kv.length:kv.length + S].transpose(1, 2)   # (B, S, Hk, D), in the store
+            new_v = kv.store_v[:, :, kv.length:kv.length + S].transpose(1, 2)
+            q = qk[:, :H]
+            if packed:  # padding keeps the store's zeros (its keys are masked) and zero queries
+                new_k[real], new_v[real] = keys, values
+                q = q.new_zeros(B, S, H, D).index_put_((real,), q)
+            else:
+                new_k.copy_(keys.view(B, S, Hk, D))
+                new_v.copy_(values.view(B, S, Hk, D))
+                q = q.view(B, S, H, D)
+            kv.length += S
+            if S == 1:  # grouped_decode_attention's computation, over the whole cache buffer
+                grouped = q.reshape(B, Hk, n_rep, D)   # query head h reads key/value head h // n_rep
+                # the bf16 scores are promoted to the fp32 key_bias's dtype inside the addition (no separate cast)
+                scores = torch.add(key_bias, torch.matmul(grouped, kv.store_k.transpose(-1, -2)), alpha=self.scaling)
+                out = torch.matmul(scores.softmax(-1).to(x.dtype), kv.store_v).reshape(B, H * D)
+            else:
+                n = kv.length  # the written part of the buffer (SDPA reads a strided slice without copying it)
+                out = torch.nn.functional.scaled_dot_product_attention(
+                    q.transpose(1, 2), kv.store_k[:, :, :n], kv.store_v[:, :, :n], attn_mask=may_attend[:, None, :, :n],
+                    scale=self.scaling, enable_gqa=True).transpose(1, 2)   # (B, S, H, D)
+                out = out[real].reshape(-1, H * D) if packed else out.reshape(B * S, H * D)
+            x = o_proj(out, "add", x)                                        # x + o_proj(attention)
             h = rms_norm(x, layer.post_attention_layernorm)
             x = down(up(h, "mul", gate(h, "swish")), "add", x)              # x + down(up(h) * silu(gate(h)))
         for kv in cache.layers:
             kv._views()
-        return self.head(rms_norm(x, m.norm)).float()
+        # each row's last id is its last column (rows are left-padded)
+        last = real.sum(1).cumsum(0) - 1 if packed else torch.arange(S - 1, B * S, S, device=x.device)
+        return self.head(rms_norm(x[last], m.norm)).float()
+
+    def empty_cache(self, rows: int, room: int):
+        """An InPlaceLayer cache of ``rows`` rows holding nothing yet, with room for ``room`` positions."""
+        w = self.model.model.embed_tokens.weight
+        empty = torch.zeros(rows, self.Hk, 0, self.D, dtype=w.dtype, device=w.device)
+        return preallocated_cache([(empty, empty)] * len(self.layers), room)
 
 
 def rms_norm(x: torch.Tensor, norm) -> torch.Tensor:
@@ -277,6 +310,17 @@ class CachedPolicy:
 
     # ------------------------------------------------------------------ the forward over a padded batch
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, past):
+        """Logits (B, vocab) after each row's last id and the cache with ``ids``' keys and values added.
+        ``ids``, ``positions``: (B, S), left-padded; ``mask``: (B, cached + S), 1 = a real key."""
+        if self.fast is not None and past is not None:
+            W, S, L = past.layers[0].length, ids.shape[1], past.layers[0].store_k.shape[2]
+            cols, new = torch.arange(L, device=ids.device), W + torch.arange(S, device=ids.device)
+            # new id s may attend to the row's real keys up to its own position, and always to itself
+            may = torch.zeros(ids.shape[0], S, L, dtype=torch.bool, device=ids.device)
+            may[:, :, :W + S] = mask.bool()[:, None, :]
+            may &= cols <= new[:, None]
+            may[:, torch.arange(S), new] = True
+            return self.fast(ids, positions, past, may, mask[:, W:].bool()), past
         # only the last position's logits are sampled from; the vocabulary projection of every other
         # position (a fifth of SmolLM2's FLOPs per token) would be thrown away. The last position is given as
         # an index tensor, not ``logits_to_keep=1``: that slices a strided (B, 1, hidden) view, and the CPU
@@ -289,10 +333,26 @@ class CachedPolicy:
 
     def _prefill(self, rows: list[list[int]]) -> None:
         """Store the KV cache of ``row[:-1]`` for each distinct row that no stored sequence starts."""
-        for row in dict.fromkeys(tuple(r) for r in rows):
-            ids = torch.tensor([row[:-1]], device=self.model.device)
-            _, past = self._forward(ids, torch.ones_like(ids), torch.arange(ids.shape[1], device=ids.device)[None], None)
-            self.store.append((list(row[:-1]), [(k[0], v[0]) for k, v, *_ in past]))
+        distinct = [list(r[:-1]) for r in dict.fromkeys(tuple(r) for r in rows)]
+        device = self.model.device
+        if self.fast is None:  # the model's own forward, one sequence at a time (no padding to mask)
+            for row in distinct:
+                ids = torch.tensor([row], device=device)
+                _, past = self._forward(ids, torch.ones_like(ids), torch.arange(len(row), device=device)[None], None)
+                self.store.append((row, [(k[0], v[0]) for k, v, *_ in past]))
+            return
+        # all at once, left-padded, through DecodeStep (which skips the padding)
+        S = max(len(r) for r in distinct)
+        ids = torch.full((len(distinct), S), self.ends[0], dtype=torch.long, device=device)
+        mask, positions = torch.zeros_like(ids), torch.zeros_like(ids)
+        for i, row in enumerate(distinct):
+            ids[i, S - len(row):], mask[i, S - len(row):] = torch.tensor(row, device=device), 1
+            positions[i, S - len(row):] = torch.arange(len(row), device=device)
+        cache = self.fast.empty_cache(len(distinct), S)
+        self._forward(ids, mask, positions, cache)
+        for i, row in enumerate(distinct):
+            self.store.append((row, [(layer.store_k[i, :, S - len(row):], layer.store_v[i, :, S - len(row):])
+                                     for layer in cache.layers]))
 
     def _batch_cache(self, rows: list[list[int]], room: int):
         """Each row's cached prefix, left-padded into one DynamicCache, and its uncached rest, left-padded:
@@ -345,8 +405,7 @@ class CachedPolicy:
     def _step(self, token: torch.Tensor, position: torch.Tensor, past, seen: torch.Tensor) -> torch.Tensor:
         """The next logits after one new id per row (its key goes at the cache's current length)."""
         if self.fast is not None:
-            key_bias = torch.zeros(seen.shape, device=seen.device).masked_fill_(~seen, float("-inf"))
-            return self.fast(token, position, past, key_bias[:, None, None])
+            return self.fast(token[:, None], position[:, None], past, seen[:, None])
         length = past.layers[0].length + 1
         return self._forward(token[:, None], seen[:, :length].long(), position[:, None], past)[0]
 

@@ -91,9 +91,9 @@ def main(argv=None) -> int:
     print(lines[-1])
 
     backends = {"HF generate": hf, "default sampler": default, "vLLM": engine}
-    for policy in backends.values():  # warm-up: first calls allocate and compile
+    for policy in backends.values():  # warm-up at full size: the first rollout of a size allocates (and compiles)
         with torch.no_grad():
-            env.rollout(policy, tok, questions[:1], 1, index, cfg)
+            env.rollout(policy, tok, questions, args.G, index, cfg)
 
     totals = {name: [0, 0.0, 0] for name in backends}
     for r in range(args.rounds):

@@ -175,40 +175,48 @@ def tiny_qwen2(tok, kv_heads=2):
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_decode_step_is_the_models_own_forward(tok, family, dtype):
-    """sampler.DecodeStep (fused and oneDNN-packed projections, attention over the whole cache buffer)
-    against the model's own forward, two one-token steps over a left-padded two-row cache (the second
-    reads the key the first wrote): the same logits as the model's cached step, to rounding, and in fp32
-    the same as a full forward over each whole sequence. A wrong position, head order or mask would move
-    them by far more."""
+    """sampler.DecodeStep (fused and oneDNN-packed projections, attention over the whole cache buffer, the
+    padding of a ragged prefill skipped) against the model's own forward: two prompts of different
+    lengths prefilled together, a ragged continuation (3 ids and 1 id, left-padded), then two one-token
+    steps (the second reads the key the first wrote). The same logits as the model's forward over the
+    same cache, to rounding, and in fp32 the same as a full forward over each whole sequence. A wrong
+    position, head order, padding or mask would move them by far more."""
     import sampler
 
     model = (tiny_llama(tok, kv_heads=2) if family == "llama" else tiny_qwen2(tok)).to(dtype)
     assert sampler.DecodeStep.supports(model)
     rows = [torch.randint(5, 1000, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (9, 5)]
+    more = [[300, 301, 302], [400]]
     tokens = [torch.tensor([17, 923]), torch.tensor([40, 41])]
 
-    def two_steps(fast: bool):
+    def run(fast: bool):
         pol = CachedPolicy(model, tok, dtype=None, fast_decode=fast)
         pol.start_rollout()
         assert (pol.fast is not None) == fast
-        past, ids, mask, positions = pol._batch_cache(rows, 4)
-        _, past = pol._forward(ids, mask, positions, past)
+        past, ids, mask, positions = pol._batch_cache(rows, 3 + len(tokens))
+        out = [pol._forward(ids, mask, positions, past)[0]]
+        ids, cont = torch.tensor([more[0], [0, 0] + more[1]]), torch.tensor([[1, 1, 1], [0, 0, 1]])  # left-padded
+        pos = positions[:, -1:] + 1 + torch.tensor([[0, 1, 2], [0, 0, 0]])
+        mask = torch.cat([mask, cont], 1)
+        out.append(pol._forward(ids, mask, pos, past)[0])
         seen = torch.zeros(2, past.layers[0].store_k.shape[2], dtype=torch.bool)
         seen[:, :mask.shape[1]] = mask.bool()
-        out, pos = [], positions[:, -1] + 1
+        pos = pos[:, -1] + 1
         for token in tokens:
             seen[:, past.layers[0].length] = True
             out.append(pol._step(token, pos, past, seen))
             pos = pos + 1
         return torch.stack(out)
 
-    fast, generic = two_steps(True), two_steps(False)
+    fast, generic = run(True), run(False)
     tol = 1e-4 if dtype == torch.float32 else 0.05 * generic.abs().max().item()
     assert torch.allclose(fast, generic, atol=tol, rtol=0), (fast - generic).abs().max()
     if dtype == torch.float32:
         for i, r in enumerate(rows):
-            full = model(input_ids=torch.tensor([r + [int(tokens[0][i]), int(tokens[1][i])]])).logits[0, -2:]
-            assert torch.allclose(fast[:, i], full, atol=1e-4, rtol=0)
+            whole = r + more[i] + [int(tokens[0][i]), int(tokens[1][i])]
+            full = model(input_ids=torch.tensor([whole])).logits[0]
+            ends = [len(r) - 1, len(r) + len(more[i]) - 1, len(whole) - 2, len(whole) - 1]
+            assert torch.allclose(fast[:, i], full[ends], atol=1e-4, rtol=0)
 
 
 def test_inverse_cdf_sampling_draws_the_models_distribution(tok):
