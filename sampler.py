@@ -69,22 +69,23 @@ def _register_attention() -> None:
     AttentionMaskInterface.register(ATTENTION, sdpa_mask)  # the same boolean masks SDPA gets
 
 
-def preallocated_cache(kv: list[tuple[torch.Tensor, torch.Tensor]], room: int):
-    """A DynamicCache over ``kv`` (per layer, (B, heads, L, dim)) with room for ``room`` more positions.
-    transformers' DynamicLayer appends by torch.cat, copying the whole cache on every decode step (a
-    quarter of a CPU decode step); these layers write the new keys and values in place."""
+def preallocated_cache(layers: int, shape: tuple[int, int, int, int], room: int, dtype: torch.dtype, device):
+    """A DynamicCache of ``layers`` layers, each holding ``shape`` = (B, heads, L, dim) zero keys and
+    values (the caller writes its own into ``store_k[:, :, :L]`` and ``store_v``), with room for ``room``
+    more positions. transformers' DynamicLayer appends by torch.cat, copying the whole cache on every
+    decode step (a quarter of a CPU decode step); these layers write the new keys and values in place."""
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
 
     class InPlaceLayer(DynamicLayer):
-        def __init__(self, keys, values):
+        def __init__(self):
             super().__init__()
-            B, H, L, D = keys.shape
+            B, H, L, D = shape
             # zeros, not empty: the one-token step reads the whole store, its unwritten tail masked, and a
             # masked score times uninitialised memory could still be NaN
-            self.store_k, self.store_v = keys.new_zeros(B, H, L + room, D), values.new_zeros(B, H, L + room, D)
-            self.store_k[:, :, :L], self.store_v[:, :, :L], self.length = keys, values, L
-            self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
+            self.store_k = torch.zeros(B, H, L + room, D, dtype=dtype, device=device)
+            self.store_v = torch.zeros(B, H, L + room, D, dtype=dtype, device=device)
+            self.length, self.dtype, self.device, self.is_initialized = L, dtype, device, True
             self._views()
 
         def _views(self):
@@ -103,7 +104,7 @@ def preallocated_cache(kv: list[tuple[torch.Tensor, torch.Tensor]], room: int):
             self._views()
 
     cache = DynamicCache()
-    cache.layers = [InPlaceLayer(k, v) for k, v in kv]
+    cache.layers = [InPlaceLayer() for _ in range(layers)]
     return cache
 
 
@@ -245,8 +246,7 @@ class DecodeStep:
     def empty_cache(self, rows: int, room: int):
         """An InPlaceLayer cache of ``rows`` rows holding nothing yet, with room for ``room`` positions."""
         w = self.model.model.embed_tokens.weight
-        empty = torch.zeros(rows, self.Hk, 0, self.D, dtype=w.dtype, device=w.device)
-        return preallocated_cache([(empty, empty)] * len(self.layers), room)
+        return preallocated_cache(len(self.layers), (rows, self.Hk, 0, self.D), room, w.dtype, w.device)
 
 
 def rms_norm(x: torch.Tensor, norm) -> torch.Tensor:
@@ -364,37 +364,42 @@ class CachedPolicy:
         W, S = max(n for _, n in hits), max(len(r) - n for r, (_, n) in zip(rows, hits))
         B, layers = len(rows), len(self.store[0][1])
         k0 = self.store[0][1][0][0]
-        keys = [k0.new_zeros(B, k0.shape[0], W, k0.shape[2]) for _ in range(layers)]
-        values = [k0.new_zeros(B, k0.shape[0], W, k0.shape[2]) for _ in range(layers)]
+        cache = preallocated_cache(layers, (B, k0.shape[0], W, k0.shape[2]), S + room, k0.dtype, k0.device)
         rest = torch.full((B, S), self.ends[0], dtype=torch.long, device=k0.device)
         mask = torch.zeros((B, W + S), dtype=torch.long, device=k0.device)
         positions = torch.zeros((B, S), dtype=torch.long, device=k0.device)
         for i, (row, (e, n)) in enumerate(zip(rows, hits)):
-            for l, (k, v) in enumerate(self.store[e][1]):  # noqa: E741
-                keys[l][i, :, W - n:], values[l][i, :, W - n:] = k[:, :n], v[:, :n]
+            for layer, (k, v) in zip(cache.layers, self.store[e][1]):
+                layer.store_k[i, :, W - n:W], layer.store_v[i, :, W - n:W] = k[:, :n], v[:, :n]
             r = len(row) - n
             rest[i, S - r:] = torch.tensor(row[n:], device=rest.device)
             mask[i, W - n:W], mask[i, W + S - r:] = 1, 1
             positions[i, S - r:] = torch.arange(n, len(row), device=rest.device)
             positions[i, :S - r] = n  # padding: any position; its keys are masked
-        return preallocated_cache(list(zip(keys, values)), S + room), rest, mask, positions
+        return cache, rest, mask, positions
 
     # ------------------------------------------------------------------ sampling
-    def _sample(self, logits: torch.Tensor, temperature: float, top_p: float, gen) -> torch.Tensor:
-        """One id per row. Drawn by inverting the cumulative distribution at a uniform draw: the same
-        distribution as torch.multinomial, which on a CPU costs 16 ms for 16 rows of a 49k vocabulary
-        (a quarter of a decode step) against 0.4 ms for a cumsum and a binary search."""
+    def _sample(self, logits: torch.Tensor, temperature: float, top_p: float, gen) -> tuple[torch.Tensor, torch.Tensor]:
+        """One id per row, and its log-prob under the model's distribution (temperature 1, before top-p).
+        Drawn by inverting the cumulative distribution at a uniform draw: the same distribution as
+        torch.multinomial, which on a CPU costs 16 ms for 16 rows of a 49k vocabulary (a quarter of a
+        decode step) against 0.4 ms for a cumsum and a binary search. The probabilities are fp32, their
+        running sum fp64 (49k fp32 additions would drift by up to ~1e-3)."""
         if temperature <= 0:
-            return logits.argmax(-1)
-        probs = torch.softmax(logits.double() / temperature, dim=-1)
+            token = logits.argmax(-1)
+            return token, torch.log_softmax(logits, -1).gather(1, token[:, None]).squeeze(1)
+        probs = model_probs = torch.softmax(logits / temperature, dim=-1)
         if top_p < 1.0:  # keep the smallest set of tokens whose probability reaches top_p
             sorted_p, order = probs.sort(dim=-1, descending=True)
-            drop = sorted_p.cumsum(-1) - sorted_p >= top_p
+            drop = sorted_p.cumsum(-1, dtype=torch.float64) - sorted_p >= top_p
             probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
-        cdf = probs.cumsum(-1)
+        cdf = probs.cumsum(-1, dtype=torch.float64)
         u = torch.rand(len(probs), 1, generator=gen, dtype=cdf.dtype, device=cdf.device) * cdf[:, -1:]
         # the first id whose cumulative probability exceeds u: an id of probability 0 is never drawn
-        return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=probs.shape[-1] - 1)
+        token = torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=probs.shape[-1] - 1)
+        if temperature == 1:  # the model's own probabilities: no second pass over the vocabulary
+            return token, model_probs.gather(1, token[:, None]).squeeze(1).log()
+        return token, torch.log_softmax(logits, -1).gather(1, token[:, None]).squeeze(1)
 
     def _stopped(self, new: list[int], stop: list[str]) -> bool:
         if new[-1] in self.ends:
@@ -430,8 +435,7 @@ class CachedPolicy:
         next_pos = positions[:, -1] + 1
         live = list(range(len(rows)))  # batch slot j holds row live[j]
         while True:
-            token = self._sample(logits, temperature, top_p, gen)
-            lp = torch.log_softmax(logits, dim=-1).gather(1, token[:, None]).squeeze(1)
+            token, lp = self._sample(logits, temperature, top_p, gen)
             keep, token_list, lp_list = [], token.tolist(), lp.tolist()
             for j, i in enumerate(live):
                 new[i].append(token_list[j])

@@ -225,9 +225,13 @@ def test_inverse_cdf_sampling_draws_the_models_distribution(tok):
     pol = CachedPolicy(tiny_llama(tok), tok)
     logits = torch.tensor([[2.0, 1.0, 0.0, float("-inf"), -1.0]]).repeat(40_000, 1)
     p = torch.softmax(logits[0], -1)
-    draws = pol._sample(logits, 1.0, 1.0, torch.Generator().manual_seed(0))
+    draws, logp = pol._sample(logits, 1.0, 1.0, torch.Generator().manual_seed(0))
     freq = torch.bincount(draws, minlength=5).double() / len(draws)
     assert freq[3] == 0 and (freq - p).abs().max() < 5 * (p * (1 - p) / len(draws)).sqrt().max()
-    nucleus = pol._sample(logits, 1.0, 0.7, torch.Generator().manual_seed(0))
+    assert torch.allclose(logp, p.log()[draws], atol=1e-6)  # each draw's log-prob under the model
+    nucleus, logp = pol._sample(logits, 1.0, 0.7, torch.Generator().manual_seed(0))
     assert set(nucleus.tolist()) == {0, 1}  # p = 0.64, 0.24: the smallest set reaching 0.7
-    assert pol._sample(logits[:2], 0.0, 1.0, None).tolist() == [0, 0]
+    assert torch.allclose(logp, p.log()[nucleus], atol=1e-6)  # before top-p renormalises
+    hot, logp = pol._sample(logits, 2.0, 1.0, torch.Generator().manual_seed(0))  # at temperature 1 still
+    assert torch.allclose(logp, p.log()[hot], atol=1e-6)
+    assert pol._sample(logits[:2], 0.0, 1.0, None)[0].tolist() == [0, 0]
