@@ -21,9 +21,10 @@ mismatch meter measures how nearly.
 The loop itself is the textbook one (prefill, then one token per step for every live row; a finished
 row leaves the batch). Rows are left-padded into one batch; padding inside a row (between its cached
 part and its new ids) is masked, and positions are given explicitly, so a row's numbers do not depend
-on its neighbours' lengths beyond floating-point rounding. Prefills run the model's own forward; the
-one-token steps, where a rollout spends most of its time, run ``DecodeStep`` (Llama-family models): the
-same computation written for what bounds it on a CPU, the speed at which the weights stream from memory.
+on its neighbours' lengths beyond floating-point rounding. For Llama-family models every forward (the
+one-token steps, where a rollout spends most of its time, and the prefills) runs ``CpuForward``: the
+model's computation written for a CPU, where a one-token step is bound by how fast the weights stream
+from memory and by the overhead of many small operations; other models take their own forward.
 """
 from __future__ import annotations
 
@@ -136,20 +137,22 @@ class PackedLinear:
                 "add": lambda: y + other, "mul": lambda: y * other}[then]()
 
 
-class DecodeStep:
-    """The one-token decode step of a Llama-family model (Llama, SmolLM2, Qwen2), written out over the
-    model's own weights, for a CPU: it is what most of a rollout's time is spent in. Its rotary embedding is
-    the model's module, called as it is, and its norms use the model's norm weights (``rms_norm``); the
-    rest is spelled out so that
+class CpuForward:
+    """The forward of a Llama-family model (Llama, SmolLM2, Qwen2) over S new ids per row against the KV
+    cache, written out over the model's own weights for a CPU: the one-token decode steps (S = 1), which
+    take most of a rollout's time, and the prefills. Its rotary embedding is the model's module, called as
+    it is, and its norms use the model's norm weights (``rms_norm``); the rest is spelled out so that
 
     - every weight is read in oneDNN's blocked layout (``PackedLinear``), the query/key/value
       projections are one product, and what follows a product is fused onto it: the residual additions
       after the attention's output projection and after the MLP's down projection, SiLU after the gate
-      projection, and the gate's product with the up projection;
-      (a one-token step is ~30 small operations a layer, and each costs microseconds of overhead);
-    - the new key and value are written straight into the preallocated cache, and the attention reads the
-      whole cache buffer, its unwritten tail masked, in its own contiguous layout (a slice of it would be
-      copied by the CPU batched matmul on every step, 30 layers x 2 per step);
+      projection, and the gate's product with the up projection (a one-token step is ~20 small
+      operations a layer, and each costs microseconds of overhead);
+    - the new keys and values are written straight into the preallocated cache; a one-token step's
+      attention reads the whole cache buffer, its unwritten tail masked, in its own contiguous layout (a
+      slice of it would be copied by the CPU batched matmul on every step, 30 layers x 2 per step);
+    - a prefill's projections and MLP run on its real ids only: left-padded rows of the environment's
+      replies are about a third padding;
     - none of the generic forward's per-step work runs (mask construction, cache bookkeeping, output
       objects).
 
@@ -168,7 +171,7 @@ class DecodeStep:
                     for n in ("q_proj", "k_proj", "v_proj", "o_proj")) and \
             all(type(getattr(layer.mlp, n, None)) is torch.nn.Linear for layer in model.model.layers
                 for n in ("gate_proj", "up_proj", "down_proj"))
-        return (c.model_type in DecodeStep.FAMILIES and c.hidden_act == "silu" and plain
+        return (c.model_type in CpuForward.FAMILIES and c.hidden_act == "silu" and plain
                 and not getattr(c, "mlp_bias", False) and not getattr(c, "use_sliding_window", False)
                 and getattr(c, "pretraining_tp", 1) == 1)
 
@@ -261,8 +264,8 @@ class CachedPolicy:
 
     ``model`` is the trained model (any dtype); with ``dtype`` None the sampler uses it as it is, else a
     copy in ``dtype`` that ``start_rollout`` refreshes. ``seed`` gives a private, reproducible random
-    stream (one generator per call). ``fast_decode``: one-token steps through ``DecodeStep`` where the
-    model's family allows it (else, and for every longer forward, the model's own forward). After each
+    stream (one generator per call). ``fast_decode``: every forward through ``CpuForward`` where the
+    model's family allows it (else the model's own forward). After each
     call ``last_logprobs`` holds, per row, the log-prob of each returned id under the sampling model's own
     distribution (temperature 1, before top-p)."""
 
@@ -289,7 +292,7 @@ class CachedPolicy:
             for dst, src in zip(self.model.state_dict().values(), self.source.state_dict().values()):
                 dst.copy_(src)
         # the one-token step's fused projections are copies: rebuilt from the current weights every rollout
-        self.fast = DecodeStep(self.model) if self.fast_decode and DecodeStep.supports(self.model) else None
+        self.fast = CpuForward(self.model) if self.fast_decode and CpuForward.supports(self.model) else None
 
     def end_rollout(self) -> None:
         """Free what only the rollout needed (every row's KV cache, the packed one-token weights) before
@@ -341,7 +344,7 @@ class CachedPolicy:
                 _, past = self._forward(ids, torch.ones_like(ids), torch.arange(len(row), device=device)[None], None)
                 self.store.append((row, [(k[0], v[0]) for k, v, *_ in past]))
             return
-        # all at once, left-padded, through DecodeStep (which skips the padding)
+        # all at once, left-padded, through CpuForward (which skips the padding)
         S = max(len(r) for r in distinct)
         ids = torch.full((len(distinct), S), self.ends[0], dtype=torch.long, device=device)
         mask, positions = torch.zeros_like(ids), torch.zeros_like(ids)

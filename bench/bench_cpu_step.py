@@ -13,7 +13,7 @@ same warm-started weights, with the same seed, so the same question stream. Each
                 row whole (the step as it was, run as ``make train`` ran it);
     after-libc  the defaults, the C library's malloc: sampler.CachedPolicy (each prompt's KV cache computed
                 once for its G rollouts, each turn continuing the previous one's cache, a bf16 sampling
-                copy, the one-token sampler.DecodeStep) and policy.shared_prefix_logprobs in the update;
+                copy, every forward through sampler.CpuForward) and policy.shared_prefix_logprobs in the update;
     after       the defaults under tcmalloc, as ``make train`` runs them now (where tcmalloc is installed;
                 else the same as after-libc, and the header says so).
 

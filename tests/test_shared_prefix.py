@@ -75,12 +75,12 @@ def test_prompt_groups_follow_the_ids_not_the_row_order(tok):
     assert policy.prompt_groups(ids, lens).tolist() == [0, 1, 2, 2]
 
 
-def count_decode_steps(monkeypatch) -> list:
-    """Record each call of sampler.DecodeStep (so a test knows the one-token steps took that path)."""
+def count_cpu_forwards(monkeypatch) -> list:
+    """Record each call of sampler.CpuForward (so a test knows the rollout's forwards took that path)."""
     import sampler
 
-    calls, step = [], sampler.DecodeStep.__call__
-    monkeypatch.setattr(sampler.DecodeStep, "__call__", lambda self, *a: calls.append(1) or step(self, *a))
+    calls, step = [], sampler.CpuForward.__call__
+    monkeypatch.setattr(sampler.CpuForward, "__call__", lambda self, *a: calls.append(1) or step(self, *a))
     return calls
 
 
@@ -93,7 +93,7 @@ def test_cached_sampler_matches_a_plain_forward(tok, temperature, monkeypatch):
     cfg = env.EnvConfig(max_turn_tokens=6, max_completion_tokens=120, temperature=temperature)
     questions = ["Who wrote Dracula?", "Where is Paris?"]
     cached = CachedPolicy(model, tok, seed=3, dtype=None)
-    steps = count_decode_steps(monkeypatch)
+    steps = count_cpu_forwards(monkeypatch)
     trajs = env.rollout(cached, tok, questions, 3, FakeSearcher(), cfg)
     assert steps and any(t.turn_idx.count(0) for t in trajs)  # one-token steps ran; environment ids were continued
     assert cached.store == [] and cached.fast is None  # end_rollout freed the caches before the update
@@ -174,8 +174,8 @@ def tiny_qwen2(tok, kv_heads=2):
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_decode_step_is_the_models_own_forward(tok, family, dtype):
-    """sampler.DecodeStep (fused and oneDNN-packed projections, attention over the whole cache buffer, the
+def test_cpu_forward_is_the_models_own_forward(tok, family, dtype):
+    """sampler.CpuForward (fused and oneDNN-packed projections, attention over the whole cache buffer, the
     padding of a ragged prefill skipped) against the model's own forward: two prompts of different
     lengths prefilled together, a ragged continuation (3 ids and 1 id, left-padded), then two one-token
     steps (the second reads the key the first wrote). The same logits as the model's forward over the
@@ -184,7 +184,7 @@ def test_decode_step_is_the_models_own_forward(tok, family, dtype):
     import sampler
 
     model = (tiny_llama(tok, kv_heads=2) if family == "llama" else tiny_qwen2(tok)).to(dtype)
-    assert sampler.DecodeStep.supports(model)
+    assert sampler.CpuForward.supports(model)
     rows = [torch.randint(5, 1000, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (9, 5)]
     more = [[300, 301, 302], [400]]
     tokens = [torch.tensor([17, 923]), torch.tensor([40, 41])]
