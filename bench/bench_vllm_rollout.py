@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from common import ROOT, demo_questions, model_tokens, set_threads, write_result  # first: the repo root
+from common import ROOT, allocator, demo_questions, model_tokens, set_threads, write_result  # first: the repo root
 import data
 import env
 import search
@@ -77,7 +77,7 @@ def main(argv=None) -> int:
              f"{args.model.name if args.model else 'SmolLM2-135M-Instruct'}; torch {torch.__version__}, threads "
              f"{torch.get_num_threads()}; {len(questions)} questions x G={args.G}; max_turn_tokens {cfg.max_turn_tokens}, "
              f"max_completion_tokens {cfg.max_completion_tokens}; vLLM dtype {engine.dtype}, "
-             f"{'eager' if args.eager else 'compiled'}; default sampler bf16; HF generate fp32",
+             f"{'eager' if args.eager else 'compiled'}; default sampler bf16; HF generate fp32; allocator: {allocator()}",
              f"vLLM engine start-up {t_load:.1f} s; one weight sync {t_sync:.2f} s"]
     print("\n".join(lines[1:]))
 
