@@ -291,11 +291,11 @@ class CachedPolicy:
         elif self.model is not self.source:
             for dst, src in zip(self.model.state_dict().values(), self.source.state_dict().values()):
                 dst.copy_(src)
-        # the one-token step's fused projections are copies: rebuilt from the current weights every rollout
+        # CpuForward's fused projections are copies: rebuilt from the current weights every rollout
         self.fast = CpuForward(self.model) if self.fast_decode and CpuForward.supports(self.model) else None
 
     def end_rollout(self) -> None:
-        """Free what only the rollout needed (every row's KV cache, the packed one-token weights) before
+        """Free what only the rollout needed (every row's KV cache, CpuForward's packed weights) before
         the update takes its memory: at SmolLM2's CPU batch, about 0.5 GB off the step's peak."""
         self.store, self.fast = [], None
 
@@ -345,12 +345,8 @@ class CachedPolicy:
                 self.store.append((row, [(k[0], v[0]) for k, v, *_ in past]))
             return
         # all at once, left-padded, through CpuForward (which skips the padding)
-        S = max(len(r) for r in distinct)
-        ids = torch.full((len(distinct), S), self.ends[0], dtype=torch.long, device=device)
-        mask, positions = torch.zeros_like(ids), torch.zeros_like(ids)
-        for i, row in enumerate(distinct):
-            ids[i, S - len(row):], mask[i, S - len(row):] = torch.tensor(row, device=device), 1
-            positions[i, S - len(row):] = torch.arange(len(row), device=device)
+        ids, mask, positions = self._left_padded(distinct, [0] * len(distinct))
+        S = ids.shape[1]
         cache = self.fast.empty_cache(len(distinct), S)
         self._forward(ids, mask, positions, cache)
         for i, row in enumerate(distinct):
@@ -368,18 +364,25 @@ class CachedPolicy:
         B, layers = len(rows), len(self.store[0][1])
         k0 = self.store[0][1][0][0]
         cache = preallocated_cache(layers, (B, k0.shape[0], W, k0.shape[2]), S + room, k0.dtype, k0.device)
-        rest = torch.full((B, S), self.ends[0], dtype=torch.long, device=k0.device)
-        mask = torch.zeros((B, W + S), dtype=torch.long, device=k0.device)
-        positions = torch.zeros((B, S), dtype=torch.long, device=k0.device)
-        for i, (row, (e, n)) in enumerate(zip(rows, hits)):
+        cached = torch.zeros((B, W), dtype=torch.long, device=k0.device)
+        for i, (e, n) in enumerate(hits):
             for layer, (k, v) in zip(cache.layers, self.store[e][1]):
                 layer.store_k[i, :, W - n:W], layer.store_v[i, :, W - n:W] = k[:, :n], v[:, :n]
-            r = len(row) - n
-            rest[i, S - r:] = torch.tensor(row[n:], device=rest.device)
-            mask[i, W - n:W], mask[i, W + S - r:] = 1, 1
-            positions[i, S - r:] = torch.arange(n, len(row), device=rest.device)
-            positions[i, :S - r] = n  # padding: any position; its keys are masked
-        return cache, rest, mask, positions
+            cached[i, W - n:] = 1
+        rest, real, positions = self._left_padded([r[n:] for r, (_, n) in zip(rows, hits)], [n for _, n in hits])
+        return cache, rest, torch.cat([cached, real], 1), positions
+
+    def _left_padded(self, seqs: list[list[int]], starts: list[int]):
+        """``seqs`` left-padded into one batch: (ids, 1 where an id is real, positions), each (B, longest);
+        sequence i starts at position ``starts[i]`` (its padding takes that position too; it is masked)."""
+        device, S = self.model.device, max(len(q) for q in seqs)
+        ids = torch.full((len(seqs), S), self.ends[0], dtype=torch.long, device=device)
+        real, positions = torch.zeros_like(ids), torch.zeros_like(ids)
+        for i, (q, start) in enumerate(zip(seqs, starts)):
+            ids[i, S - len(q):], real[i, S - len(q):] = torch.tensor(q, device=device), 1
+            positions[i] = start
+            positions[i, S - len(q):] = torch.arange(start, start + len(q), device=device)
+        return ids, real, positions
 
     # ------------------------------------------------------------------ sampling
     def _sample(self, logits: torch.Tensor, temperature: float, top_p: float, gen) -> tuple[torch.Tensor, torch.Tensor]:
@@ -390,18 +393,18 @@ class CachedPolicy:
         running sum fp64 (49k fp32 additions would drift by up to ~1e-3)."""
         if temperature <= 0:
             token = logits.argmax(-1)
-            return token, torch.log_softmax(logits, -1).gather(1, token[:, None]).squeeze(1)
-        probs = model_probs = torch.softmax(logits / temperature, dim=-1)
-        if top_p < 1.0:  # keep the smallest set of tokens whose probability reaches top_p
-            sorted_p, order = probs.sort(dim=-1, descending=True)
-            drop = sorted_p.cumsum(-1, dtype=torch.float64) - sorted_p >= top_p
-            probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
-        cdf = probs.cumsum(-1, dtype=torch.float64)
-        u = torch.rand(len(probs), 1, generator=gen, dtype=cdf.dtype, device=cdf.device) * cdf[:, -1:]
-        # the first id whose cumulative probability exceeds u: an id of probability 0 is never drawn
-        token = torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=probs.shape[-1] - 1)
-        if temperature == 1:  # the model's own probabilities: no second pass over the vocabulary
-            return token, model_probs.gather(1, token[:, None]).squeeze(1).log()
+        else:
+            probs = model_probs = torch.softmax(logits / temperature, dim=-1)
+            if top_p < 1.0:  # keep the smallest set of tokens whose probability reaches top_p
+                sorted_p, order = probs.sort(dim=-1, descending=True)
+                drop = sorted_p.cumsum(-1, dtype=torch.float64) - sorted_p >= top_p
+                probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
+            cdf = probs.cumsum(-1, dtype=torch.float64)
+            u = torch.rand(len(probs), 1, generator=gen, dtype=cdf.dtype, device=cdf.device) * cdf[:, -1:]
+            # the first id whose cumulative probability exceeds u: an id of probability 0 is never drawn
+            token = torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=probs.shape[-1] - 1)
+            if temperature == 1:  # the model's own probabilities: no second pass over the vocabulary
+                return token, model_probs.gather(1, token[:, None]).squeeze(1).log()
         return token, torch.log_softmax(logits, -1).gather(1, token[:, None]).squeeze(1)
 
     def _stopped(self, new: list[int], stop: list[str]) -> bool:
@@ -426,13 +429,10 @@ class CachedPolicy:
         gen.manual_seed((self.seed if self.seed is not None else torch.initial_seed() % 2**31) * 100_003 + self.calls)
         self.calls += 1
         past, ids, mask, positions = self._batch_cache(rows, max_new_tokens)
+        logits, past = self._forward(ids, mask, positions, past)
         # seen[j, t]: slot j may attend to cache position t (its real keys), over the whole cache buffer
         seen = torch.zeros(len(rows), past.layers[0].store_k.shape[2], dtype=torch.bool, device=mask.device)
         seen[:, :mask.shape[1]] = mask.bool()
-        if ids.shape[1] == 1:  # one new id per row (a first turn, its prompt cached): that is a decode step
-            logits = self._step(ids[:, 0], positions[:, 0], past, seen)
-        else:
-            logits, past = self._forward(ids, mask, positions, past)
         new = [[] for _ in rows]
         logps = [[] for _ in rows]
         next_pos = positions[:, -1] + 1
