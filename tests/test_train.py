@@ -73,6 +73,46 @@ def test_bad_config_from_the_command_line_has_no_traceback(tmp_path):
     assert p.returncode == 2 and "Traceback" not in p.stderr and "error: " in p.stderr
 
 
+# What `make train` installs: requirements.txt alone. The child hides requirements-extra.txt's packages
+# from every importer, then imports the run's modules and asks each tool that needs an extra for it.
+WITHOUT_EXTRAS = r"""
+import sys, os
+hidden = set(sys.argv[1].split(","))
+class Hide:
+    def __init__(self, finder): self.finder = finder
+    def find_spec(self, name, path=None, target=None):
+        return None if name.split(".")[0] in hidden else self.finder.find_spec(name, path, target)
+    def __getattr__(self, attr): return getattr(self.finder, attr)
+sys.meta_path[:] = [Hide(f) for f in sys.meta_path]
+import train, eval, viewer, walkthrough, data
+assert not hidden & set(sys.modules), hidden & set(sys.modules)
+print("report-to:", train.main(["--report-to", "wandb"]))
+try:
+    data.load_triviaqa()
+except data.DataError as e:
+    print("triviaqa:", e)
+os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+print("deepspeed:", train.main(["--warmstart-steps", "0", "--output-dir", sys.argv[2]]))
+import plot
+"""
+
+
+def test_the_run_needs_requirements_txt_alone(tmp_path):
+    extras = [line.split("==")[0] for line in (ROOT / "requirements-extra.txt").read_text().splitlines()
+              if line and not line.startswith("#")]
+    assert {"deepspeed", "matplotlib", "pytest", "trl"} <= set(extras)
+    p = subprocess.run([sys.executable, "-c", WITHOUT_EXTRAS, ",".join(extras), str(tmp_path / "run")], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert "Traceback" not in p.stderr, p.stderr
+    fix = "run `make setup` (or"
+    assert "report-to: 2" in p.stdout and "needs the wandb package: " + fix in p.stderr
+    assert "triviaqa: TriviaQA from the hub needs the datasets package: " + fix in p.stdout
+    assert "deepspeed: 2" in p.stdout and "uses DeepSpeed, which is not installed: " + fix in p.stderr
+    assert p.returncode == 1 and p.stderr.endswith("plot.py needs matplotlib: " + fix + " pip install -r "
+                                                    "requirements-extra.txt)\n")
+    assert not (tmp_path / "run").exists()  # refused before writing anything
+
+
 # ----------------------------------------------------------------------------- the update
 def test_micro_batches_add_up_to_the_full_batch_gradient(tok, tiny_model_dir, searcher):
     """Gradient accumulation is exact: each micro-batch's loss is weighted by its share of the
