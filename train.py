@@ -99,7 +99,7 @@ class Config:
     gradient_checkpointing: bool = False  # (paper: on; saves memory on 7B, costs time on a 135M CPU run)
     shared_prefix: bool = True      # the update computes each question's prompt once for its G rollouts
                                     # (policy.shared_prefix_logprobs: the same numbers, fewer FLOPs; off
-                                    # under gradient checkpointing, where transformers drops the KV cache)
+                                    # under gradient checkpointing, which the packed attention does not support)
     lora_r: int = 0                 # LoRA rank (lora.py): train a rank-r update B@A beside each frozen target
                                     # projection; 0 = full fine-tuning (the paper's; DEVIATIONS.md, items 18-19).
                                     # LoRA wants a larger --lr and --warmstart-lr than full fine-tuning (~10x)
