@@ -165,16 +165,14 @@ def shared_prefix_logprobs(model, ids: torch.Tensor, attn: torch.Tensor, turn: t
     and packs the result again. Rows are right-padded; prompt ``i`` is ``ids[i, :prompt_lens[i]]``.
     """
     layout = Layout.of(ids, attn, prompt_lens)
-    with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=bf16), \
-            attention_implementation_set(model, PACKED_ATTENTION):
+    with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=bf16), packed_attention_in(model):
         hidden = model.base_model(input_ids=layout.ids[None], position_ids=layout.positions[None],
                                   layout=layout).last_hidden_state[0]
     # the packed index of each completion token, and of the hidden state that predicts it: the one before
     # it in its row, or its prompt's last one for a completion's first token
     t = layout.n_prompt + torch.arange(len(layout.c_rows), device=ids.device)
     before = torch.where(layout.c_cols == 0, layout.prompt_ends[layout.owner_of[layout.c_rows]] - 1, t - 1)
-    P = prompt_lens.to(ids.device)
-    col = P[layout.c_rows] + layout.c_cols             # the token's column in ``ids``
+    col = layout.positions[t]                          # a completion token's position is its column in ``ids``
     sel = turn[layout.c_rows, col] > 0                 # only the model's own tokens get a log-prob
     logp_sel = head_logprobs(model, hidden[before[sel]], layout.ids[t[sel]], bf16, chunk)
     # back to token_logprobs's layout: the log-prob of ids[i, c] sits at column c - 1
@@ -185,10 +183,11 @@ def shared_prefix_logprobs(model, ids: torch.Tensor, attn: torch.Tensor, turn: t
 @dataclass
 class Layout:
     """Where the ids of shared_prefix_logprobs's packed sequence sit as rows: first the U distinct prompts
-    (prompt token t goes to slot ``p_slots[t]`` = row * Pm + column of a (U, Pm) grid), then the N completions
-    (completion token t is row ``c_rows[t]``, column ``c_cols[t]`` of an (N, C) grid, slot ``c_slots[t]``). ``owner_of[i]``: row i's prompt; ``prompt_ends``: where each
-    prompt ends in the packed sequence; ``sees``: (N, 1, C, Pm + C), what each completion query may attend
-    to, its prompt's real keys and its own completion's up to itself."""
+    (prompt token t goes to slot ``p_slots[t]`` = row * Pm + column of a (U, Pm) grid), then the N
+    completions (completion token t is row ``c_rows[t]``, column ``c_cols[t]`` of an (N, C) grid, slot
+    ``c_slots[t]``). ``owner_of[i]``: row i's prompt; ``prompt_ends``: where each prompt ends in the packed
+    sequence; ``sees``: (N, 1, C, Pm + C), what each completion query may attend to, its prompt's real keys
+    and its own completion's up to itself."""
     ids: torch.Tensor
     positions: torch.Tensor
     p_slots: torch.Tensor
@@ -237,7 +236,7 @@ def packed_attention(module, query, key, value, attention_mask=None, dropout: fl
     has no id: the prompts as (U, heads, Pm, D), causal; the completions as (N, heads, C, D), each behind
     its prompt's keys and values (index_select: the gradients of all rows of a prompt add up in it) with
     ``layout.sees`` as the mask. PyTorch's SDPA computes both; the output is packed again, (1, T, heads, D).
-    Laying out and packing are an index_put and a gather, so the gradients take the same path back."""
+    Laying out and packing are an index_copy and an index_select, so the gradients take the same path back."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     n = layout.n_prompt
@@ -259,16 +258,16 @@ def packed_attention(module, query, key, value, attention_mask=None, dropout: fl
 
 
 @contextmanager
-def attention_implementation_set(model, name: str):
-    """Run the model's attention layers with the registered attention function ``name`` for a while
-    (every layer reads it from the one config at each call). Registered without a mask function, so
+def packed_attention_in(model):
+    """Run the model's attention layers with ``packed_attention`` for a while (every layer reads the
+    implementation's name from the one config at each call). Registered without a mask function, so
     transformers builds no mask for it."""
     from transformers import AttentionInterface
 
     AttentionInterface.register(PACKED_ATTENTION, packed_attention)
     config = model.config
     before = config._attn_implementation
-    config._attn_implementation = name
+    config._attn_implementation = PACKED_ATTENTION
     try:
         yield
     finally:
