@@ -1,30 +1,35 @@
 """The search environment: multi-turn rollouts of a policy that may call ``wiki_search``.
 
-One episode. The prompt is the chat-templated system prompt (+ one worked example) and the
-question, ending with the assistant header. Then, turn by turn:
+One episode follows the seed's ``ToolEnv(max_steps=2)``. The prompt is the chat-templated system prompt
+(the seed's instructions: one tool, five steps, "use the tool exactly once") and the user turn
+``Question: {question}``, ending with the assistant header. Then, message by message:
 
-  1. the model writes a turn; it stops at ``</tool>`` or ``</answer>``, at its end-of-turn token
+  1. the model writes a message; it stops at ``</tool>`` or ``</answer>``, at its end-of-turn token
      (``<|im_end|>``, SmolLM2's EOS) or after ``max_turn_tokens``;
-  2. the environment looks at that turn (``rewards.parse``):
-     - an ``<answer>``                               -> the episode ends;
-     - ``max_tool_calls`` calls were already made     -> it ends too (this was the "one more turn");
-     - a ``<tool>`` call                              -> it runs the search and replies, as a user
+  2. the environment looks at that message (``rewards.parse``):
+     - an ``<answer>``                                   -> the episode ends;
+     - a ``<tool>`` call, ``max_tool_calls`` already run -> the episode ends, the call unexecuted (the seed
+       counts the calls *before* it replies, so its max_steps 2 allows one search);
+     - a ``<tool>`` call                                 -> it runs the search and replies, as a user
        message, ``<result>\\n...\\n</result>`` (failures read ``Error: ...`` and the episode goes on);
-     - neither (the seed's rule; DEVIATIONS.md, 10) -> it replies with a plain ``Error: ...``
-       format reminder, *not* wrapped in ``<result>``, and the turn does not count as a tool call;
+     - neither                                           -> it replies with a plain ``Error: ...`` format
+       reminder, *not* wrapped in ``<result>``, and the episode goes on;
   3. if the reply plus one more model token would not fit in ``max_completion_tokens``, the episode
      ends with ``truncated=True`` and the reply is dropped (as it also does when the budget cuts a
-     model turn short).
+     model message short): the seed's 1,024-token cut of the whole completion.
+
+Messages and turns. MT-GRPO's *turn* k is everything the model writes after k-1 tool results (the seed
+splits at the first ``<result>``): with one search an episode has at most two turns, turn 1 (every
+message up to the call, format reminders included) and turn 2 (every message after the result). A
+message answered by a format reminder keeps the turn it is in.
 
 Token-exactness. ``completion_ids`` are the ids the policy sampled, with the environment's text
 appended *as ids*, wrapped in the chat template's role markers; nothing is ever re-tokenised from
 decoded text, because re-tokenising can change token boundaries and silently corrupt log-probs.
-A model turn's message is the decode of its ids (less a trailing end-of-turn token). When an episode
+A model message is the decode of its ids (less a trailing end-of-turn token). When an episode
 ends the environment appends the template's close (``<|im_end|>\\n``), so ``decode(completion_ids)``
 is exactly the chat template's rendering of ``messages`` after the prompt, truncated or not.
-``turn_idx`` marks every id: 0 = environment, k = the model's k-th turn, where turn k is what the
-model writes after k-1 tool results (the seed's split at the first ``<result>``; DEVIATIONS.md, item 16): a message answered
-by a format reminder, not a result, keeps the turn number it had.
+``turn_idx`` marks every id: 0 = environment, k = the model's turn k.
 """
 from __future__ import annotations
 
@@ -42,40 +47,92 @@ TOOL_NAME = "wiki_search"
 NO_TOOL_REPLY = ("Error: no tool call and no answer found. Write either a JSON tool command in "
                  "<tool> tags or your final answer in <answer> tags.")  # the seed's rule, our wording
 
-SYSTEM_PROMPT = """Answer the question with the help of one tool, wiki_search(query), which returns the
-Wikipedia passages that best match the query. Steps:
-1. Think inside <reasoning> tags.
-2. Call the tool once, with a JSON command inside <tool> tags, e.g.
-<tool>{"name": "wiki_search", "args": {"query": "Bram Stoker novels"}}</tool>
-3. Its output comes back inside <result> tags.
-4. Think about the output inside <reasoning> tags.
-5. Give just the name, word or number asked for inside <answer> tags."""
 
-# One worked exchange shown as prior chat turns: small models copy a format far better than they follow it
-# (DEVIATIONS.md, item 11).
+def tool_command(query: str) -> str:
+    """The JSON a well-formed call of the search tool holds: ``{"name": ..., "args": {"query": ...}}``."""
+    return json.dumps({"name": TOOL_NAME, "args": {"query": query}})
+
+
+# The seed's system prompt (DEFAULT_TRIVIALQA_TOOL_PROMPT_TEMPLATE with its tool description), the same
+# instructions in our own words: one tool described by name, purpose and argument, five steps, one call,
+# and no worked example.
+SYSTEM_PROMPT = f"""You have one tool to help you answer:
+
+{TOOL_NAME}: Searches Wikipedia and returns the best-matching passage.
+Arguments:
+  - query: the words to search for
+
+Go through these steps once:
+1. Reason inside <reasoning> tags.
+2. Call the tool with a JSON command inside <tool> tags that gives
+   - "name": the tool's name
+   - "args": its arguments
+3. The tool's output comes back inside <result> tags.
+4. Reason about that output inside <reasoning> tags.
+5. Give your final answer inside <answer> tags.
+
+Important:
+- Call the tool exactly once. Do not call it again, even if the first search does not help.
+- Use what you already know together with whatever the one search returns.
+- If the result is of no use, answer from what you already know.
+- Write the tool command as the JSON described above.
+- Do not invent tools or arguments that are not listed.
+- After the result, reason about it before you answer.
+- Your answer should match the expected ground truth."""
+
+
+def user_turn(question: str) -> str:
+    """The user message of an episode, as the seed writes it."""
+    return f"Question: {question}\n"
+
+
+# One worked exchange shown as prior chat turns, off by default: small models copy a format far better than
+# they follow it (DEVIATIONS.md, item 11).
 FEW_SHOT = [
-    {"role": "user", "content": "Who wrote the novel Dracula?"},
+    {"role": "user", "content": user_turn("Who wrote the novel Dracula?")},
     {"role": "assistant", "content": "<reasoning>\nI need the author of the novel Dracula. I will search for it.\n"
-                                     "</reasoning>\n<tool>{\"name\": \"wiki_search\", \"args\": {\"query\": \"Dracula novel author\"}}</tool>"},
+                                     f"</reasoning>\n<tool>{tool_command('Dracula novel author')}</tool>"},
     {"role": "user", "content": "<result>\nDracula\nDracula is an 1897 Gothic horror novel by the Irish author Bram Stoker.\n</result>"},
     {"role": "assistant", "content": "<reasoning>\nThe passage says Dracula was written by Bram Stoker.\n</reasoning>\n"
                                      "<answer>Bram Stoker</answer>"},
 ]
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """How a policy draws each id: softmax(logits / temperature), kept to its ``top_k`` most likely ids
+    (0 = all) and then to the smallest set whose probability reaches ``top_p``, renormalised; temperature
+    0 = greedy. The seed sets none of these, so TRL's defaults of its pinned commit apply: 0.9, 50, 1.0.
+    Every policy reports the log-prob of a drawn id under the *whole* tempered distribution,
+    log softmax(logits / temperature), before the top-k and top-p cut: the number the trainer computes."""
+    temperature: float = 0.9
+    top_k: int = 50
+    top_p: float = 1.0
+
+
+GREEDY = Sampling(temperature=0.0, top_k=0)
+
+
 @dataclass
 class EnvConfig:
     """One episode's settings: the one source of their defaults (train.Config's environment fields read
     them; eval.py and viewer.py take a run's own from its config.json). The defaults are the CPU run's;
-    the paper's values are beside them (DEVIATIONS.md, items 9-13)."""
-    max_tool_calls: int = 2            # at most this many tool calls, then one more turn (the seed's max_steps: 2)
-    max_turn_tokens: int = 64          # new tokens per model turn (paper: 1,024 for the whole completion)
-    max_completion_tokens: int = 256   # model + environment tokens of one episode; past it -> truncated (paper: 1,024)
-    top_k: int = 1                     # passages returned by the search tool (the seed: 1)
-    result_max_tokens: int = 96        # token budget of the text inside <result>...</result>
-    temperature: float = 1.0           # sampling temperature (paper: 1)
-    top_p: float = 1.0
+    the seed's values are beside them (DEVIATIONS.md, items 9-13)."""
+    max_tool_calls: int = 1            # searches an episode may run; a call past them ends it unexecuted
+                                       # (the seed's ToolEnv(max_steps=2): one search)
+    max_turn_tokens: int = 64          # new tokens per model message (seed: 1,024)
+    max_completion_tokens: int = 256   # model + environment tokens of one episode; the episode ends at the
+                                       # limit, cut there (seed: 1,024)
+    passages: int = 1                  # passages a search returns (seed: the top-1 article)
+    result_max_tokens: int = 96        # token budget of the text inside <result>...</result>; 0 = no cut
+                                       # of its own (seed: none, the 1,024-token episode budget only)
+    temperature: float = Sampling.temperature  # sampling temperature (seed: 0.9, TRL's default)
+    top_k: int = Sampling.top_k        # sample among the k most likely ids; 0 = all (seed: 50, TRL's default)
+    top_p: float = Sampling.top_p      # nucleus sampling; 1 = off (seed: 1.0, TRL's default)
     few_shot: bool = False             # one worked exchange as prior chat turns (the CPU run's warm start replaces it)
+
+    def sampling(self) -> Sampling:
+        return Sampling(self.temperature, self.top_k, self.top_p)
 
 
 @dataclass
@@ -160,10 +217,14 @@ def cut_turn(ids, tokenizer, stop: list[str], max_new_tokens: int) -> list[int]:
 
 # ----------------------------------------------------------------------------- prompt and tool
 def build_prompt(tokenizer, question: str, cfg: EnvConfig) -> list[int]:
-    messages = [{"role": "system", "content": SYSTEM_PROMPT}] + (FEW_SHOT if cfg.few_shot else [])
-    text = tokenizer.apply_chat_template(messages + [{"role": "user", "content": str(question)}],
-                                         tokenize=False, add_generation_prompt=True)
+    text = tokenizer.apply_chat_template(prompt_messages(question, cfg), tokenize=False, add_generation_prompt=True)
     return _encode(tokenizer, text)
+
+
+def prompt_messages(question: str, cfg: EnvConfig) -> list[dict]:
+    """The chat messages before the model's first message: system prompt, optional worked exchange, question."""
+    return ([{"role": "system", "content": SYSTEM_PROMPT}] + (FEW_SHOT if cfg.few_shot else [])
+            + [{"role": "user", "content": user_turn(str(question))}])
 
 
 def longest_prompt(tokenizer, questions: list[str], cfg: EnvConfig, candidates: int = 64) -> int:
@@ -176,9 +237,9 @@ def longest_prompt(tokenizer, questions: list[str], cfg: EnvConfig, candidates: 
 def call_tool(tool_text: str | None, searcher, cfg: EnvConfig, tokenizer) -> str:
     """Run one JSON tool command; returns the text to put inside ``<result>``. Never raises:
     the command is model output, so every failure is an ``Error: ...`` text the model can read."""
-    text = _run_tool(tool_text, searcher, cfg.top_k)
+    text = _run_tool(tool_text, searcher, cfg.passages)
     ids = _encode(tokenizer, text, plain=True)
-    if len(ids) > cfg.result_max_tokens:  # cut with the tokenizer; drop a half-cut character
+    if 0 < cfg.result_max_tokens < len(ids):  # cut with the tokenizer; drop a half-cut character
         text = _decode(tokenizer, ids[:cfg.result_max_tokens]).rstrip("\ufffd")
     return text
 
@@ -214,15 +275,15 @@ def _run_tool(tool_text, searcher, k: int) -> str:
 
 # ----------------------------------------------------------------------------- rollout
 def _step(traj: Trajectory, new: list[int], new_logprobs: list[float], tokenizer, searcher, cfg: EnvConfig) -> bool:
-    """Append one model turn (its ids and the sampler's log-probs of them) and the environment's reaction;
+    """Append one model message (its ids and the sampler's log-probs of them) and the environment's reaction;
     returns whether the episode goes on."""
     m = _markers(tokenizer)
     ends_turn = bool(new) and new[-1] == m.close[0]
     text = _decode(tokenizer, new[:-1] if ends_turn else new)
-    n_calls = sum(c is not None for c in traj.tool_calls)
+    calls_run = len(traj.results)  # tool calls executed so far (each got a <result>)
     # MT-GRPO's turn k is everything the model writes after k-1 tool results (the seed splits at the
-    # first <result>); a turn answered with a format reminder instead of a result does not start a new one.
-    turn = len(traj.results) + 1
+    # first <result>); a message answered with a format reminder instead of a result does not start a new one.
+    turn = calls_run + 1
     traj.completion_ids += new
     traj.turn_idx += [turn] * len(new)
     traj.sampler_logprobs += new_logprobs
@@ -235,9 +296,11 @@ def _step(traj: Trajectory, new: list[int], new_logprobs: list[float], tokenizer
     out_of_room = len(traj.completion_ids) + len(m.close) >= cfg.max_completion_tokens
     reply = None
     if out_of_room and not stopped:
-        traj.truncated = True  # the budget, not the model, ended this turn
-    elif parsed["answer"] is not None or n_calls >= cfg.max_tool_calls:
-        pass  # answered, or this was the one turn allowed after the last tool call
+        traj.truncated = True  # the budget, not the model, ended this message
+    elif parsed["answer"] is not None:
+        pass  # answered
+    elif parsed["tool"] is not None and calls_run >= cfg.max_tool_calls:
+        pass  # a call past the budget ends the episode unexecuted (the seed: is_completed runs before env_response)
     elif parsed["tool"] is not None:
         reply = "<result>\n" + call_tool(parsed["tool"], searcher, cfg, tokenizer) + "\n</result>"
     else:
@@ -278,8 +341,7 @@ def rollout(policy, tokenizer, questions: list[str], G: int, searcher, cfg: EnvC
     while live:
         # Room for this turn: the budget minus what is used and the final close.
         limits = [min(cfg.max_turn_tokens, cfg.max_completion_tokens - len(t.completion_ids) - close_len) for t in live]
-        outs = policy.generate([t.prompt_ids + t.completion_ids for t in live], max(limits),
-                               cfg.temperature, cfg.top_p, STOP)
+        outs = policy.generate([t.prompt_ids + t.completion_ids for t in live], max(limits), cfg.sampling(), STOP)
         if len(outs) != len(live):
             raise RuntimeError(f"policy returned {len(outs)} rows for {len(live)} live episodes")
         logprobs = getattr(policy, "last_logprobs", None) or [[] for _ in outs]
@@ -310,19 +372,20 @@ def episode_stats(trajectories: list[Trajectory], aliases: list[list[str]] | Non
 
 # ----------------------------------------------------------------------------- policies
 class SampledLogprobs:
-    """A ``generate`` logits processor that keeps the log-prob of each sampled token under the model's own
-    distribution (temperature 1, before top-p): the number the trainer computes for the same token.
-    transformers runs user processors before its temperature and top-p warpers, so ``scores`` here are the
-    raw logits. A call sees the token sampled by the previous step as ``input_ids[:, -1]``; ``finish``
-    adds the last one. Memory: one (rows x vocabulary) tensor, not one per step."""
+    """A ``generate`` logits processor that keeps the log-prob of each sampled token under the whole tempered
+    distribution, log softmax(logits / temperature) before top-k and top-p: the number the trainer computes
+    for the same token (Sampling's contract). transformers runs user processors before its temperature,
+    top-k and top-p warpers, so ``scores`` here are the raw logits. A call sees the token sampled by the
+    previous step as ``input_ids[:, -1]``; ``finish`` adds the last one. Memory: one (rows x vocabulary)
+    tensor, not one per step."""
 
-    def __init__(self):
-        self.prev, self.steps = None, []
+    def __init__(self, temperature: float = 1.0):
+        self.prev, self.steps, self.temperature = None, [], temperature if temperature > 0 else 1.0
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         if self.prev is not None:
             self.steps.append(self.prev.gather(1, input_ids[:, -1:]).squeeze(1))
-        self.prev = torch.log_softmax(scores.float(), dim=-1)
+        self.prev = torch.log_softmax(scores.float() / self.temperature, dim=-1)
         return scores
 
     def finish(self, sequences: torch.Tensor, new_tokens: int) -> list[list[float]]:
@@ -334,10 +397,10 @@ class SampledLogprobs:
 
 
 class HFPolicy:
-    """Batched sampling with ``transformers`` ``generate`` (KV cache within a turn; each turn
+    """Batched sampling with ``transformers`` ``generate`` (KV cache within a message; each message
     re-reads its context). Rows are left-padded; ``pad == eos`` for SmolLM2, so each row is cut by
     ``cut_turn`` afterwards. ``seed`` gives a private, reproducible random stream. After each call
-    ``last_logprobs`` holds, per row, the sampler's log-prob of each returned id."""
+    ``last_logprobs`` holds, per row, the sampler's log-prob of each returned id (Sampling's contract)."""
 
     def __init__(self, model, tokenizer, seed: int | None = None):
         self.model, self.tokenizer, self.seed, self.calls = model, tokenizer, seed, 0
@@ -353,7 +416,7 @@ class HFPolicy:
         return self.stopping[tuple(stop)]
 
     @torch.no_grad()
-    def generate(self, batch, max_new_tokens, temperature, top_p, stop) -> list[list[int]]:
+    def generate(self, batch, max_new_tokens: int, sampling: Sampling, stop) -> list[list[int]]:
         device, width = self.model.device, max(len(row) for row in batch)
         ends = sorted(end_ids(self.tokenizer))
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else ends[0]
@@ -361,14 +424,15 @@ class HFPolicy:
         mask = torch.zeros((len(batch), width), dtype=torch.long)
         for i, row in enumerate(batch):
             ids[i, width - len(row):], mask[i, width - len(row):] = torch.tensor(row), 1
-        # Sample from the model's own distribution: override what a checkpoint's generation_config may
-        # add (Qwen2.5-Instruct: top_k 20, repetition_penalty 1.05), or the ids would be off-policy.
-        sampling = (dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0
-                    else dict(do_sample=False, temperature=None, top_p=None, top_k=None))
-        sampling.update(repetition_penalty=1.0)
+        # Exactly the asked distribution: override what a checkpoint's generation_config may add
+        # (Qwen2.5-Instruct: top_k 20, repetition_penalty 1.05), or the ids would be off-policy.
+        greedy = sampling.temperature <= 0
+        kw = (dict(do_sample=False, temperature=None, top_p=None, top_k=None) if greedy else
+              dict(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k))
+        kw.update(repetition_penalty=1.0, min_p=None)
         devices = [device] if device.type == "cuda" else []
         from transformers import LogitsProcessorList
-        record = SampledLogprobs()
+        record = SampledLogprobs(sampling.temperature)
         with torch.random.fork_rng(devices=devices, enabled=self.seed is not None):
             if self.seed is not None:  # one derived seed per call: reproducible, never touches global RNG
                 torch.manual_seed(self.seed * 100_003 + self.calls)
@@ -376,7 +440,7 @@ class HFPolicy:
                                       max_new_tokens=max_new_tokens,
                                       stopping_criteria=self.stop_criteria(stop) if stop else None,
                                       eos_token_id=ends, pad_token_id=pad, logits_processor=LogitsProcessorList([record]),
-                                      use_cache=True, **sampling)
+                                      use_cache=True, **kw)
         self.calls += 1
         rows = [cut_turn(row, self.tokenizer, stop, max_new_tokens) for row in out[:, width:].tolist()]
         self.last_logprobs = [lp[:len(row)] for lp, row in zip(record.finish(out, out.shape[1] - width), rows)]
@@ -398,7 +462,7 @@ class ScriptedPolicy:
         self.context: list[list[int]] = [[] for _ in turns]
         self.done = [0] * len(turns)  # turns written per episode
 
-    def generate(self, batch, max_new_tokens, temperature, top_p, stop) -> list[list[int]]:
+    def generate(self, batch, max_new_tokens: int, sampling: Sampling, stop) -> list[list[int]]:
         outs, r = [], 0
         for row in batch:
             while r < len(self.context) and row[:len(self.context[r])] != self.context[r]:

@@ -41,8 +41,7 @@ COLUMNS = [("tool_execution", "Tool exec (0-.2)"), ("search_answer", "Search ans
 
 
 # The episode settings a flag can override: the train.Config fields that train.env_config reads.
-EPISODE_FIELDS = ("max_tool_calls", "max_turn_tokens", "max_completion_tokens", "top_k", "result_max_tokens",
-                  "few_shot", "temperature")
+EPISODE_FIELDS = tuple(f.name for f in dataclasses.fields(env.EnvConfig))
 
 
 class EvalError(ValueError):
@@ -87,13 +86,16 @@ def run_config(name: str, overrides: dict | None = None) -> train.Config:
 def check_episode(cfg: train.Config, where: str = "") -> None:
     """env.rollout's own limits, as one clear message naming the flag, before any model is loaded."""
     # max_completion_tokens: room for a short turn and the chat markers that close it
-    low = {"max_turn_tokens": 1, "max_completion_tokens": 8, "top_k": 1, "result_max_tokens": 1, "max_tool_calls": 0}
+    low = {"max_turn_tokens": 1, "max_completion_tokens": 8, "passages": 1, "result_max_tokens": 0, "max_tool_calls": 0,
+           "top_k": 0}
     for k, lo in low.items():
         v = getattr(cfg, k)
         if not isinstance(v, int) or isinstance(v, bool) or v < lo:
             raise EvalError(f"{where}{k} = {v!r}: pass --{k.replace('_', '-')} N with N >= {lo}")
     if not isinstance(cfg.temperature, (int, float)) or cfg.temperature < 0:
         raise EvalError(f"{where}temperature = {cfg.temperature!r}: pass --temperature T with T >= 0")
+    if not isinstance(cfg.top_p, (int, float)) or not 0 < cfg.top_p <= 1:
+        raise EvalError(f"{where}top_p = {cfg.top_p!r}: pass --top-p P with 0 < P <= 1")
 
 
 def episode_config(cfg: train.Config, sampled: bool) -> env.EnvConfig:
@@ -192,8 +194,9 @@ def parse_args(argv=None):
     for k in ("n", "samples", "batch", "holdout"):
         if getattr(args, k) < (1 if k in ("samples", "batch") else 0):
             raise EvalError(f"--{k} {getattr(args, k)}: must be >= {1 if k in ('samples', 'batch') else 0}")
-    if args.temperature is not None and not args.sampled:
-        raise EvalError("--temperature needs --sampled (without it every episode is greedy)")
+    for k in ("temperature", "top_k", "top_p"):
+        if getattr(args, k) is not None and not args.sampled:
+            raise EvalError(f"--{k.replace('_', '-')} needs --sampled (without it every episode is greedy)")
     if args.samples > 1 and not args.sampled:
         raise EvalError("--samples > 1 needs --sampled (greedy episodes of one question are identical)")
     if (args.questions is None) != (args.corpus is None):

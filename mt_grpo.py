@@ -1,9 +1,10 @@
 """MT-GRPO advantages and policy loss, by hand (Zeng et al., arXiv 2505.11821).
 
-A rollout is two model turns: turn 1 reasons and calls the search tool, the environment
-answers with a <result>, turn 2 answers. Each rollout gets a turn-level reward R_T (did the
-tool run, did the result contain the answer) and an outcome reward R_O (is the answer right,
-is the format right). The G rollouts of one prompt form a group; every advantage below is a
+A rollout is two turns: turn 1 is everything the model writes before the search result (its
+reasoning and the tool call), the environment answers with a <result>, turn 2 is everything the
+model writes after it (its reasoning and the answer). Each rollout gets a turn-level reward R_T
+(did the tool run, did the result contain the answer) and an outcome reward R_O (is the answer
+right, is the format right). The G rollouts of one prompt form a group; every advantage below is a
 reward normalised within its group (GRPO). The three methods differ in who gets what:
 
     GRPO-OR   every model token gets  A_O  = norm(R_O)         outcome only, trajectory level
@@ -24,7 +25,7 @@ from torch import Tensor
 
 METHODS = ("mt_grpo", "grpo_or", "grpo_mr")
 CONVENTIONS = ("seed", "paper")  # which advantage lam multiplies on turn 1, see turn_advantages
-AGGREGATIONS = ("token", "sequence")
+AGGREGATIONS = ("token", "micro_batch", "sequence")  # how the per-token loss is averaged, see policy_loss
 NORMALISATIONS = ("masked", "naive")  # how k_turn_advantages normalises turn k's reward, see there
 STD_EPS = 1e-4  # the eps in (R - mean) / (std + eps): see DEVIATIONS.md, item 3
 
@@ -120,7 +121,8 @@ def token_advantages(A: Tensor, turn_idx: Tensor) -> tuple[Tensor, Tensor]:
 
     turn_idx (N, T) ints: 0 = prompt, environment (<result>) or padding token: advantage 0 and
     masked out; k >= 1 = a token the model wrote in turn k: A[:, k-1]. Turns beyond K share the
-    last column, the outcome advantage A_O, as every token after the first result has.
+    last column: with the two-turn A, everything after the first result gets A_O however many
+    searches followed (the seed's split).
     A bool mask also works as turn_idx: every True token then counts as turn 1.
     """
     if A.dim() != 2 or turn_idx.dim() != 2 or A.shape[0] != turn_idx.shape[0]:
@@ -144,9 +146,11 @@ def policy_loss(logp_new: Tensor, logp_old: Tensor, logp_ref: Tensor | None, A_t
         KL_t    = exp(logp_ref_t - logp_new_t) - (logp_ref_t - logp_new_t) - 1   (k3, GRPO eq. 4)
 
     All tensors are (N, T) over the same tokens; turn_idx (or a bool mask) selects the model's
-    tokens (> 0). aggregation "token" (the seed's): sum of loss_t over the batch's unmasked
-    tokens / their count, so every token weighs the same. "sequence" (GRPO paper): mean over
-    each rollout's tokens, then over rollouts (a rollout with no tokens counts as 0, like TRL).
+    tokens (> 0). aggregation "token": sum of loss_t over the unmasked tokens / their count, so
+    every token weighs the same. "micro_batch" (the seed's, and TRL's at the commit it pins): the
+    same token mean, taken per micro-batch; train.update then averages the micro-batches' losses, so
+    a token weighs 1 / (tokens of its micro-batch). "sequence" (GRPO paper): mean over each
+    rollout's tokens, then over rollouts (a rollout with no tokens counts as 0, like TRL).
     See DEVIATIONS.md, item 4.
     Returns the loss and diagnostics as python floats: clip_frac (share of tokens whose gradient
     the clip removed), kl (mean KL_t; only if beta > 0), adv_mean/turn{k} (token-weighted).
@@ -167,7 +171,7 @@ def policy_loss(logp_new: Tensor, logp_old: Tensor, logp_ref: Tensor | None, A_t
         KL_t = torch.exp(d) - d - 1
         loss_t = loss_t + beta * KL_t
 
-    if aggregation == "token":
+    if aggregation in ("token", "micro_batch"):
         loss = (loss_t * m).sum() / m.sum().clamp(min=1)
     else:
         loss = ((loss_t * m).sum(dim=1) / m.sum(dim=1).clamp(min=1)).mean()

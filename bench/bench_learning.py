@@ -43,7 +43,8 @@ METHODS = {"grpo_or": "GRPO-OR", "grpo_mr": "GRPO-MR", "mt_grpo": "MT-GRPO"}
 CURVES = [("tool_execution", "tool execution (0-0.2)"), ("search_answer", "search answer (0-0.5)"),
           ("tool_call_rate", "tool-call rate"), ("exact_match", "exact match (0-1)")]
 # the environment both training and evaluation use (the real preset's, as flags)
-ENV_FLAGS = ["--top-k", "3", "--result-max-tokens", "128", "--max-completion-tokens", "320"]
+ENV_FLAGS = ["--passages", "3", "--result-max-tokens", "128", "--max-completion-tokens", "320"]
+SAMPLING_FLAGS = ("--temperature", "--top-k", "--top-p")
 
 
 @dataclass
@@ -121,8 +122,10 @@ def evaluate(c: Comparison, models: dict[str, str], name: str) -> dict[str, dict
     """eval.py on ``models`` (label -> 'base' or a folder) in one call, cached as out/eval-<name>.json."""
     path = c.out / f"eval-{name}.json"
     if not path.is_file():
+        # eval.py is greedy: the training run's sampling flags do not apply to it
+        flags = [x for k, v in zip(c.env_flags[::2], c.env_flags[1::2]) if k not in SAMPLING_FLAGS for x in (k, v)]
         run([sys.executable, "eval.py", *models.values(), "--questions", c.eval_questions or c.questions,
-             "--corpus", c.corpus, "--holdout", str(c.holdout), "--n", str(c.eval_n), *c.env_flags,
+             "--corpus", c.corpus, "--holdout", str(c.holdout), "--n", str(c.eval_n), *flags,
              "--batch", "16", "--threads", str(c.threads), "--json", str(path)], c.out / "eval.log")
     results = json.loads(path.read_text())["results"]
     return {label: results[model] for label, model in models.items()}

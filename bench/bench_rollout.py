@@ -42,7 +42,7 @@ def main(argv=None) -> int:
     print(f"model: Llama hidden {args.hidden}, {args.layers} layers, {n_params:.1f}M params; "
           f"torch threads {torch.get_num_threads()}; {len(questions)} questions x G={args.G}; "
           f"max_turn_tokens {cfg.max_turn_tokens}, max_completion_tokens {cfg.max_completion_tokens}")
-    env.HFPolicy(model, tok, seed=0).generate([[1, 2, 3]], 4, 1.0, 1.0, env.STOP)  # warm-up
+    env.HFPolicy(model, tok, seed=0).generate([[1, 2, 3]], 4, env.Sampling(), env.STOP)  # warm-up
 
     start = time.perf_counter()
     batched = env.rollout(env.HFPolicy(model, tok, seed=0), tok, questions, args.G, NullSearcher(), cfg)

@@ -110,7 +110,7 @@ def episode_config(tok, turn_tokens: int) -> env.EnvConfig:
     m = env._markers(tok)  # the chat template's role markers, as env.py appends them
     reply = len(m.close) + len(m.user_open) + len(env._encode(tok, env.NO_TOOL_REPLY, plain=True)) + len(m.model_open)
     return env.EnvConfig(max_turn_tokens=turn_tokens, max_completion_tokens=2 * turn_tokens + reply + len(m.close),
-                         few_shot=False)
+                         few_shot=False, temperature=1.0, top_k=0)
 
 
 def step_batches(n_steps: int, per_step: int) -> list[list[dict]]:
@@ -121,7 +121,7 @@ def step_batches(n_steps: int, per_step: int) -> list[list[dict]]:
 
 def train_config(args) -> train.Config:
     return train.Config(G=args.G, batch_size=args.batch_size, micro_batch=args.micro_batch, bf16=args.bf16,
-                        mu=1, beta=0.0, warmstart_steps=0)
+                        mu=1, beta=0.0, warmstart_steps=0, temperature=1.0, top_k=0)
 
 
 # ------------------------------------------------------------------------------------------ our side
@@ -170,7 +170,7 @@ def trl_dataset(tok, batches):
 
     prompts = []
     for q in (q for b in batches for q in b):
-        chat = [{"role": "system", "content": env.SYSTEM_PROMPT}, {"role": "user", "content": q["question"]}]
+        chat = env.prompt_messages(q["question"], env.EnvConfig(few_shot=False))
         prompts.append({"prompt": tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True),
                         "aliases": q["aliases"]})
         ours = env.build_prompt(tok, q["question"], env.EnvConfig(few_shot=False))

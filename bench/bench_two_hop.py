@@ -32,7 +32,8 @@ METHODS = {"grpo_mr": "GRPO-MR", "mt_grpo": "MT-GRPO (K-turn)"}
 CURVES = [("calls_per_episode", "tool calls per episode"), ("search_answer", "first search found answer"),
           ("answer_found", "a search found the answer"), ("exact_match", "exact match (0-1)")]
 # two-hop questions are long: a search turn that quotes one needs ~70 tokens, hence 96 per turn
-ENV = {"max_tool_calls": 2, "max_turn_tokens": 96, "max_completion_tokens": 384, "top_k": 1, "result_max_tokens": 96}
+ENV = {"max_tool_calls": 2, "max_turn_tokens": 96, "max_completion_tokens": 384, "passages": 1, "result_max_tokens": 96,
+       "temperature": 1.0, "top_k": 0}
 ENV_FLAGS = [x for k, v in ENV.items() for x in (f"--{k.replace('_', '-')}", str(v))]
 
 

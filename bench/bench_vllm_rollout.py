@@ -84,8 +84,8 @@ def main(argv=None) -> int:
     # Greedy agreement on one prompt (HF fp32 vs the engine's dtype: near-ties may flip later ids).
     prompt = env.build_prompt(tok, questions[0], cfg)
     with torch.no_grad():
-        a = hf.generate([prompt], 32, 0.0, 1.0, [])[0]
-    b = engine.generate([prompt], 32, 0.0, 1.0, [])[0]
+        a = hf.generate([prompt], 32, env.GREEDY, [])[0]
+    b = engine.generate([prompt], 32, env.GREEDY, [])[0]
     same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
     lines.append(f"greedy: the first {same} of {min(len(a), len(b))} ids of vLLM agree with HF")
     print(lines[-1])

@@ -14,7 +14,8 @@ Rows:
      vocabulary projection of the model's own tokens; the checkpointing recompute is not counted);
   3. ZeRO-3: train.main under `accelerate launch --use_deepspeed --zero_stage 3` with 1 process, the
      tests' scripted rollouts and stand-in engine (tests/distributed_worker.py), 2 steps, mu 2;
-  4. HF rollouts: env.HFPolicy sampling on CUDA under bf16 autocast, as train.py does with --rollout-backend hf.
+  4. HF rollouts: the sampler train.make_policy builds for --rollout-backend hf on this device (on CUDA
+     env.HFPolicy, under the bf16 autocast of train.sample_batch), at the seed's sampling.
 --tokenizer: any chat tokenizer folder (the embedded SmolLM2's is the default where it can be built).
 """
 from __future__ import annotations
@@ -177,22 +178,30 @@ def zero3_step(tokenizer, folder: Path, config, bf16: bool) -> dict:
                                                   f"{record[0]['distributed_type']}"}
 
 
-# ----------------------------------------------------------------------------- 4. HF rollouts
+# ----------------------------------------------------------------------------- 4. rollouts
 def hf_rollout(tokenizer, config, device, rows: int, new_tokens: int) -> dict:
+    """The sampler train.py builds for --rollout-backend hf on this device (train.make_policy), under the
+    autocast train.sample_batch runs it in, at the seed's sampling (T 0.9, top-k 50)."""
+    from accelerate import Accelerator
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).to(device).eval()
-    policy = env.HFPolicy(model, tokenizer, seed=0)
-    prompt = env.build_prompt(tokenizer, "Who wrote the novel Dracula?", env.EnvConfig(few_shot=False))
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        policy.generate([prompt] * 2, 4, 1.0, 1.0, [])  # warm-up
+    cfg = train.Config(rollout_backend="hf")
+    accelerator = Accelerator(cpu=device.type == "cpu")
+    env_cfg = train.env_config(cfg)
+    policy = train.make_policy(cfg, accelerator, model, tokenizer, [], env_cfg, "unused")
+    prompt = env.build_prompt(tokenizer, "Who wrote the novel Dracula?", env_cfg)
+    with train.sampling_autocast(cfg, device):
+        if hasattr(policy, "start_rollout"):
+            policy.start_rollout()
+        policy.generate([prompt] * 2, 4, env_cfg.sampling(), [])  # warm-up
         sync(device)
         t = time.perf_counter()
-        out = policy.generate([prompt] * rows, new_tokens, 1.0, 1.0, [])  # no stop strings: every row runs full
+        out = policy.generate([prompt] * rows, new_tokens, env_cfg.sampling(), [])  # no stop strings: every row runs full
         sync(device)
     seconds = time.perf_counter() - t
-    return {"tokens_per_s": sum(len(r) for r in out) / seconds, "seconds": seconds}
+    return {"tokens_per_s": sum(len(r) for r in out) / seconds, "seconds": seconds, "sampler": type(policy).__name__}
 
 
 # ----------------------------------------------------------------------------- the table
@@ -239,7 +248,8 @@ def main(argv=None) -> int:
 
     r = hf_rollout(tokenizer, qwen_config("0.5B", vocab=len(tokenizer)) if cuda else small, device,
                    64 if cuda else 4, 128 if cuda else 8)
-    rows.append(("HF rollouts (env.HFPolicy)", f"{r['tokens_per_s']:.0f} tok/s", "Qwen2.5-0.5B shape" if cuda else "tiny"))
+    rows.append((f"HF rollouts ({r['sampler']}, train.make_policy)", f"{r['tokens_per_s']:.0f} tok/s",
+                 "Qwen2.5-0.5B shape" if cuda else "tiny"))
 
     device_name = torch.cuda.get_device_name() if cuda else "CPU (dry run)"
     print(f"\nGPU check on {device_name}, torch {torch.__version__}")

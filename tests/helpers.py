@@ -44,12 +44,12 @@ class FakeSearcher:
 
 
 def tiny_llama(tok, hidden: int = 64, layers: int = 2, kv_heads: int = 4, seed: int = 0, **config):
-    """A random Llama with the real vocabulary (4 heads; ``config`` adds LlamaConfig fields)."""
+    """A random Llama with the real vocabulary (4 heads; ``config`` adds or overrides LlamaConfig fields)."""
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(seed)
-    config = {"intermediate_size": 2 * hidden, "max_position_embeddings": 4096, **config}
-    return LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=layers,
-                                        num_attention_heads=4, num_key_value_heads=kv_heads, **config)).eval()
+    config = {"vocab_size": len(tok), "intermediate_size": 2 * hidden, "max_position_embeddings": 4096, **config}
+    return LlamaForCausalLM(LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+                                        num_key_value_heads=kv_heads, **config)).eval()
 
 
 # ----------------------------------------------------------------------------- trajectories
@@ -58,8 +58,9 @@ def enc(tok, text):
 
 
 def prompt_messages(question, cfg):
+    """The seed's prompt: system prompt, then the user turn ``Question: {question}`` and a newline."""
     return ([{"role": "system", "content": env.SYSTEM_PROMPT}] + (env.FEW_SHOT if cfg.few_shot else [])
-            + [{"role": "user", "content": question}])
+            + [{"role": "user", "content": f"Question: {question}\n"}])
 
 
 def check_trajectory(t, tok, question, cfg):
@@ -121,7 +122,9 @@ class Recorder:
 
     def generate(self, batch, *args):
         self.batches.append([list(row) for row in batch])
-        return self.policy.generate(batch, *args)
+        out = self.policy.generate(batch, *args)
+        self.last_logprobs = getattr(self.policy, "last_logprobs", None)
+        return out
 
 
 def make_bigram(model, chain):
@@ -138,15 +141,15 @@ def make_bigram(model, chain):
     return model
 
 
-def mismatch(model, trajectories, bf16: bool) -> tuple[float, float, int]:
-    """The sampler-trainer mismatch meter as train.update computes it, for ``model`` as the trainer:
-    (mean |log p_trainer - log p_sampler|, KL estimate, tokens compared)."""
+def mismatch(model, trajectories, bf16: bool, temperature: float = env.Sampling.temperature) -> tuple[float, float, int]:
+    """The sampler-trainer mismatch meter as train.update computes it, for ``model`` as the trainer at the
+    sampling ``temperature``: (mean |log p_trainer - log p_sampler|, KL estimate, tokens compared)."""
     from policy import mismatch_sums, pack, pack_sampler_logprobs, token_logprobs
 
     ids, attn, turn = pack(trajectories, 0)
     sampler = pack_sampler_logprobs(trajectories, ids.shape[1])
     with torch.no_grad():
-        trainer = token_logprobs(model, ids, attn, turn, bf16=bf16)
+        trainer = token_logprobs(model, ids, attn, turn, bf16=bf16, temperature=temperature)
     abs_sum, k3, count = mismatch_sums(trainer, sampler, turn[:, 1:] > 0).tolist()
     return abs_sum / count, k3 / count, int(count)
 

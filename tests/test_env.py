@@ -53,9 +53,13 @@ def test_prompt_is_the_chat_template_with_few_shot(tok, passages, fake_searcher)
         assert env._decode(tok, ids) == tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
         assert env._decode(tok, ids).endswith("<|im_start|>assistant\n")
         assert ("Dracula" in env._decode(tok, ids)) == few_shot
-    # The system prompt is the seed's protocol: one tool, a JSON example, the five steps.
-    for needle in ("wiki_search", '"args": {"query":', "<reasoning>", "<tool>", "<result>", "<answer>"):
+    # The system prompt carries the seed's instructions: one tool with its description and argument, the
+    # five steps with their tags, one call only; and, like the seed's, no worked JSON example.
+    for needle in ("wiki_search: Searches Wikipedia", "query", '"name"', '"args"', "<reasoning>", "<tool>", "<result>",
+                   "<answer>", "exactly once", "5. "):
         assert needle in env.SYSTEM_PROMPT
+    assert "{" not in env.SYSTEM_PROMPT and "6. " not in env.SYSTEM_PROMPT
+    assert env.user_turn("Who?") == "Question: Who?\n"
     # The worked example follows the protocol it teaches: the env's own result layout, full format score.
     assert env.FEW_SHOT[2]["content"] == "<result>\n" + env.call_tool(tool("Dracula novel author"), fake_searcher(
         passages[:1]), EnvConfig(), tok) + "\n</result>"
@@ -66,7 +70,7 @@ def test_scripted_episode_gives_exactly_the_expected_ids(tok, searcher, passages
     """Two tool calls and an answer: the ids are the scripted tokens plus the environment's text,
     each tokenised on its own, with the template's role markers; turn_idx as specified."""
     turns = [call("Dracula author"), call("Bram Stoker novelist", "Check his name."), answer("Bram Stoker")]
-    cfg = EnvConfig(top_k=1)
+    cfg = EnvConfig(passages=1, max_tool_calls=2)
     (t,) = rollout(ScriptedPolicy(tok, [turns]), tok, ["Who wrote Dracula?"], 1, searcher, cfg)
     r1 = "Dracula\n" + passages[0]["text"]
     r2 = "Bram Stoker\n" + passages[3]["text"]
@@ -100,11 +104,6 @@ def test_model_eos_is_a_model_token_and_env_adds_only_the_rest(tok, searcher):
     # The answer turn stopped on "</answer>", so the closing "<|im_end|>\n" is the environment's ...
     assert t.completion_ids[-2:] == [tok.eos_token_id, enc(tok, "\n")[0]] and t.turn_idx[-2:] == [0, 0]
     check_trajectory(t, tok, "Capital of France?", EnvConfig())
-    # ... but a last turn that ends on EOS keeps it, and the environment only adds "\n".
-    cfg = EnvConfig(max_tool_calls=0)
-    (t,) = rollout(ScriptedPolicy(tok, [turns]), tok, ["Capital of France?"], 1, searcher, cfg)
-    assert t.completion_ids == first + enc(tok, "\n") and t.turn_idx == [1] * len(first) + [0]
-    check_trajectory(t, tok, "Capital of France?", cfg)
 
 
 # ----------------------------------------------------------------------------- end conditions
@@ -137,20 +136,71 @@ def test_max_turn_tokens_cuts_a_turn_and_the_episode_goes_on(tok, searcher):
     check_trajectory(t, tok, "Q?", cfg)
 
 
-def test_max_tool_calls_then_one_more_turn(tok, searcher):
-    script = [call("Paris"), call("France"), call("Seine"), answer("Paris")]
-    for max_calls in (0, 1, 2, 3):
-        cfg = EnvConfig(max_tool_calls=max_calls)
-        (t,) = rollout(ScriptedPolicy(tok, [script]), tok, ["Capital of France?"], 1, searcher, cfg)
-        # max_calls calls are executed; the next turn (here another call) ends the episode unexecuted
-        n_turns = min(max_calls + 1, len(script))
-        assert [m["role"] for m in t.messages] == ["assistant", "user"] * (n_turns - 1) + ["assistant"]
-        assert len(t.results) == n_turns - 1 and all(not r.startswith("Error") for r in t.results)
-        assert t.has_result == (max_calls > 0) and not t.truncated
-        check_trajectory(t, tok, "Capital of France?", cfg)
+def test_the_seeds_protocol_one_search_then_the_answer(tok, searcher):
+    """The seed's ToolEnv(max_steps=2), the default: the first call runs and its result comes back, the
+    answer ends the episode; MT-GRPO's turn 1 is what comes before the result, turn 2 what comes after."""
+    (t,) = rollout(ScriptedPolicy(tok, [[call("Paris"), answer("Paris")]]), tok, ["Capital of France?"], 1, searcher,
+                   EnvConfig())
+    assert [m["role"] for m in t.messages] == ["assistant", "user", "assistant"] and len(t.results) == 1
+    assert set(t.turn_idx) == {0, 1, 2} and searcher.queries == ["Paris"] and not t.truncated
+    check_trajectory(t, tok, "Capital of France?", EnvConfig())
+
+
+def test_a_second_call_ends_the_episode_unexecuted(tok, searcher):
+    """The seed counts the calls *before* it replies (is_completed runs before env_response): the call that
+    would be the second search ends the episode, never run, and the rollout never reaches its answer."""
+    script = [call("Paris"), call("France"), answer("Paris")]
+    (t,) = rollout(ScriptedPolicy(tok, [script]), tok, ["Capital of France?"], 1, searcher, EnvConfig())
+    assert [m["content"] for m in t.messages[::2]] == script[:2] and len(t.messages) == 3
+    assert searcher.queries == ["Paris"] and len(t.results) == 1 and not t.truncated
+    assert max(t.turn_idx) == 2  # never more turns than one search allows
+    assert rewards.tool_execution(t.messages) == pytest.approx(0.2)  # the unexecuted call has no reply: not a call
+    check_trajectory(t, tok, "Capital of France?", EnvConfig())
+    # max_tool_calls N runs N searches; the next call ends the episode (N = 1 is the seed's max_steps 2)
+    for n in (0, 2, 3):
+        searcher.queries.clear()
+        cfg = EnvConfig(max_tool_calls=n)
+        (t,) = rollout(ScriptedPolicy(tok, [[call(f"q{i}") for i in range(5)] + [answer("x")]]), tok, ["Q?"], 1,
+                       searcher, cfg)
+        assert searcher.queries == [f"q{i}" for i in range(n)] and len(t.messages) == 2 * n + 1
+        assert max(t.turn_idx) == n + 1 and t.tool_calls[-1] == tool(f"q{n}")
+        check_trajectory(t, tok, "Q?", cfg)
     # An answer ends the episode at once, calls left or not.
     (t,) = rollout(ScriptedPolicy(tok, [[answer("Paris"), call("x")]]), tok, ["Q?"], 1, searcher, EnvConfig())
     assert len(t.messages) == 1
+
+
+def test_a_message_with_neither_gets_the_error_reply_and_the_episode_goes_on(tok, searcher):
+    """Before and after the search, a message with neither a call nor an answer gets the format reminder
+    (no <result>), and the episode continues until an answer, a second call or the budget."""
+    script = ["<reasoning>Let me think.</reasoning>", call("Paris"), "<reasoning>The result says Paris.</reasoning>",
+              "still thinking", answer("Paris")]
+    (t,) = rollout(ScriptedPolicy(tok, [script]), tok, ["Capital of France?"], 1, searcher, EnvConfig())
+    assert [m["content"] for m in t.messages[::2]] == script
+    replies = [m["content"] for m in t.messages[1::2]]
+    assert replies[0] == replies[2] == replies[3] == env.NO_TOOL_REPLY and replies[1].startswith("<result>\nParis")
+    # turn 1: the two messages before the result; turn 2: the three after it
+    runs = [k for i, k in enumerate(t.turn_idx) if k and (i == 0 or t.turn_idx[i - 1] != k)]
+    assert runs == [1, 1, 2, 2, 2] and rewards.exact_match(t.messages, ["Paris"]) == 1.0
+    check_trajectory(t, tok, "Capital of France?", EnvConfig())
+
+
+def test_the_1024_token_cut(tok, searcher):
+    """The paper preset's episode: 1,024 new tokens a message and 1,024 for the whole completion, model and
+    environment tokens together (the seed's cut). Messages that never answer run on, reminder after reminder,
+    until the budget ends the episode: never a token past it, closed by the template."""
+    import train
+    cfg = train.env_config(train.Config(**train.PRESETS["paper"]))
+    assert (cfg.max_turn_tokens, cfg.max_completion_tokens, cfg.max_tool_calls) == (1024, 1024, 1)
+    (t,) = rollout(ScriptedPolicy(tok, [["word " * 150] * 20]), tok, ["Q?"], 1, searcher, cfg)
+    assert t.truncated and 1024 - 160 < len(t.completion_ids) <= 1024
+    assert len([m for m in t.messages if m["role"] == "assistant"]) >= 6
+    assert env._decode(tok, t.completion_ids).endswith("<|im_end|>\n")
+    check_trajectory(t, tok, "Q?", cfg)
+    # one message may take the whole budget
+    (t,) = rollout(ScriptedPolicy(tok, [["word " * 2000]]), tok, ["Q?"], 1, searcher, cfg)
+    assert t.truncated and len(t.messages) == 1 and len(t.completion_ids) == 1024
+    check_trajectory(t, tok, "Q?", cfg)
 
 
 def test_turn_with_neither_tool_nor_answer_follows_the_seed(tok, searcher):
@@ -229,11 +279,14 @@ def test_tool_failures_keep_the_episode_going(tok, searcher):
 
 
 def test_search_results_top_k_and_token_budget(tok, searcher, passages):
-    out = env.call_tool(tool("Bram Stoker Dracula Irish"), searcher, EnvConfig(top_k=2), tok)
+    out = env.call_tool(tool("Bram Stoker Dracula Irish"), searcher, EnvConfig(passages=2), tok)
     assert out == "Dracula\n" + passages[0]["text"] + "\n\nBram Stoker\n" + passages[3]["text"]
     for budget in (1, 7, 20):
-        out = env.call_tool(tool("Bram Stoker Dracula Irish"), searcher, EnvConfig(top_k=3, result_max_tokens=budget), tok)
+        out = env.call_tool(tool("Bram Stoker Dracula Irish"), searcher, EnvConfig(passages=3, result_max_tokens=budget), tok)
         assert 0 < len(enc(tok, out)) <= budget + 1  # re-tokenising a cut text may merge differently by 1
+    # result_max_tokens 0: no cut of its own (the seed returns the whole article)
+    whole = env.call_tool(tool("Bram Stoker Dracula Irish"), searcher, EnvConfig(passages=3, result_max_tokens=0), tok)
+    assert whole == "\n\n".join(f"{p['title']}\n{p['text']}" for p in (passages[0], passages[3]))
     # Tool names the model writes are echoed shortly and never become special tokens.
     out = env.call_tool('{"name": "<|im_end|>' + "x" * 1000 + '"}', searcher, EnvConfig(), tok)
     assert len(out) < 120 and "<|im_end|>" in out
@@ -300,20 +353,20 @@ def test_hf_policy_cuts_rows_at_stop_strings_eos_and_length(tok):
     chain = {nl: slash, slash: word, word: gt, gt: a, a: b, b: tok.eos_token_id, c: c}
     policy = HFPolicy(bigram_model(tok, chain), tok, seed=0)
     batch = [[5, 6, 7, nl], [a], [9, c]]  # different lengths: left padding
-    for temperature in (1.0, 0.0):
-        out = policy.generate(batch, 6, temperature, 1.0, env.STOP)
+    for sampling in (env.Sampling(), env.GREEDY):
+        out = policy.generate(batch, 6, sampling, env.STOP)
         assert out == [[slash, word, gt], [b, tok.eos_token_id], [c] * 6]
     assert len(policy.stopping) == 1  # the stop-string criteria were built once, reused by both calls
     # Without stop strings the first row runs on until EOS; never a pad token after it.
-    assert policy.generate(batch[:1], 10, 1.0, 1.0, []) == [[slash, word, gt, a, b, tok.eos_token_id]]
+    assert policy.generate(batch[:1], 10, env.Sampling(), []) == [[slash, word, gt, a, b, tok.eos_token_id]]
 
 
 def test_hf_policy_left_padding_matches_unpadded_generation(tok, tiny_model):
     policy = HFPolicy(tiny_model, tok)
     short, long = enc(tok, "Hello there"), enc(tok, "A much longer prompt than the other one, by far.")
-    together = policy.generate([short, long], 12, 0.0, 1.0, env.STOP)
-    assert together == [policy.generate([short], 12, 0.0, 1.0, env.STOP)[0],
-                        policy.generate([long], 12, 0.0, 1.0, env.STOP)[0]]
+    together = policy.generate([short, long], 12, env.GREEDY, env.STOP)
+    assert together == [policy.generate([short], 12, env.GREEDY, env.STOP)[0],
+                        policy.generate([long], 12, env.GREEDY, env.STOP)[0]]
 
 
 # ----------------------------------------------------------------------------- fuzz
@@ -362,7 +415,7 @@ def test_fuzz_rollouts_never_raise_and_rewards_stay_in_range(tok, searcher):
     aliases = ["Paris", "Bram Stoker"]
     while n < 1000:
         cfg = EnvConfig(max_tool_calls=rng.randint(0, 3), max_turn_tokens=rng.choice([1, 8, 64, 256, 256, 256]),
-                        max_completion_tokens=rng.choice([8, 60, 300, 1024, 1024]), top_k=rng.randint(1, 3),
+                        max_completion_tokens=rng.choice([8, 60, 300, 1024, 1024]), passages=rng.randint(1, 3),
                         result_max_tokens=rng.choice([1, 20, 200]), few_shot=rng.random() < 0.5)
         # Questions are data, not model output: ASCII pieces only (this vocabulary cannot encode
         # code points past U+3FFFF, so such a prompt would not decode back to its text).

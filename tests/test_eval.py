@@ -96,7 +96,8 @@ def test_command_line_on_the_demo_world(tmp_path, tiny_model_dir):
     (["base", "--samples", "4"], "needs --sampled"),
     (["base", "--temperature", "0.7"], "--temperature needs --sampled"),
     (["base", "--max-turn-tokens", "0"], "--max-turn-tokens N with N >= 1"),
-    (["base", "--top-k", "0"], "--top-k N with N >= 1"),
+    (["base", "--passages", "0"], "--passages N with N >= 1"),
+    (["base", "--sampled", "--top-p", "0"], "--top-p P with 0 < P <= 1"),
     (["base", "--n", "-1"], "--n -1"),
     (["base", "--json", "/no/such/folder/r.json"], "no folder /no/such/folder"),
 ])

@@ -3,6 +3,7 @@ that falls back to SDPA, an engine sized for the episode and checked against its
 channel that checks its room, sleep mode in the right order, and the sampler-trainer mismatch meter.
 (The real vLLM engine is in tests/test_vllm.py, ZeRO-3 in tests/test_zero3.py.)"""
 import copy
+import dataclasses
 import math
 import sys
 import types
@@ -14,7 +15,7 @@ import env
 import policy
 import vllm_backend
 from env import EnvConfig, HFPolicy
-from helpers import mismatch
+from helpers import mismatch, tiny_llama
 
 
 # ----------------------------------------------------------------------------- chunked log-probs
@@ -111,6 +112,58 @@ def test_engine_kwargs_on_cpu_are_sized_by_the_episode():
     assert kw == {"dtype": "float32", "max_model_len": 700, "max_num_batched_tokens": 700}
 
 
+def test_the_hf_backend_chooses_its_sampler_by_device(tok):
+    """On CUDA the hf backend samples with transformers' generate under bf16 autocast (what bench/gpu_check.py
+    measures, through train.make_policy itself); on CPU with the cached sampler, whose CPU-written forward
+    never runs on another device."""
+    import train
+    from sampler import CpuForward
+
+    cfg = train.Config()
+    assert train.hf_sampler(cfg, torch.device("cuda")) == "generate" and train.hf_sampler(cfg, torch.device("cpu")) == "cached"
+    assert train.hf_sampler(dataclasses.replace(cfg, sampler="cached"), torch.device("cuda")) == "cached"
+    assert CpuForward.supports(tiny_llama(tok))
+    with torch.device("meta"):
+        assert not CpuForward.supports(tiny_llama(tok))  # any device but the CPU: the model's own forward
+
+
+def test_the_engine_gets_the_gpu_no_training_process_uses():
+    """The seed's layout: 7 training processes on 8 GPUs leave GPU 7 to the engine (TRL's "auto" at fc4dae2);
+    with no GPU to spare, or on CPU, it shares the main process's device."""
+    device = vllm_backend.engine_device
+    assert device("auto", 8, 7) == 7 and device("auto", 2, 1) == 1
+    assert device("auto", 8, 8) is None and device("auto", 1, 1) is None and device("auto", 0, 2) is None
+    assert device("shared", 8, 7) is None and device("6", 8, 4) == 6
+    for bad in (("3", 8, 4), ("8", 8, 4), ("0", 1, 1)):
+        with pytest.raises(ValueError, match="--vllm-device"):
+            device(*bad)
+
+
+def test_only_gpu_shows_the_engine_its_gpu_while_it_starts(monkeypatch):
+    """What the engine's process inherits: only its GPU (the physical one, where CUDA_VISIBLE_DEVICES already
+    renumbers them); afterwards the variable is what it was."""
+    import os
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    with vllm_backend.only_gpu(7):
+        assert os.environ["CUDA_VISIBLE_DEVICES"] == "7"
+    assert "CUDA_VISIBLE_DEVICES" not in os.environ
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
+    with vllm_backend.only_gpu(2):
+        assert os.environ["CUDA_VISIBLE_DEVICES"] == "6"
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "4,5,6,7"
+    with vllm_backend.only_gpu(None):
+        assert os.environ["CUDA_VISIBLE_DEVICES"] == "4,5,6,7"
+
+
+def test_an_engine_on_its_own_gpu_never_starts_in_this_process(monkeypatch):
+    """A GPU of its own needs the engine's own process: asking for it in-process is one clear error, raised
+    before vLLM is imported."""
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    with pytest.raises(RuntimeError, match="GPU of its own"):
+        vllm_backend.VLLMPolicy("unused", None, device=7)
+
+
 def test_longest_prompt_is_the_longest_built_prompt(tok):
     qs = ["Who?", "What is the name of the river that runs through the capital of France?", "Which year?"]
     cfg = EnvConfig(few_shot=False)
@@ -121,7 +174,7 @@ def test_a_rollout_longer_than_the_engine_is_a_clear_error(tok):
     p = object.__new__(vllm_backend.VLLMPolicy)
     p.max_model_len, p.asleep, p.calls = 100, set(), 0
     with pytest.raises(ValueError, match="--vllm-max-model-len"):
-        p.generate([[1] * 90], 20, 1.0, 1.0, [])
+        p.generate([[1] * 90], 20, env.Sampling(), [])
 
 
 # ----------------------------------------------------------------------------- weight channel
@@ -184,18 +237,18 @@ def test_without_sleep_mode_nothing_sleeps():
 
 # ----------------------------------------------------------------------------- the mismatch meter
 def test_hf_sampler_logprobs_are_the_models_own(tok, tiny_model):
-    """HFPolicy's last_logprobs are log pi(id | context) at temperature 1 under the sampling model, even
-    when sampling at another temperature: the trainer's number for the same id, in fp32 to 1e-5."""
+    """HFPolicy's last_logprobs are log pi(id | context) under the sampling model's whole distribution at the
+    sampling temperature (before top-k): the trainer's number for the same id, in fp32 to 1e-5."""
     model = copy.deepcopy(tiny_model).float().eval()
     pol = HFPolicy(model, tok, seed=0)
     prompts = [env.build_prompt(tok, q, EnvConfig(few_shot=False)) for q in ("Who wrote Dracula?", "Why?")]
-    rows = pol.generate(prompts, 12, 0.7, 1.0, env.STOP)
+    rows = pol.generate(prompts, 12, env.Sampling(0.7, 50, 1.0), env.STOP)
     for prompt, row, lp in zip(prompts, rows, pol.last_logprobs):
         assert len(lp) == len(row) > 0
         ids = torch.tensor([prompt + row])
         turn = torch.tensor([[0] * len(prompt) + [1] * len(row)])
-        ref = policy.token_logprobs(model, ids, torch.ones_like(ids), turn, bf16=False)[0, len(prompt) - 1:]
-        torch.testing.assert_close(torch.tensor(lp), ref, rtol=1e-5, atol=1e-5)
+        ref = policy.token_logprobs(model, ids, torch.ones_like(ids), turn, bf16=False, temperature=0.7)
+        torch.testing.assert_close(torch.tensor(lp), ref[0, len(prompt) - 1:], rtol=1e-5, atol=1e-5)
 
 
 def test_mismatch_is_zero_for_the_same_weights_and_large_for_others(tok, tiny_model, searcher):
@@ -225,4 +278,5 @@ def test_the_gpu_check_dry_run_passes(tmp_path):
     rows = {r[0]: r for r in json.loads((tmp_path / "check.json").read_text())["rows"]}
     assert rows["ZeRO-3, 1 process, train.main"][1].startswith("ok")
     assert any(name.startswith("update:") and "of peak" in r[2] for name, r in rows.items())
-    assert rows["HF rollouts (env.HFPolicy)"][1].endswith("tok/s")
+    # on CPU train.make_policy builds the cached sampler; on CUDA the same call gives env.HFPolicy
+    assert rows["HF rollouts (CachedPolicy, train.make_policy)"][1].endswith("tok/s")

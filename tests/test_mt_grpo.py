@@ -180,7 +180,7 @@ def test_turns_beyond_K_get_the_last_column():
     (lambda: turn_advantages(R_T, R_O, 4, has_result=torch.ones(3, dtype=torch.bool)), "has_result"),
     (lambda: token_advantages(torch.zeros(4, 2), -TURN_IDX), ">= 0"),
     (lambda: policy_loss(*[torch.zeros(4, 10)] * 2, None, torch.zeros(4, 10), TURN_IDX, beta=0.1), "logp_ref"),
-    (lambda: policy_loss(*[torch.zeros(4, 10)] * 3, torch.zeros(4, 10), TURN_IDX, aggregation="x"), "token, sequence"),
+    (lambda: policy_loss(*[torch.zeros(4, 10)] * 3, torch.zeros(4, 10), TURN_IDX, aggregation="x"), "token, micro_batch, sequence"),
 ])
 def test_bad_arguments_raise(call, message):
     with pytest.raises(ValueError, match=message):

@@ -148,6 +148,106 @@ def test_micro_batches_add_up_to_the_full_batch_gradient(tok, tiny_model_dir, se
         torch.testing.assert_close(g, grads[2], rtol=1e-4, atol=1e-6)
 
 
+def ragged_batch(tok, tiny_model_dir, searcher, sampling=env.Sampling()):
+    """8 sampled rollouts of 2 questions, cut by hand to 8 different lengths, and the model that sampled them."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    cfg_env = env.EnvConfig(max_turn_tokens=10, max_completion_tokens=80, few_shot=False, temperature=sampling.temperature,
+                            top_k=sampling.top_k)
+    trajs = env.rollout(env.HFPolicy(model, tok, seed=0), tok, ["Who wrote Dracula?", "Where is Paris?"], 4, searcher,
+                        cfg_env)
+    ids, attn, turn = pack(trajs, tok.pad_token_id)
+    for r in range(8):
+        end = int(attn[r].sum()) - 7 * ((r * 3) % 8)
+        ids[r, end:], attn[r, end:], turn[r, end:] = tok.pad_token_id, 0, 0
+    return model, trajs, ids, attn, turn
+
+
+def gradient(cfg, tiny_model_dir, ids, attn, turn, A) -> tuple[torch.Tensor, dict]:
+    """The gradient train.update sums (lr 0: the weights stay), flattened, and its stats."""
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    accelerator = Accelerator(cpu=True)
+    trainer, opt, sched = train.prepare(dataclasses.replace(cfg, lr=0.0), accelerator, m, ids.shape[0])
+    seen = {}
+    for name, p in m.named_parameters():
+        p.register_hook(lambda g, name=name: seen.__setitem__(name, seen.get(name, 0) + g))
+    stats = train.update(cfg, trainer, None, opt, sched, ids, attn, turn, A, accelerator)
+    return torch.cat([seen[n].flatten() for n in sorted(seen)]), stats
+
+
+def test_micro_batch_aggregation_is_the_seeds_mean_of_micro_batch_token_means(tok, tiny_model_dir, searcher):
+    """--aggregation micro_batch (the seed's): consecutive rows of micro_batch rollouts, each a token mean, then
+    the mean over micro-batches. By hand: with mu 1 the loss of a token is -A_t * exp(logp - logp.detach()),
+    whose gradient is -A_t * grad logp; micro-batches of 3, 3 and 2 rows."""
+    from policy import token_logprobs
+    from transformers import AutoModelForCausalLM
+
+    _, _, ids, attn, turn = ragged_batch(tok, tiny_model_dir, searcher)
+    A = torch.randn(8, 2, generator=torch.Generator().manual_seed(1))
+    cfg = train.Config(micro_batch=3, G=4, batch_size=8, bf16=False, max_grad_norm=1e9, mu=1, aggregation="micro_batch",
+                       temperature=0.9)
+    got, _ = gradient(cfg, tiny_model_dir, ids, attn, turn, A)
+    ref_model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    logp = token_logprobs(ref_model, ids, attn, turn, bf16=False, temperature=0.9)
+    t = turn[:, 1:]
+    A_tok = torch.where(t > 0, A.gather(1, (t.clamp(1, 2) - 1)), torch.zeros(()))
+    means = [(-(A_tok[r] * logp[r]).sum() / (t[r] > 0).sum()) for r in (slice(0, 3), slice(3, 6), slice(6, 8))]
+    (sum(means) / 3).backward()
+    want = torch.cat([p.grad.flatten() for _, p in sorted(ref_model.named_parameters())])
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    # which rows share a micro-batch matters here (not under "token"): the global token mean is another gradient
+    token, _ = gradient(dataclasses.replace(cfg, aggregation="token"), tiny_model_dir, ids, attn, turn, A)
+    assert (token - got).abs().max() > 1e-3 * got.abs().max()
+    one, _ = gradient(dataclasses.replace(cfg, micro_batch=8), tiny_model_dir, ids, attn, turn, A)
+    torch.testing.assert_close(one, token, rtol=1e-4, atol=1e-6)  # one micro-batch: the two are the same
+
+
+def test_the_schedule_is_the_seeds_stepped_per_optimizer_step(tiny_model_dir, tok, searcher):
+    """constant_with_warmup over optimizer steps (the seed's): with 4 warm-up steps and mu 2 the four optimizer
+    steps of two batches use lr x 0, 1/4, 2/4, 3/4, then lr; the logged lr is the batch's last one."""
+    from transformers import AutoModelForCausalLM
+
+    _, _, ids, attn, turn = ragged_batch(tok, tiny_model_dir, searcher)
+    cfg = train.Config(micro_batch=4, G=4, batch_size=8, bf16=False, mu=2, lr=1.0, warmup_steps=4)
+    m = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    accelerator = Accelerator(cpu=True)
+    trainer, opt, sched = train.prepare(cfg, accelerator, m, 8)
+    used = []
+    step = opt.step
+    opt.step = lambda *a, **k: used.append(opt.param_groups[0]["lr"]) or step(*a, **k)
+    logged = [train.update(cfg, trainer, None, opt, sched, ids, attn, turn, torch.zeros(8, 2), accelerator)["lr"]
+              for _ in range(3)]
+    assert used == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0] and logged == [0.25, 0.75, 1.0]
+
+
+def test_the_mismatch_meter_reads_the_samplers_temperature(tok, tiny_model_dir, searcher):
+    """The meter compares like with like: sampler log-probs at the sampling temperature (ours) against the
+    trainer's at it, ~0; log-probs at temperature 1 (vLLM's raw ones) against the trainer's at 1, through one
+    more forward, ~0 too; and the wrong pairing shows."""
+    from policy import pack_sampler_logprobs, token_logprobs
+
+    model, trajs, *_ = ragged_batch(tok, tiny_model_dir, searcher)
+    ids, attn, turn = pack(trajs, tok.pad_token_id)
+    at_sampling = pack_sampler_logprobs(trajs, ids.shape[1])
+    with torch.no_grad():
+        raw = token_logprobs(model, ids, attn, turn, bf16=False, temperature=1.0)
+    raw = torch.where(at_sampling.isfinite(), raw, at_sampling)  # vLLM's: the same ids, at temperature 1
+    cfg = train.Config(micro_batch=4, G=4, batch_size=8, bf16=False, lr=0.0, temperature=0.9)
+
+    def meter(sampler_logp, sampler_temperature):
+        m = type(model).from_pretrained(tiny_model_dir, dtype=torch.float32)
+        accelerator = Accelerator(cpu=True)
+        trainer, opt, sched = train.prepare(cfg, accelerator, m, 8)
+        return train.update(cfg, trainer, None, opt, sched, ids, attn, turn, torch.zeros(8, 2), accelerator,
+                            sampler_logp, sampler_temperature=sampler_temperature)["mismatch/abs_logp"]
+
+    assert meter(at_sampling, None) < 1e-5 and meter(raw, 1.0) < 1e-5
+    assert meter(raw, None) > 1e-2 and meter(at_sampling, 1.0) > 1e-2
+
+
 # ----------------------------------------------------------------------------- resume
 def run_train(args, **kw):
     return subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, stdout=subprocess.DEVNULL,

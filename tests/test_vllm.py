@@ -37,6 +37,7 @@ vllm = pytest.importorskip("vllm", reason="vllm is not installed (CPU: `make vll
 import env  # noqa: E402
 from env import EnvConfig, HFPolicy, rollout  # noqa: E402
 from helpers import Recorder, check_trajectory, enc, make_bigram, mismatch  # noqa: E402  (tests/ is on sys.path under pytest)
+import vllm_backend  # noqa: E402
 from vllm_backend import VLLMPolicy, sync_weights  # noqa: E402
 
 pytestmark = pytest.mark.vllm
@@ -163,12 +164,12 @@ def test_vllm_cuts_rows_like_hf_at_stop_strings_eos_and_length(tok, bigram, chai
     batch = [[5, 6, 7, i["nl"]], [i["a"]], [9, i["c"]]]
     expected = [[i["slash"], i["word"], i["gt"]], [i["b"], tok.eos_token_id], [i["c"]] * 6]
     hf = HFPolicy(model, tok, seed=0)
-    for temperature in (1.0, 0.0):
-        assert policy.generate(batch, 6, temperature, 1.0, env.STOP) == expected
-        assert hf.generate(batch, 6, temperature, 1.0, env.STOP) == expected
+    for sampling in (env.Sampling(), env.GREEDY):
+        assert policy.generate(batch, 6, sampling, env.STOP) == expected
+        assert hf.generate(batch, 6, sampling, env.STOP) == expected
     # Without stop strings the first row runs on to EOS, which stays in the row (the turn's last id).
-    assert policy.generate(batch[:1], 10, 1.0, 1.0, []) == [[i["slash"], i["word"], i["gt"], i["a"], i["b"], tok.eos_token_id]]
-    assert policy.generate(batch, 0, 1.0, 1.0, env.STOP) == [[], [], []]
+    assert policy.generate(batch[:1], 10, env.Sampling(), []) == [[i["slash"], i["word"], i["gt"], i["a"], i["b"], tok.eos_token_id]]
+    assert policy.generate(batch, 0, env.Sampling(), env.STOP) == [[], [], []]
 
 
 def test_rollouts_equal_hf_rollouts_id_for_id_on_a_deterministic_model(tok, bigram, searcher):
@@ -192,8 +193,8 @@ def test_greedy_decoding_and_logprobs_agree_with_hf(tok, base):
     agreed = 0
     for q in QUESTIONS + ["Highest mountain?"]:
         prompt = env.build_prompt(tok, q, EnvConfig(few_shot=False))
-        ours = policy.generate([prompt], 16, 0.0, 1.0, [])[0]
-        theirs = hf.generate([prompt], 16, 0.0, 1.0, [])[0]
+        ours = policy.generate([prompt], 16, env.GREEDY, [])[0]
+        theirs = hf.generate([prompt], 16, env.GREEDY, [])[0]
         n = next((j for j, (x, y) in enumerate(zip(ours, theirs)) if x != y), min(len(ours), len(theirs)))
         if n < min(len(ours), len(theirs)):
             lp = hf_logprobs(model, prompt + theirs[:n])
@@ -256,16 +257,20 @@ def test_sync_weights_puts_the_trained_weights_into_the_engine(tok, base):
 
 def test_the_mismatch_meter_is_zero_after_a_sync_and_large_without_it(tok, base, searcher):
     """train.py's meter (helpers.mismatch: the same functions) compares the engine's log-probs of its own
-    samples with the trainer's. After a sync they agree to fp32 kernel noise; a skipped sync (the engine
-    still on the weights before an update) shows at once."""
+    samples (sampled at the seed's T 0.9 / top-k 50; its raw log-probs are at vllm_backend.LOGPROB_TEMPERATURE)
+    with the trainer's at that temperature. After a sync they agree to fp32 kernel noise; a skipped sync (the
+    engine still on the weights before an update) shows at once."""
     model, policy = base
     trained = copy.deepcopy(model)
     train_one_step(trained, tok)
     cfg = EnvConfig(few_shot=False, max_turn_tokens=16, max_completion_tokens=128)
     sync_weights(policy, trained)
-    synced, kl_synced, count = mismatch(trained, rollout(policy, tok, QUESTIONS, 4, searcher, cfg), bf16=False)
+    at = vllm_backend.LOGPROB_TEMPERATURE
+    synced, kl_synced, count = mismatch(trained, rollout(policy, tok, QUESTIONS, 4, searcher, cfg), bf16=False,
+                                        temperature=at)
     sync_weights(policy, model)  # the engine keeps the old weights: the trainer's are not what sampled
-    skipped, kl_skipped, _ = mismatch(trained, rollout(policy, tok, QUESTIONS, 4, searcher, cfg), bf16=False)
+    skipped, kl_skipped, _ = mismatch(trained, rollout(policy, tok, QUESTIONS, 4, searcher, cfg), bf16=False,
+                                      temperature=at)
     assert count > 0
     assert synced < 1e-3 and abs(kl_synced) < 1e-5
     assert skipped > 0.05 and kl_skipped > 1e-3 and skipped > 50 * synced
@@ -433,7 +438,7 @@ def test_same_seed_and_calls_give_the_same_samples(tok, base, searcher):
     assert run(7, 3) != a and run(8, 0) != a
     rows = [env.build_prompt(tok, q, cfg) for q in QUESTIONS] * 2  # identical rows, distinct draws
     policy.calls = 0
-    out = policy.generate(rows, 8, 1.0, 1.0, env.STOP)
+    out = policy.generate(rows, 8, env.Sampling(), env.STOP)
     assert out[0] != out[2] and policy.calls == 1
     # vLLM sampled with its own generators: the training loop's random streams are untouched
     assert random.getstate() == states[0] and np.array_equal(np.random.get_state()[1], states[1])

@@ -1,0 +1,57 @@
+"""The seed's recipe (recipe.py) and `train.py --print-recipe`: `--preset paper` is the seed's run, setting by
+setting, and every difference any preset keeps is a numbered DEVIATIONS.md item."""
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import recipe
+import train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def deviation_items() -> set[int]:
+    text = (ROOT / "DEVIATIONS.md").read_text()
+    return {int(n) for n in re.findall(r"^(\d+)\. \*\*", text, flags=re.M)}
+
+
+def test_every_config_field_is_compared_or_bookkeeping():
+    assert recipe.unlisted(train.Config) == []
+    assert not {row.field for row in recipe.ROWS} & recipe.BOOKKEEPING
+
+
+def test_the_paper_preset_is_the_seeds_run_but_for_the_corpus():
+    cfg = train.Config(**train.PRESETS["paper"])
+    differ = [(name, why) for name, _, _, agrees, why, _ in recipe.compare(cfg) if agrees == "no"]
+    assert differ == [("corpus", "DEVIATIONS.md, item 9")]  # no KILT index ships with the repository
+
+
+def test_every_difference_of_every_preset_names_a_deviation_that_exists():
+    items = deviation_items()
+    for name, overrides in train.PRESETS.items():
+        for field, _, _, agrees, why, _ in recipe.compare(train.Config(**overrides)):
+            if agrees == "no":
+                assert why, (name, field)
+                assert int(why.rsplit(" ", 1)[1]) in items, (name, field, why)
+    for row in recipe.ROWS:
+        assert row.item is None or row.item in items
+
+
+def test_a_change_to_a_seed_setting_shows():
+    """The comparison reads the resolved run: a flag that leaves the seed's value is a "no" with its reason."""
+    paper = train.Config(**train.PRESETS["paper"])
+    rows = {r[0]: r for r in recipe.compare(train.Config(**{**train.PRESETS["paper"], "mu": 1, "temperature": 1.0}))}
+    assert rows["mu"][3] == "no" and rows["max_steps"][3] == "no"  # 150 batches at mu 1 are 150 optimizer steps
+    assert rows["temperature"][3] == "no" and rows["temperature"][1] == "1.0"
+    assert {r[0]: r[3] for r in recipe.compare(paper)}["temperature"] == "yes"
+
+
+def test_print_recipe_prints_the_table_and_trains_nothing(tmp_path):
+    p = subprocess.run([sys.executable, "train.py", "--preset", "paper", "--print-recipe", "--output-dir",
+                        str(tmp_path / "run")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.splitlines()
+    assert lines[0].startswith("| setting") and "| temperature            | 0.9" in p.stdout
+    assert f"{len(recipe.ROWS) - 1} of {len(recipe.ROWS)} settings agree" in p.stdout
+    assert not (tmp_path / "run").exists()
