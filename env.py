@@ -56,28 +56,22 @@ def tool_command(query: str) -> str:
 # The seed's system prompt (DEFAULT_TRIVIALQA_TOOL_PROMPT_TEMPLATE with its tool description), the same
 # instructions in our own words: one tool described by name, purpose and argument, five steps, one call,
 # and no worked example.
-SYSTEM_PROMPT = f"""You have one tool to help you answer:
-
+SYSTEM_PROMPT = f"""You have one tool:
 {TOOL_NAME}: Searches Wikipedia and returns the best-matching passage.
-Arguments:
-  - query: the words to search for
+Arguments: query, the words to search for.
 
 Go through these steps once:
 1. Reason inside <reasoning> tags.
-2. Call the tool with a JSON command inside <tool> tags that gives
-   - "name": the tool's name
-   - "args": its arguments
-3. The tool's output comes back inside <result> tags.
-4. Reason about that output inside <reasoning> tags.
+2. Call the tool with a JSON command inside <tool> tags: "name" is the tool, "args" its arguments.
+3. Its output comes back inside <result> tags.
+4. Reason about the output inside <reasoning> tags.
 5. Give your final answer inside <answer> tags.
 
 Important:
-- Call the tool exactly once. Do not call it again, even if the first search does not help.
-- Use what you already know together with whatever the one search returns.
-- If the result is of no use, answer from what you already know.
-- Write the tool command as the JSON described above.
-- Do not invent tools or arguments that are not listed.
-- After the result, reason about it before you answer.
+- Use the tool exactly once. Never call it again, even if the search does not help.
+- Use what you know and what the search returns; if it returns nothing useful, answer from what you know.
+- Use only the tool and arguments listed, written as JSON.
+- Reason about the result before you answer.
 - Your answer should match the expected ground truth."""
 
 

@@ -15,13 +15,14 @@ Each reward is a pure function ``f(conversation, aliases) -> float``.
 
 R^T (turn level) = tool_execution + search_answer <= 0.7; R^O (outcome) = the other four <= 1.9.
 
-Reward hacking. Guarded here (see DEVIATIONS.md, item 5): a ``<result>`` block the model writes
-itself earns nothing, only the environment's first reply to a tool call counts; that reply earns
-nothing when it is an ``Error:``; listing many candidates earns no exact match (equality, not
-containment); blank aliases are ignored. Allowed, as in the paper (see DEVIATIONS.md, item 8): an
-answer that lists many candidates ("Paris, London, Rome") earns answer_presence 0.5; a search that
-returns long or many passages earns search_answer more easily (so a larger top-k or token budget
-makes it easier), whether or not the model uses the result.
+Reward hacking. As in the seed, a ``<result>`` block the model writes itself earns nothing (only the
+environment's first reply to a tool call counts) and listing many candidates earns no exact match
+(equality, not containment). Guarded here beyond the seed (see DEVIATIONS.md, item 5): a reply that is an
+``Error:`` earns no search_answer (the seed's error texts echo model text), and blank aliases are
+ignored. Allowed, as in the paper (see DEVIATIONS.md, item 8): an answer that lists many candidates
+("Paris, London, Rome") earns answer_presence 0.5; a search that returns long or many passages earns
+search_answer more easily (so more passages or a larger result budget make it easier), whether or not
+the model uses the result.
 
 Never raises on model output: malformed output is the normal case early in RL training.
 """
@@ -120,7 +121,7 @@ def search_answer(conversation, aliases) -> float:
 
     Only the environment's reply to a tool call is read, never the model's own text, so a model
     that writes ``<result>Paris</result>`` itself gets nothing. Like the seed we take the first
-    reply that holds a ``<result>``; an ``Error:`` result scores 0 (see DEVIATIONS.md, item 5).
+    reply that holds a ``<result>``; unlike it, an ``Error:`` result scores 0 (see DEVIATIONS.md, item 5).
     """
     first = next((r for r in tool_results(conversation) if r is not None), None)
     if first is None or first.startswith("Error:"):

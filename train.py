@@ -92,10 +92,10 @@ class Config:
                                     # micro-batch, averaged over micro-batches (the seed's); sequence: GRPO's
                                     # (DEVIATIONS.md, item 4)
     # --- optimisation ------------------------------------------------------------------------
-    max_steps: int = 12             # rollout batches; each is mu optimizer steps (seed: max_steps 300 counts
+    max_steps: int = 10             # rollout batches; each is mu optimizer steps (seed: max_steps 300 counts
                                     # optimizer steps, 150 rollout batches at mu 2; the CPU-sized values:
                                     # DEVIATIONS.md, item 13)
-    lr: float = 2e-5                # (seed: 1e-6 for 7B; a 135M model must move within 12 CPU steps)
+    lr: float = 2e-5                # (seed: 1e-6 for 7B; a 135M model must move within 10 CPU steps)
     warmup_steps: int = 0           # optimizer steps of linear warm-up from lr 0, then constant (seed: 20,
                                     # constant_with_warmup: its first optimizer step is at lr 0)
     adam_betas: tuple = (0.9, 0.99) # (paper)
@@ -133,7 +133,7 @@ class Config:
     seed: int = 0
     output_dir: str | None = None   # None: runs/<method>-seed<seed>-<date-time>
     save_every: int = 50            # checkpoint every N steps, and at the end (each save of the CPU default
-                                    # writes 1.6 GB: its 12 steps save once)
+                                    # writes 1.6 GB: its 10 steps save once)
     sample_every: int = 10          # print one trajectory every N steps
     report_to: str = "none"         # none | wandb | tensorboard
     resume: bool = False

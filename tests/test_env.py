@@ -56,7 +56,7 @@ def test_prompt_is_the_chat_template_with_few_shot(tok, passages, fake_searcher)
     # The system prompt carries the seed's instructions: one tool with its description and argument, the
     # five steps with their tags, one call only; and, like the seed's, no worked JSON example.
     for needle in ("wiki_search: Searches Wikipedia", "query", '"name"', '"args"', "<reasoning>", "<tool>", "<result>",
-                   "<answer>", "exactly once", "5. "):
+                   "<answer>", "exactly once", "Never call it again", "answer from what you know", "5. "):
         assert needle in env.SYSTEM_PROMPT
     assert "{" not in env.SYSTEM_PROMPT and "6. " not in env.SYSTEM_PROMPT
     assert env.user_turn("Who?") == "Question: Who?\n"
