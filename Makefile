@@ -44,7 +44,7 @@ optional_apt = ! command -v apt-get >/dev/null || { SUDO=$$( [ $$(id -u) = 0 ] |
 
 # What the set-up byte-compiles by importing it once: the project's modules and what they load (the model
 # classes transformers imports lazily included); then what the tests and the optional tools load.
-export RUN_IMPORTS = import sys; sys.path.insert(0, "."); import train, eval, viewer, walkthrough; \
+export RUN_IMPORTS = import sys; sys.path.insert(0, "."); import train, evaluate, viewer, walkthrough; \
   from transformers import LlamaForCausalLM, Qwen2ForCausalLM; \
   from transformers.integrations import sdpa_attention; from transformers import masking_utils
 export TEST_IMPORTS = import sys; sys.path.insert(0, "."); import plot, vllm_backend; \

@@ -37,6 +37,7 @@ import functools
 import json
 import math
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -107,26 +108,48 @@ class Sampling:
 GREEDY = Sampling(temperature=0.0, top_k=0)
 
 
+def _doc(default, doc: str):
+    return field(default=default, metadata={"doc": doc})
+
+
 @dataclass
 class EnvConfig:
-    """One episode's settings: the one source of their defaults (train.Config's environment fields read
-    them; eval.py and viewer.py take a run's own from its config.json). The defaults are the CPU run's;
-    the seed's values are beside them (DEVIATIONS.md, items 9-13)."""
-    max_tool_calls: int = 1            # searches an episode may run; a call past them ends it unexecuted
-                                       # (the seed's ToolEnv(max_steps=2): one search)
-    max_turn_tokens: int = 64          # new tokens per model message (seed: 1,024)
-    max_completion_tokens: int = 256   # model + environment tokens of one episode; the episode ends at the
-                                       # limit, cut there (seed: 1,024)
-    passages: int = 1                  # passages a search returns (seed: the top-1 article)
-    result_max_tokens: int = 96        # token budget of the text inside <result>...</result>; 0 = no cut
-                                       # of its own (seed: none, the 1,024-token episode budget only)
-    temperature: float = Sampling.temperature  # sampling temperature (seed: 0.9, TRL's default)
-    top_k: int = Sampling.top_k        # sample among the k most likely ids; 0 = all (seed: 50, TRL's default)
-    top_p: float = Sampling.top_p      # nucleus sampling; 1 = off (seed: 1.0, TRL's default)
-    few_shot: bool = False             # one worked exchange as prior chat turns (the CPU run's warm start replaces it)
+    """One episode's settings: the one source of their defaults and docs (config.Config's episode fields and
+    evaluate.py's flags read them; ``check`` holds their limits). The defaults are the CPU run's; the seed's
+    values are beside them (DEVIATIONS.md, items 9-13)."""
+    max_tool_calls: int = _doc(1, "searches an episode may run; a call past them ends it unexecuted (seed: "
+                                  "ToolEnv(max_steps=2), one search)")
+    max_turn_tokens: int = _doc(64, "new tokens per model message (seed: 1,024; DEVIATIONS.md, item 13)")
+    max_completion_tokens: int = _doc(256, "model + environment tokens of one episode; the episode ends at the "
+                                           "limit, cut there (seed: 1,024; DEVIATIONS.md, item 24)")
+    passages: int = _doc(1, "passages a search returns (seed: the top-1 article; DEVIATIONS.md, item 9)")
+    result_max_tokens: int = _doc(96, "token budget of the text inside <result>...</result>; 0 = no cut of its own "
+                                      "(seed: none but the episode's)")
+    temperature: float = _doc(Sampling.temperature, "sampling temperature; the trainer's log-probs use it too "
+                                                    "(seed: 0.9, TRL's default)")
+    top_k: int = _doc(Sampling.top_k, "sample among the k most likely ids; 0 = all (seed: 50, TRL's default)")
+    top_p: float = _doc(Sampling.top_p, "nucleus sampling; 1 = off (seed: 1.0, TRL's default)")
+    few_shot: bool = _doc(False, "one worked exchange as prior chat turns (seed: none; DEVIATIONS.md, item 11)")
 
     def sampling(self) -> Sampling:
         return Sampling(self.temperature, self.top_k, self.top_p)
+
+
+def check(cfg: EnvConfig, training: bool = False) -> str | None:
+    """What is wrong with an episode's settings, as one message naming the flag, or None. ``training``: the
+    temperature must be positive (RL samples; greedy episodes, temperature 0, are for evaluation)."""
+    least = {"max_tool_calls": 0, "max_turn_tokens": 1, "max_completion_tokens": 8, "passages": 1,
+             "result_max_tokens": 0, "top_k": 0}
+    for name, lo in least.items():
+        v = getattr(cfg, name)
+        if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+            return f"{name} = {v!r}: pass --{name.replace('_', '-')} N with N >= {lo}"
+    t = cfg.temperature
+    if not isinstance(t, (int, float)) or t < 0 or (training and t == 0):
+        return f"temperature = {t!r}: pass --temperature T with T {'>' if training else '>='} 0"
+    if not isinstance(cfg.top_p, (int, float)) or not 0 < cfg.top_p <= 1:
+        return f"top_p = {cfg.top_p!r}: pass --top-p P with 0 < P <= 1"
+    return None
 
 
 @dataclass
@@ -268,6 +291,24 @@ def _run_tool(tool_text, searcher, k: int) -> str:
 
 
 # ----------------------------------------------------------------------------- rollout
+class Sampler(Protocol):
+    """What ``rollout`` needs of a policy: env.HFPolicy (the reference), env.ScriptedPolicy (tests),
+    fast.CachedPolicy (the speed path), vllm_backend.VLLMPolicy. Subclass it for the no-op defaults."""
+    last_logprobs: list[list[float]] | None = None  # per row of the last call: each returned id's log-prob
+                                                    # (Sampling's contract); None = not reported
+
+    def start_rollout(self) -> None:
+        """Before a rollout's first ``generate`` (a sampler that keeps state per rollout starts it afresh)."""
+
+    def generate(self, batch: list[list[int]], max_new_tokens: int, sampling: Sampling, stop: list[str]) -> list[list[int]]:
+        """The ids each row of ``batch`` writes next, one message each: cut after a stop string or an
+        end-of-turn id (kept), and to ``max_new_tokens``; drawn as ``sampling`` says."""
+        ...
+
+    def end_rollout(self) -> None:
+        """After a rollout's last ``generate`` (free what only the rollout needed)."""
+
+
 def _step(traj: Trajectory, new: list[int], new_logprobs: list[float], tokenizer, searcher, cfg: EnvConfig) -> bool:
     """Append one model message (its ids and the sampler's log-probs of them) and the environment's reaction;
     returns whether the episode goes on."""
@@ -320,15 +361,15 @@ def _step(traj: Trajectory, new: list[int], new_logprobs: list[float], tokenizer
     return False
 
 
-def rollout(policy, tokenizer, questions: list[str], G: int, searcher, cfg: EnvConfig) -> list[Trajectory]:
+def rollout(policy: Sampler, tokenizer, questions: list[str], G: int, searcher, cfg: EnvConfig) -> list[Trajectory]:
     """G episodes per question, run in lock-step: each round, one ``policy.generate`` call over the
     episodes still live (in episode order), then the environment's step for each. Returns
-    ``len(questions) * G`` trajectories, question-major: ``[i*G:(i+1)*G]`` belong to ``questions[i]``."""
+    ``len(questions) * G`` trajectories, question-major: ``[i*G:(i+1)*G]`` belong to ``questions[i]``
+    (G = 1 with a list that already repeats each question: one episode per entry)."""
     close_len = len(_markers(tokenizer).close)
     if cfg.max_completion_tokens <= close_len + 1 or cfg.max_turn_tokens < 1 or G < 1:
         raise ValueError(f"need max_completion_tokens > {close_len + 1}, max_turn_tokens >= 1 and G >= 1")
-    if hasattr(policy, "start_rollout"):  # a sampler that keeps state per rollout (sampler.CachedPolicy)
-        policy.start_rollout()
+    policy.start_rollout()
     trajs = [Trajectory(prompt, [], [], [], [], []) for prompt in
              (build_prompt(tokenizer, q, cfg) for q in questions) for _ in range(G)]
     live = list(trajs)
@@ -338,21 +379,20 @@ def rollout(policy, tokenizer, questions: list[str], G: int, searcher, cfg: EnvC
         outs = policy.generate([t.prompt_ids + t.completion_ids for t in live], max(limits), cfg.sampling(), STOP)
         if len(outs) != len(live):
             raise RuntimeError(f"policy returned {len(outs)} rows for {len(live)} live episodes")
-        logprobs = getattr(policy, "last_logprobs", None) or [[] for _ in outs]
+        logprobs = policy.last_logprobs or [[] for _ in outs]
         # cut_turn again: the environment trusts no policy about stops and budgets. The cut keeps a prefix
         # of each row, so the row's first len(ids) log-probs are those of its ids.
         cuts = [cut_turn(out, tokenizer, STOP, limit) for out, limit in zip(outs, limits)]
         live = [t for t, ids, lp in zip(live, cuts, logprobs)
                 if _step(t, ids, (list(lp) + [math.nan] * len(ids))[:len(ids)], tokenizer, searcher, cfg)]
-    if hasattr(policy, "end_rollout"):
-        policy.end_rollout()
+    policy.end_rollout()
     return trajs
 
 
 def episode_stats(trajectories: list[Trajectory], aliases: list[list[str]] | None = None) -> dict:
     """How a batch of episodes went, beyond the rewards: the share that called the tool, calls per
     episode, the share whose searches found an answer alias, the share cut by the budget, mean
-    completion length, and the model's own tokens in all (train.py logs these, eval.py reports them)."""
+    completion length, and the model's own tokens in all (train.py logs these, evaluate.py reports them)."""
     aliases = aliases if aliases is not None else [[] for _ in trajectories]
     found = [any(a.strip() and a.lower().strip() in r.lower() for a in al for r in t.results)
              for t, al in zip(trajectories, aliases)]
@@ -390,7 +430,7 @@ class SampledLogprobs:
         return torch.stack(self.steps, dim=1).tolist()
 
 
-class HFPolicy:
+class HFPolicy(Sampler):
     """Batched sampling with ``transformers`` ``generate`` (KV cache within a message; each message
     re-reads its context). Rows are left-padded; ``pad == eos`` for SmolLM2, so each row is cut by
     ``cut_turn`` afterwards. ``seed`` gives a private, reproducible random stream. After each call
@@ -441,7 +481,7 @@ class HFPolicy:
         return rows
 
 
-class ScriptedPolicy:
+class ScriptedPolicy(Sampler):
     """Writes given texts instead of sampling (tests). ``turns[r]`` are the texts of episode ``r``,
     turn by turn, where episodes are numbered as ``rollout`` returns them (question-major:
     ``r = i*G + g``). Each text is tokenised and cut like a sampled turn (stop strings, end-of-turn

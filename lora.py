@@ -42,6 +42,28 @@ def unmatched_targets(model, targets: str) -> list[str]:
     return [t for t in target_list(targets) if t not in names]
 
 
+def check_targets(model_path, targets: str) -> str | None:
+    """What is wrong with ``targets`` for the model at ``model_path``, as one message, or None: an empty list,
+    or names that match no linear layer (checked on the model built from its config on the meta device, no
+    weights read), since peft skips a target that matches nothing as long as another one matches."""
+    if not target_list(targets):
+        return "--lora-target-modules is empty: name the projections to adapt, e.g. q_proj,v_proj"
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        model_config = AutoConfig.from_pretrained(model_path)
+    except OSError:
+        return None  # a hub name this machine cannot reach: peft's own check runs at load time
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(model_config)
+    missing = unmatched_targets(meta, targets)
+    if not missing:
+        return None
+    linear = sorted({n.rsplit(".", 1)[-1] for n, m in meta.named_modules() if isinstance(m, torch.nn.Linear)})
+    return (f"--lora-target-modules: {', '.join(missing)} match no linear layer of the model "
+            f"(its linear layers: {', '.join(linear)})")
+
+
 def wrap(model, r: int, alpha: float, targets: str, dropout: float = 0.0):
     """(injected transformers model, PeftModel): fresh LoRA layers (A random, B zero: the model's output
     is unchanged at first); only the adapter's parameters require gradients."""

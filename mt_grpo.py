@@ -20,6 +20,8 @@ Only torch: nothing here knows about text, tokenizers or search.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
@@ -28,6 +30,15 @@ CONVENTIONS = ("seed", "paper")  # which advantage lam multiplies on turn 1, see
 AGGREGATIONS = ("token", "micro_batch", "sequence")  # how the per-token loss is averaged, see policy_loss
 NORMALISATIONS = ("masked", "naive")  # how k_turn_advantages normalises turn k's reward, see there
 STD_EPS = 1e-4  # the eps in (R - mean) / (std + eps): see DEVIATIONS.md, item 3
+
+
+@dataclass
+class Levels:
+    """A batch's rewards by level, one row per rollout (train.reward_levels builds it from rewards.py's)."""
+    R_T: Tensor                   # (N,) the turn-level reward R^T; K-turn: (N, K-1), one per tool call
+    R_O: Tensor                   # (N,) the outcome reward R^O
+    has_result: Tensor            # (N,) bool: a <result> came back, so MT-GRPO's turn 1 exists
+    turns: Tensor | None = None   # (N,) the turns each rollout took (K-turn only)
 
 
 def check_method(method: str) -> str:
@@ -152,8 +163,11 @@ def policy_loss(logp_new: Tensor, logp_old: Tensor, logp_ref: Tensor | None, A_t
     a token weighs 1 / (tokens of its micro-batch). "sequence" (GRPO paper): mean over each
     rollout's tokens, then over rollouts (a rollout with no tokens counts as 0, like TRL).
     See DEVIATIONS.md, item 4.
+    With one pass over a batch (mu = 1) logp_old is logp_new detached: the ratio is exactly 1, nothing is
+    ever clipped, and the loss is the plain policy gradient -A_t * logp_t (whose gradient it has); the clip
+    acts only on the later passes of mu > 1.
     Returns the loss and diagnostics as python floats: clip_frac (share of tokens whose gradient
-    the clip removed), kl (mean KL_t; only if beta > 0), adv_mean/turn{k} (token-weighted).
+    the clip removed) and kl (mean KL_t; only if beta > 0).
     """
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"unknown aggregation {aggregation!r}; valid ones are {', '.join(AGGREGATIONS)}")
@@ -183,9 +197,6 @@ def policy_loss(logp_new: Tensor, logp_old: Tensor, logp_ref: Tensor | None, A_t
         stats = {"clip_frac": ((is_clipped & mask).sum() / n).item()}
         if beta > 0:
             stats["kl"] = ((KL_t * m).sum() / n).item()
-        for k in turn_idx.unique().tolist():
-            if k > 0:
-                stats[f"adv_mean/turn{k}"] = A_tok[turn_idx == k].mean().item()
     return loss, stats
 
 

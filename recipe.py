@@ -1,7 +1,7 @@
 """The seed's recipe, setting by setting: what ``python train.py --print-recipe`` compares a run with.
 
 "The seed" is the code released with the paper (SiliangZeng/Multi-Turn-RL-Agent, run through TRL at the
-commit it pins, fc4dae2). Each row names a train.Config field, the seed's value and the file that sets it,
+commit it pins, fc4dae2). Each row names a config.Config field, the seed's value and the file that sets it,
 whether a resolved run agrees, and the DEVIATIONS.md item that says why a run may differ. Fields that do
 not change what is learned (output folders, logging, threads, engine sizes) are bookkeeping, not recipe.
 """
@@ -17,7 +17,7 @@ TRL = "TRL fc4dae2"
 
 @dataclass(frozen=True)
 class Row:
-    field: str                   # a train.Config field
+    field: str                   # a config.Config field
     seed: str                    # the seed's value, as the table prints it
     source: str                  # where the seed sets it
     agrees: Callable             # cfg -> bool: the run does what the seed does
@@ -76,8 +76,8 @@ ROWS = [
     Row("vllm_gpu_memory", "0.7 on its own GPU", "verifiers/utils/config_utils.py",
         lambda cfg, f: cfg.vllm_gpu_memory in (0.0, 0.7), 15),
 ]
-BOOKKEEPING = {"output_dir", "save_every", "sample_every", "report_to", "resume", "threads", "seed", "shared_prefix",
-               "k_turn_normalise", "lora_alpha", "lora_target_modules", "lora_dropout", "warmstart_lr", "sampler",
+BOOKKEEPING = {"output_dir", "save_every", "sample_every", "report_to", "resume", "threads", "seed", "fast",
+               "k_turn_normalise", "lora_alpha", "lora_target_modules", "lora_dropout", "warmstart_lr",
                "sampler_dtype", "vllm_max_model_len", "vllm_max_batched_tokens", "vllm_sleep", "dist_timeout_minutes"}
 
 

@@ -205,7 +205,7 @@ def compute(conversations: list, aliases: list) -> dict[str, list[float]]:
             for name, fn in REWARD_FUNCS.items()}
 
 
-def reward_levels(scores: dict[str, list[float]]) -> tuple[list[float], list[float]]:
+def level_sums(scores: dict[str, list[float]]) -> tuple[list[float], list[float]]:
     """(R^T, R^O): per conversation, the sum of the turn-level and of the outcome-level rewards."""
     n = len(next(iter(scores.values()), []))
     r_t = [sum(scores[k][i] for k in TURN_REWARDS) for i in range(n)]

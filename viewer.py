@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import html
-import json
 import os
 import sys
 from pathlib import Path
@@ -24,21 +23,23 @@ import torch
 
 import data
 import env
-import eval as evaluation
+import evaluate as evaluation
 import rewards
 import search
 import train
+from config import Config, env_config
 
 LABELS = {"grpo_or": "GRPO-OR", "grpo_mr": "GRPO-MR", "mt_grpo": "MT-GRPO"}
 
 
-def method_advantages(trajectories, scores: dict, G: int, lam: float | None = None, cfg: train.Config | None = None,
-                      rows: list[dict] | None = None) -> dict[str, torch.Tensor]:
+def method_advantages(trajectories, scores: dict, G: int, lam: float | None = None, cfg: Config | None = None,
+                      episodes: list[dict] | None = None) -> dict[str, torch.Tensor]:
     """{method: (N, K) per-turn advantages} for one batch of whole groups: train.advantages itself, under
-    ``cfg`` (a run's settings: lam, convention, k_turn; default train.Config) with each method in turn.
-    ``rows``: the question of each rollout, which --k-turn runs need."""
-    cfg = dataclasses.replace(cfg or train.Config(), G=G, **({} if lam is None else {"lam": lam}))
-    return {m: train.advantages(dataclasses.replace(cfg, method=m), scores, trajectories, rows) for m in LABELS}
+    ``cfg`` (a run's settings: lam, convention, k_turn; default Config) with each method in turn.
+    ``episodes``: the question of each rollout, which --k-turn runs need."""
+    cfg = dataclasses.replace(cfg or Config(), G=G, **({} if lam is None else {"lam": lam}))
+    levels = train.reward_levels(cfg, scores, trajectories, episodes)
+    return {m: train.advantages(dataclasses.replace(cfg, method=m), levels) for m in LABELS}
 
 
 def token_pieces(tokenizer, traj, A_row) -> list[tuple[str, float | None]]:
@@ -97,7 +98,7 @@ def _rgb(a: float | None, scale: float) -> tuple[int, int, int]:
 def render_terminal(tokenizer, question: str, trajectories, scores: dict, advs: dict) -> str:
     """ANSI 24-bit background colours; one block per method, one line per rollout."""
     scale, out = _scale(advs), [f"Question: {question}"]
-    R_T, R_O = rewards.reward_levels(scores)
+    R_T, R_O = rewards.level_sums(scores)
     for m, A in advs.items():
         out.append(f"\n== {LABELS[m]} ==")
         for i, traj in enumerate(trajectories):
@@ -110,7 +111,7 @@ def render_terminal(tokenizer, question: str, trajectories, scores: dict, advs: 
 
 def render_html(tokenizer, question: str, trajectories, scores: dict, advs: dict) -> str:
     scale = _scale(advs)
-    R_T, R_O = rewards.reward_levels(scores)
+    R_T, R_O = rewards.level_sums(scores)
     parts = ["<!doctype html><meta charset='utf-8'><title>MT-GRPO per-token advantages</title>",
              "<style>body{font-family:sans-serif;max-width:1400px;margin:auto}"
              ".t{font-family:monospace;white-space:pre-wrap;font-size:12px;line-height:1.6}"
@@ -139,8 +140,7 @@ def scripted_group(tokenizer, index, cfg: env.EnvConfig | None = None):
     answer, wrong = q["answer"], "Unknown"
 
     def call(query):
-        return ('<reasoning>\nI will search for it.\n</reasoning>\n<tool>'
-                + json.dumps({"name": "wiki_search", "args": {"query": query}}) + "</tool>")
+        return f"<reasoning>\nI will search for it.\n</reasoning>\n<tool>{env.tool_command(query)}</tool>"
 
     def reply(text, thought="The result says it."):
         return f"<reasoning>\n{thought}\n</reasoning>\n<answer>{text}</answer>"
@@ -149,24 +149,24 @@ def scripted_group(tokenizer, index, cfg: env.EnvConfig | None = None):
              [call(q["question"]), reply(wrong, "I am not sure.")],
              [call("famous old river"), reply(wrong, "I am not sure.")],
              [reply(answer, "I think I know this.")]]
-    cfg = cfg or train.env_config(train.Config())  # the default training run's episodes
+    cfg = cfg or env_config(Config())  # the default training run's episodes
     trajs = env.rollout(env.ScriptedPolicy(tokenizer, turns), tokenizer, [q["question"]], len(turns), index, cfg)
     return q, trajs
 
 
 def sampled_group(model_dir: str, G: int, seed: int, question_index: int, index, cfg: env.EnvConfig | None = None):
     """G episodes of one demo-world eval question sampled from ``model_dir``, under ``cfg`` (the run's
-    episode settings; default: train.Config's, as the default training run samples them)."""
+    episode settings; default: Config's, as the default training run samples them)."""
     from policy import load_policy
 
     model, tokenizer = load_policy(model_dir)
     q = data.load_questions(data.demo_world()["eval"])[question_index]
-    cfg = cfg or train.env_config(train.Config())
+    cfg = cfg or env_config(Config())
     trajs = env.rollout(env.HFPolicy(model.eval(), tokenizer, seed=seed), tokenizer, [q["question"]], G, index, cfg)
     return tokenizer, q, trajs
 
 
-def check_args(args) -> tuple[train.Config, str | None]:
+def check_args(args) -> tuple[Config, str | None]:
     """The settings to roll out under and the model path, or one EvalError naming the fix (before any work)."""
     overrides = {k: getattr(args, k) for k in evaluation.EPISODE_FIELDS}
     cfg = evaluation.run_config("base" if args.scripted else args.model, overrides)
@@ -191,7 +191,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--question-index", type=int, default=0, help="which demo-world eval question")
     ap.add_argument("--html", help="write the HTML page here")
-    # with --model: the run's episode settings (its config.json), else train.Config's; a flag overrides
+    # with --model: the run's episode settings (its config.json), else Config's; a flag overrides
     evaluation.add_episode_flags(ap)
     args = ap.parse_args(argv)
     try:
@@ -204,12 +204,12 @@ def main(argv=None) -> int:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(data.embedded_model_dir())
-        q, trajs = scripted_group(tokenizer, index, train.env_config(cfg))
+        q, trajs = scripted_group(tokenizer, index, env_config(cfg))
     else:
-        tokenizer, q, trajs = sampled_group(path, args.G, args.seed, args.question_index, index, train.env_config(cfg))
+        tokenizer, q, trajs = sampled_group(path, args.G, args.seed, args.question_index, index, env_config(cfg))
     scores = rewards.compute([t.messages for t in trajs], [q["aliases"]] * len(trajs))
     # the run's lam, convention and k_turn: the advantages its training would have given this group
-    advs = method_advantages(trajs, scores, len(trajs), cfg=cfg, rows=[q] * len(trajs))
+    advs = method_advantages(trajs, scores, len(trajs), cfg=cfg, episodes=[q] * len(trajs))
     print(render_terminal(tokenizer, q["question"], trajs, scores, advs))
     if args.html:
         tmp = Path(args.html).with_suffix(".tmp")

@@ -210,7 +210,7 @@ def check_gpu_budget(config, max_model_len: int, gpu_memory: float, total_bytes:
 LOGPROB_TEMPERATURE = 1.0
 
 
-class VLLMPolicy:
+class VLLMPolicy(env.Sampler):
     """Batched sampling with a vLLM engine. ``generate`` has ``env.HFPolicy.generate``'s contract (its
     ``last_logprobs`` at LOGPROB_TEMPERATURE);
     ``calls`` counts generate calls (train.py checkpoints it), and each request's seed is derived from
@@ -249,6 +249,8 @@ class VLLMPolicy:
             engine_kwargs["kv_cache_memory_bytes"] = 1 << 30
         with _keep_global_rng(), _keep_torch_threads(), _hide_modules_vllm_cannot_scan(), only_gpu(device):
             self.llm = LLM(model=str(model_path), tokenizer=str(model_path), seed=seed or 0, **engine_kwargs)
+        # What the engine's process sees of the machine's GPUs (CUDA_VISIBLE_DEVICES): on a GPU of its own, only it
+        self.engine_gpus = None if self.in_process else self.llm.collective_rpc(_visible_gpus)[0]
         # The engine's weight dtype (dtype="auto" on CPU gives bfloat16 even for a float32 checkpoint):
         # the sync casts to it, as vLLM would, without a warning per tensor.
         self.dtype = self.llm.apply_model(_weight_dtype)[0]
@@ -365,6 +367,11 @@ def weight_file_folder(nbytes: int, folders=("/dev/shm", None), free=None) -> st
     where = ", ".join(f"{p} {r / 2**30:.2f} GiB" for p, r in seen)
     raise RuntimeError(f"vLLM weight sync needs {need / 2**30:.2f} GiB for its weight file, free: {where}. Start the "
                        f"container with --shm-size={math.ceil(need / 2**30) + 1}g, or point TMPDIR at a disk with room")
+
+
+def _visible_gpus(worker) -> str | None:
+    """Runs in the engine's process: the GPUs it was started with (None: every GPU of the machine)."""
+    return os.environ.get("CUDA_VISIBLE_DEVICES")
 
 
 def _weight_bytes(vllm_model) -> int:

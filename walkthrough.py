@@ -64,7 +64,7 @@ def blocks() -> dict[str, str]:
 
     # 3. rewards for the four rollouts
     scores = rewards.compute([t.messages for t in trajs], [q["aliases"]] * G)
-    R_T, R_O = rewards.reward_levels(scores)
+    R_T, R_O = rewards.level_sums(scores)
     what = ["good search, right answer", "good search, wrong answer", "bad search, wrong answer",
             "no search, right answer"]
     keys = list(rewards.REWARD_MAX)

@@ -8,12 +8,12 @@ Every arm is train.py's own loop (train.setup + train.train_step) on the same Co
 same warm-started weights, with the same seed, so the same question stream. Each arm is its own process
 (its own allocator, its own peak memory):
 
-    before      --sampler generate --no-shared-prefix, the C library's malloc: transformers ``generate`` on
+    before      --no-fast, the reference path, the C library's malloc: transformers ``generate`` on
                 the fp32 weights, each turn re-reading its whole context, and the update forwarding every
                 row whole (the step as it was, run as ``make train`` ran it);
-    after-libc  the defaults, the C library's malloc: sampler.CachedPolicy (each prompt's KV cache computed
+    after-libc  the defaults, the C library's malloc: fast.CachedPolicy (each prompt's KV cache computed
                 once for its G rollouts, each turn continuing the previous one's cache, a bf16 sampling
-                copy, every forward through sampler.CpuForward) and policy.shared_prefix_logprobs in the update;
+                copy, every forward through fast.CpuForward) and fast.shared_prefix_logprobs in the update;
     after       the defaults under tcmalloc, as ``make train`` runs them now (where tcmalloc is installed;
                 else the same as after-libc, and the header says so).
 
@@ -44,7 +44,7 @@ from pathlib import Path
 from common import ROOT, allocator, mean, quiet_transformers, set_threads, write_result  # first: puts the repository root on sys.path
 
 # arm -> (train.py flags, preload tcmalloc)
-ARMS = {"before": ({"sampler": "generate", "shared_prefix": False}, False), "after-libc": ({}, False), "after": ({}, True)}
+ARMS = {"before": ({"fast": False}, False), "after-libc": ({}, False), "after": ({}, True)}
 
 
 def tcmalloc() -> str | None:
@@ -57,6 +57,7 @@ def warm_started(folder: Path, cfg) -> str:
     """train.py's warm start of ``cfg.model`` (None: SmolLM2-135M), once, saved for both arms."""
     import torch
 
+    import config
     import train
     import warmstart
     from policy import load_policy
@@ -64,7 +65,7 @@ def warm_started(folder: Path, cfg) -> str:
     model, tok = load_policy(cfg.model)
     questions, index = train.load_task(cfg)
     torch.manual_seed(cfg.seed)
-    warmstart.run(model, tok, index, questions, train.env_config(cfg), steps=cfg.warmstart_steps,
+    warmstart.run(model, tok, index, questions, config.env_config(cfg), steps=cfg.warmstart_steps,
                   lr=cfg.warmstart_lr, seed=cfg.seed, bf16=cfg.bf16, micro_batch=cfg.micro_batch)
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
@@ -72,9 +73,9 @@ def warm_started(folder: Path, cfg) -> str:
 
 
 def base_config(args):
-    import train
+    import config
 
-    return train.Config(threads=args.threads, warmstart_steps=args.warmstart_steps, model=args.model,
+    return config.Config(threads=args.threads, warmstart_steps=args.warmstart_steps, model=args.model,
                         **({"G": args.G, "batch_size": 2 * args.G, "micro_batch": args.G} if args.G else {}))
 
 

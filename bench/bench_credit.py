@@ -121,8 +121,10 @@ from multiprocessing import get_context
 from pathlib import Path
 
 from common import ROOT  # first: puts the repo root on sys.path
+import config
 import data
 import plot
+from credit.world import CREDIT_RELATIONS, credit_facts, credit_world, one_token_names
 
 
 @dataclass
@@ -130,9 +132,9 @@ class Part:
     """One comparison: its questions, episode, methods and what it reports."""
     name: str
     title: str
-    train_key: str                 # data.credit_world's training file
+    train_key: str                 # credit.world.credit_world's training file
     eval_key: str                  # ...and held-out file
-    env: dict                      # the episode (train.Config fields), training and evaluation alike
+    env: dict                      # the episode (config.Config fields), training and evaluation alike
     flags: list[str]               # train.py flags every method of the part gets
     methods: dict                  # key -> (label, train.py --method, extra flags)
     pairs: list                    # (a, b): the paired differences a - b reported
@@ -304,8 +306,8 @@ def world_tokenizer(paths: dict, seed: int):
         return AutoTokenizer.from_pretrained(cached)
     import env
     import search
-    import warmstart
     from common import tokenizer
+    from credit.demonstrator import credit_turns
 
     smol = tokenizer()
     corpus = data.read_jsonl(paths["corpus"])
@@ -315,7 +317,7 @@ def world_tokenizer(paths: dict, seed: int):
     guesses = sorted({q["answer"] for q in questions})
     texts = [env.SYSTEM_PROMPT] * 50 + [c["text"] for c in corpus] + [q["question"] for q in questions]
     texts += [" " + n for n in names for _ in range(2)]  # so even a name read once is merged whole
-    texts += [t for q in rng.sample(questions, 2000) for t in warmstart.credit_turns(q, index, 1, rng, guesses)]
+    texts += [t for q in rng.sample(questions, 2000) for t in credit_turns(q, index, 1, rng, guesses)]
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
@@ -375,19 +377,21 @@ def build_instrument(args, paths: dict) -> Path:
     drilled = build_drilled(args, paths)
     with logged(Path(args.out) / "logs" / "instrument.log"):
         import search
-        import train
         import warmstart
+        from credit.demonstrator import warm_start_demos
         from policy import load_policy
 
         t0 = time.time()
         model, tok = load_policy(str(drilled))
-        env_cfg = train.env_config(train.Config(**K3_ENV))
+        env_cfg = config.env_config(config.Config(**K3_ENV))
         questions = data.load_questions(paths["train"]) + data.load_questions(paths["hops_train"])
-        ws = warmstart.run(model.train(), tok, search.load_index(paths["corpus"]), questions,
-                           env_cfg, steps=args.instrument_steps,
+        index = search.load_index(paths["corpus"])
+        ws = warmstart.run(model.train(), tok, index, questions, env_cfg, steps=args.instrument_steps,
                            lr=args.instrument_lr, batch=16, seed=args.world_seed, bf16=False, micro_batch=4,
-                           style="varied", drill=copy_drill(tok, args.world_seed + 1, rows=32, ramp=0, lookup=0.5,
-                                                            prefix=prompt_head(tok, env_cfg), prefixed=1.0)
+                           demos=warm_start_demos(tok, index, questions, env_cfg, args.instrument_steps, 16,
+                                                  args.world_seed),
+                           extra=copy_drill(tok, args.world_seed + 1, rows=32, ramp=0, lookup=0.5,
+                                            prefix=prompt_head(tok, env_cfg), prefixed=1.0)
                            if args.drill_steps else None)  # kept up alongside, at full gaps, always after the prompt
         print(f"demonstrations: {ws}", flush=True)
         drill_info = json.loads((drilled / "stage.json").read_text())
@@ -414,6 +418,7 @@ def seed_start(job) -> str:
             import search
             import train
             import warmstart
+            from credit.demonstrator import warm_start_demos
             from policy import load_policy
 
             t0 = time.time()
@@ -421,10 +426,12 @@ def seed_start(job) -> str:
             model, tok = load_policy(str(policy_start(args)))
             ws = {"steps": 0}
             if args.warmstart_steps:
-                ws = warmstart.run(model, tok, search.load_index(paths["corpus"]),
-                                   data.load_questions(paths[part.train_key]), train.env_config(train.Config(**part.env)),
-                                   steps=args.warmstart_steps, lr=args.warmstart_lr, batch=16, seed=1000 + seed,
-                                   micro_batch=4, style="varied", bf16=False)
+                index, questions = search.load_index(paths["corpus"]), data.load_questions(paths[part.train_key])
+                env_cfg = config.env_config(config.Config(**part.env))
+                ws = warmstart.run(model, tok, index, questions, env_cfg, steps=args.warmstart_steps,
+                                   lr=args.warmstart_lr, batch=16, seed=1000 + seed, micro_batch=4, bf16=False,
+                                   demos=warm_start_demos(tok, index, questions, env_cfg, args.warmstart_steps, 16,
+                                                          1000 + seed))
             save_model(model, tok, folder, {"warm_start": ws, "seconds": time.time() - t0})
         evaluate_point(args, part, folder, folder / "eval-step0.json", 0, paths)
     return str(folder)
@@ -442,15 +449,14 @@ def evaluate_point(args, part: Part, model_dir: Path, path: Path, step: int, pat
 
     import torch
 
-    import eval as ev
+    import evaluate as ev
     import search
-    import train
+    from fast import CachedPolicy
     from policy import load_policy
-    from sampler import CachedPolicy
 
     rows = data.load_questions(paths[part.eval_key])[:args.eval_n]
     index = search.load_index(paths["corpus"])
-    env_cfg = dataclasses.replace(train.env_config(train.Config(**part.env)), temperature=0.0)
+    env_cfg = dataclasses.replace(config.env_config(config.Config(**part.env)), temperature=0.0)
     model, tok = load_policy(str(model_dir))
     policy = CachedPolicy(model.eval(), tok, seed=0, dtype=torch.float32)
     groups = {"all": rows}
@@ -738,11 +744,11 @@ def name_loss(model, tok, index, rows: list[dict], cfg) -> float:
     demonstrations of ``rows``: how well the policy copies a name it has read, the skill the task rests on."""
     import torch
 
-    import warmstart
+    from credit.demonstrator import varied_demonstrations
     from policy import pack, token_logprobs
 
-    names = {tok.convert_tokens_to_ids("\u0120" + w) for w in data.one_token_names(tok)}
-    ids, attn, turn = pack(warmstart.varied_demonstrations(tok, index, rows, cfg, seed=7), tok.pad_token_id)
+    names = {tok.convert_tokens_to_ids("\u0120" + w) for w in one_token_names(tok)}
+    ids, attn, turn = pack(varied_demonstrations(tok, index, rows, cfg, seed=7), tok.pad_token_id)
     with torch.no_grad():
         logp = token_logprobs(model, ids, attn, turn, False)
     target = ids[:, 1:]
@@ -778,26 +784,23 @@ def properties(args, paths: dict) -> str:
              f"{len(decoy) / len(train_rows):.0%} of them: {sum(hit(q, q['question']) for q in decoy) / max(1, len(decoy)):.3f}); "
              f"the right query (\"the <kind> <work>\") {sum(hit(q, q['query']) for q in train_rows) / len(train_rows):.3f}; "
              f"the decoy's name {sum(hit(q, q['decoy']) for q in decoy) / max(1, len(decoy)):.3f}."]
-    towns = [len([k for k in data.credit_facts(p["text"]) if k in data.CREDIT_RELATIONS]) for p in data.read_jsonl(paths["corpus"])
+    towns = [len([k for k in credit_facts(p["text"]) if k in CREDIT_RELATIONS]) for p in data.read_jsonl(paths["corpus"])
              if p["id"].startswith("person-")]
     lines.append(f"(a) every person's passage names {min(towns)}-{max(towns)} towns, one per relation: after a perfect "
                  f"search a uniform pick is right 1/3 of the time, and R^O is then 0 for the other 2/3.")
     build_instrument(args, paths)
     seed_start((args, "credit", 0, paths))
-    import dataclasses
-
     import torch
 
     import env
     import rewards
-    import train
+    from fast import CachedPolicy
     from policy import load_policy
-    from sampler import CachedPolicy
 
     model, tok = load_policy(str(Path(args.out) / "credit" / "warmstart-seed0"))
     policy = CachedPolicy(model.eval(), tok, seed=0, dtype=torch.float32)
     rows = random.Random(0).sample(train_rows, min(args.property_n, len(train_rows)))
-    cfg = train.env_config(train.Config(**CREDIT_ENV))
+    cfg = config.env_config(config.Config(**CREDIT_ENV))
     trajs = env.rollout(policy, tok, [q["question"] for q in rows], 1, index, cfg)
     scores = rewards.compute([t.messages for t in trajs], [q["aliases"] for q in rows])
     stats = env.episode_stats(trajs, [q["aliases"] for q in rows])
@@ -876,12 +879,10 @@ def parse_args(argv=None):
         args.out = str(Path(args.out) / "pilot")
         args.results = args.results or str(Path(args.out) / "results")
     args.results = args.results or str(ROOT / "bench" / "results")
-    import train
-
     smol = args.policy == "smollm2"
-    args.lr = args.lr if args.lr is not None else train.Config.lr if smol else 2e-4
+    args.lr = args.lr if args.lr is not None else config.Config.lr if smol else 2e-4
     if args.warmstart_lr is None:
-        args.warmstart_lr = train.Config.warmstart_lr if smol else args.instrument_lr
+        args.warmstart_lr = config.Config.warmstart_lr if smol else args.instrument_lr
     if smol and args.properties:
         ap.error("--properties measures the instrument; a SmolLM2 run reports its start (step-0 evaluation and "
                  "step-1 rollouts) in its results file")
@@ -898,7 +899,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     init_worker(args.threads)
-    paths = data.credit_world(args.world_seed)
+    paths = credit_world(args.world_seed)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     if args.properties:
         from common import write_result

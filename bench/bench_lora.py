@@ -7,7 +7,7 @@ One update is what train.update runs on the CPU default's batch (common.syntheti
 like its rollouts): length-grouped micro-batches (train.micro_batches), a forward and backward of
 policy.token_logprobs on each, gradient clipping and an AdamW step over the trainable parameters
 (train.prepare's optimizer: under LoRA the adapter only). LoRA is lora.wrap with --lora-r/--lora-alpha on
-every linear projection of each block (train.Config's default targets).
+every linear projection of each block (config.Config's default targets).
 
 Peak memory is a process's ru_maxrss, which only grows: so every measurement runs in a fresh
 subprocess (this script with --worker), and the modes take turns (LoRA, full, LoRA, full, ...) so both
@@ -38,6 +38,7 @@ def worker(args) -> dict:
     import torch
 
     import lora
+    import config
     import train
     from policy import load_policy, token_logprobs
 
@@ -49,7 +50,7 @@ def worker(args) -> dict:
     if args.worker == "lora":
         model, _ = lora.wrap(model, args.lora_r, args.lora_alpha, lora.DEFAULT_TARGETS)
     model.train()
-    cfg = train.Config()
+    cfg = config.Config()
     params = lora.trainable(model)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.adam_betas)
     ids, attn, turn = synthetic_batch(tok, args.rows)

@@ -8,7 +8,7 @@ the whole batch).
 The batch is shaped like the CPU default's rollouts (common.synthetic_batch: 16 rows of ~170 prompt
 + 150-256 completion tokens). One timed update, per layout: for each micro-batch, a forward and
 backward of policy.token_logprobs on its rows cut to its width (what train.update runs per
-micro-batch), then gradient clipping and an AdamW step (train.Config's lr, betas and clip). Everything but the layout is the same, and
+micro-batch), then gradient clipping and an AdamW step (config.Config's lr, betas and clip). Everything but the layout is the same, and
 the two layouts take turns update by update, so both meet the same background load; the first
 update of each is a warm-up. Printed: mean seconds of each and the ratio grouped / whole.
 
@@ -26,6 +26,7 @@ import time
 import torch
 
 from common import mean, quiet_transformers, random_llama, set_threads, synthetic_batch, tokenizer  # first: the repo root
+import config
 import train
 from policy import load_policy, token_logprobs
 
@@ -36,7 +37,7 @@ def whole_width(attn: torch.Tensor, size: int) -> list[tuple[torch.Tensor, int]]
     return [(torch.arange(i, min(i + size, attn.shape[0])), attn.shape[1]) for i in range(0, attn.shape[0], size)]
 
 
-def timed_update(model, optimizer, batch, layout, cfg: train.Config) -> float:
+def timed_update(model, optimizer, batch, layout, cfg: config.Config) -> float:
     """Seconds of one update over ``layout``'s micro-batches (rows, width), with cfg's clip and dtype."""
     ids, attn, turn = batch
     n_tokens = (turn[:, 1:] > 0).sum()
@@ -69,7 +70,7 @@ def main(argv=None) -> int:
         (model, tok), name = load_policy(None), "SmolLM2-135M"
     model.train()
     batch = synthetic_batch(tok, args.rows)
-    cfg = train.Config(micro_batch=args.micro_batch, bf16=args.bf16)
+    cfg = config.Config(micro_batch=args.micro_batch, bf16=args.bf16)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
     layouts = {"grouped": train.micro_batches(batch[1], args.micro_batch),
                "whole": whole_width(batch[1], args.micro_batch)}

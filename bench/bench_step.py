@@ -18,9 +18,9 @@ gives identical ids), batch (``--batch-size`` rollouts per optimizer step, ``--G
 model), eps 0.2, token-level loss aggregation (ours: ``token``; TRL: ``dapo``), AdamW
 (betas 0.9/0.99, weight decay 0, same lr), gradient clipping at 0.1, no gradient checkpointing,
 sampling at temperature 1 with no top-k/top-p, and the same dtype policy switch (``--bf16``,
-default on, as in ``train.Config``): our update runs under bf16 autocast, TRL gets ``bf16=True``
+default on, as in ``config.Config``): our update runs under bf16 autocast, TRL gets ``bf16=True``
 (accelerate's CPU autocast). The weights stay fp32 on both sides. Sampling: ours is train.py's default
-sampler (sampler.CachedPolicy: a bf16 copy of the weights, each prompt's KV cache computed once for its
+sampler (fast.CachedPolicy: a bf16 copy of the weights, each prompt's KV cache computed once for its
 G rollouts, turn 2 continuing turn 1's cache); the script reports whether TRL's ``generate`` ran under
 autocast (it probes the first decoder layer).
 
@@ -41,7 +41,7 @@ completion text and returns R^T + R^O.
 
 Our step calls the real pieces of train.py: ``env.rollout`` (CachedPolicy) -> ``rewards.compute`` ->
 ``train.advantages`` -> ``policy.pack`` -> ``train.update`` (its one-process path, with the prompt
-lengths, so its forward computes each question's prompt once: policy.shared_prefix_logprobs). TRL's step is
+lengths, so its forward computes each question's prompt once: fast.shared_prefix_logprobs). TRL's step is
 one optimizer step of ``trainer.train()`` (generation + scoring + ``batch/micro`` forward/backward
 passes + AdamW), timed from the end of the previous step by a callback; its generation+scoring
 share is timed by wrapping ``_generate_and_score_completions``. The two sides take turns step by
@@ -95,11 +95,11 @@ from accelerate import Accelerator
 
 from common import (NullSearcher, demo_questions, mean, model_tokens, quiet_transformers,  # first: the repo root
                     save_random_llama, set_threads, synthetic_batch)
+import config
 import env
 import rewards
 import train
 from policy import load_policy, pack
-from sampler import CachedPolicy
 
 # ------------------------------------------------------------------------------------------ the work both sides do
 
@@ -119,8 +119,8 @@ def step_batches(n_steps: int, per_step: int) -> list[list[dict]]:
     return [rows[i * per_step:(i + 1) * per_step] for i in range(n_steps)]
 
 
-def train_config(args) -> train.Config:
-    return train.Config(G=args.G, batch_size=args.batch_size, micro_batch=args.micro_batch, bf16=args.bf16,
+def train_config(args) -> config.Config:
+    return config.Config(G=args.G, batch_size=args.batch_size, micro_batch=args.micro_batch, bf16=args.bf16,
                         mu=1, beta=0.0, warmstart_steps=0, temperature=1.0, top_k=0)
 
 
@@ -134,11 +134,12 @@ class OurLoop:
     def __init__(self, folder: Path, args, env_cfg):
         self.cfg, self.env_cfg = train_config(args), env_cfg
         self.model, self.tok = load_policy(str(folder))
-        # the sampler train.py makes by default (train.make_policy): prefix-shared KV caches, bf16 copy
-        self.policy = CachedPolicy(self.model, self.tok, seed=0, dtype=getattr(torch, self.cfg.sampler_dtype))
+        # the sampler and the update train.py makes by default on a CPU (its speed path): prefix-shared KV caches on
+        # a bf16 copy, and each prompt computed once in the update
+        self.policy = train.hf_sampler(self.cfg, self.model, self.tok, torch.device("cpu"), seed=0)
         self.accelerator = Accelerator(cpu=True)
         self.trainer, self.optimizer, self.scheduler = train.prepare(self.cfg, self.accelerator, self.model,
-                                                                     self.cfg.batch_size)
+                                                                     self.cfg.batch_size, train.fast_logprobs(self.cfg)[0])
 
     def step(self, batch: list[dict]) -> dict:
         cfg, model, tok = self.cfg, self.model, self.tok
@@ -148,12 +149,12 @@ class OurLoop:
             trajs = env.rollout(self.policy, tok, [q["question"] for q in batch], cfg.G, NullSearcher(), self.env_cfg)
         t1 = time.perf_counter()
         scores = rewards.compute([t.messages for t in trajs], [q["aliases"] for q in batch for _ in range(cfg.G)])
-        A = train.advantages(cfg, scores, trajs)
+        A = train.advantages(cfg, train.reward_levels(cfg, scores, trajs, batch))
         model.train()
         ids, attn, turn = pack(trajs, tok.pad_token_id)
         t2 = time.perf_counter()
-        train.update(cfg, self.trainer, None, self.optimizer, self.scheduler, ids, attn, turn, A, self.accelerator,
-                     prompt_lens=torch.tensor([len(t.prompt_ids) for t in trajs]))  # the shared-prefix update
+        train.update(cfg, self.trainer, self.optimizer, self.scheduler, self.accelerator,  # the shared-prefix update
+                     train.Batch(ids, attn, turn, A, prompt_lens=torch.tensor([len(t.prompt_ids) for t in trajs])))
         t3 = time.perf_counter()
         n = len(trajs)
         return {"rollout": t1 - t0, "score": t2 - t1, "update": t3 - t2, "step": t3 - t0,
@@ -182,7 +183,7 @@ def trl_dataset(tok, batches):
 def trl_reward(completions, aliases, **_):
     """The same six rewards as ours, on TRL's one-message completion: R^T + R^O per completion."""
     scores = rewards.compute([[{"role": "assistant", "content": c}] for c in completions], aliases)
-    return [t + o for t, o in zip(*rewards.reward_levels(scores))]
+    return [t + o for t, o in zip(*rewards.level_sums(scores))]
 
 
 def trl_config(args, out_dir: str, n_steps: int):
@@ -295,7 +296,7 @@ def time_updates(model, cfg, batch, n: int, warmup: int = 1) -> float:
     times = []
     for i in range(warmup + n):
         t0 = time.perf_counter()
-        train.update(cfg, trainer, None, optimizer, scheduler, ids, attn, turn, A, accelerator)
+        train.update(cfg, trainer, optimizer, scheduler, accelerator, train.Batch(ids, attn, turn, A))
         times.append(time.perf_counter() - t0)
     return sum(times[warmup:]) / n
 
@@ -309,9 +310,9 @@ def profile_update(model, cfg, batch, warm: bool, top: int = 14) -> None:
     accelerator = Accelerator(cpu=True)
     trainer, optimizer, scheduler = train.prepare(cfg, accelerator, model, ids.shape[0])
     if not warm:
-        train.update(cfg, trainer, None, optimizer, scheduler, ids, attn, turn, torch.randn(ids.shape[0], 2), accelerator)
+        train.update(cfg, trainer, optimizer, scheduler, accelerator, train.Batch(ids, attn, turn, torch.randn(ids.shape[0], 2)))
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        train.update(cfg, trainer, None, optimizer, scheduler, ids, attn, turn, torch.randn(ids.shape[0], 2), accelerator)
+        train.update(cfg, trainer, optimizer, scheduler, accelerator, train.Batch(ids, attn, turn, torch.randn(ids.shape[0], 2)))
     events = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in events)
     kinds = {"matmul (mm/addmm/bmm)": ("aten::mm", "aten::addmm", "aten::bmm"),

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from common import ROOT  # first: puts the repo root on sys.path
+import config
 import data
 from bench_learning import (Comparison, plot_curves, run_comparison, setup_text, shared_warm_start, summarise,
                             write_results)
@@ -52,7 +53,6 @@ def main(argv=None) -> int:
     ap.add_argument("--model", help="the model to warm-start (default: the embedded SmolLM2-135M-Instruct)")
     args = ap.parse_args(argv)
     import search
-    import train
 
     world = data.two_hop_world()
     c = Comparison(out=Path(args.out).resolve(), questions=str(world["train"]), corpus=str(world["corpus"]),
@@ -61,7 +61,7 @@ def main(argv=None) -> int:
                    seeds=args.seeds, steps=args.steps, G=args.G, batch_size=args.batch_size, eval_n=args.eval_n,
                    threads=args.threads, model=args.model)
     c.out.mkdir(parents=True, exist_ok=True)
-    cfg = train.Config(**ENV, warmstart_steps=args.warmstart_steps)
+    cfg = config.Config(**ENV, warmstart_steps=args.warmstart_steps)
     t0 = time.time()
     start, ws = shared_warm_start(c, cfg, lambda: (data.load_questions(c.questions), search.load_index(c.corpus)))
     first, evals, curves = run_comparison(c, start)

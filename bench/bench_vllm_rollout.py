@@ -1,13 +1,13 @@
-"""Rollout throughput on CPU: vLLM-CPU (VLLMPolicy) against the default sampler (sampler.CachedPolicy)
+"""Rollout throughput on CPU: vLLM-CPU (VLLMPolicy) against the default sampler (fast.CachedPolicy)
 and transformers ``generate`` (env.HFPolicy), one process, the same rollouts alternating.
 
 All three sample the embedded SmolLM2-135M-Instruct in the same EnvConfig as train.py's Config
-(max_turn_tokens 64, max_completion_tokens 256, top_k 1, result_max_tokens 96, no few-shot,
+(max_turn_tokens 64, max_completion_tokens 256, passages 1, result_max_tokens 96, no few-shot,
 temperature 1) on demo-world questions with the real BM25 index, G rollouts per question. We count
 the tokens the *model* wrote (turn_idx >= 1) per second of wall time, prompt processing and
 environment steps included. Rounds alternate HF, default, vLLM, HF, default, vLLM, ... so a load change
 on a shared machine hits all. vLLM and the default sampler sample in bf16, HF ``generate`` in fp32 (as
-``--sampler generate`` does). Also printed: the engine's start-up time, one weight sync's time (paid
+``--no-fast`` does). Also printed: the engine's start-up time, one weight sync's time (paid
 once per training step) and a greedy-agreement check against HF. The result goes to
 bench/results/vllm_rollout.txt (``--out``).
 
@@ -28,10 +28,10 @@ from pathlib import Path
 import torch
 
 from common import ROOT, allocator, demo_questions, model_tokens, set_threads, write_result  # first: the repo root
+import config
 import data
 import env
 import search
-import train
 
 
 def main(argv=None) -> int:
@@ -54,7 +54,7 @@ def main(argv=None) -> int:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from sampler import CachedPolicy
+    from fast import CachedPolicy
     from vllm_backend import VLLMPolicy, sync_weights
 
     path = args.model or data.embedded_model_dir()
@@ -62,7 +62,7 @@ def main(argv=None) -> int:
     tok = AutoTokenizer.from_pretrained(path)
     questions = [row["question"] for row in demo_questions(args.questions, "train")]
     index = search.load_index(data.demo_world()["corpus"])
-    cfg = train.env_config(train.Config())  # train.py's episode, as the CPU default runs it
+    cfg = config.env_config(config.Config())  # train.py's episode, as the CPU default runs it
 
     start = time.perf_counter()
     engine = VLLMPolicy(str(path), tok, seed=0, dtype=args.dtype, enforce_eager=args.eager)

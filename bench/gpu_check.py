@@ -14,7 +14,7 @@ Rows:
      vocabulary projection of the model's own tokens; the checkpointing recompute is not counted);
   3. ZeRO-3: train.main under `accelerate launch --use_deepspeed --zero_stage 3` with 1 process, the
      tests' scripted rollouts and stand-in engine (tests/distributed_worker.py), 2 steps, mu 2;
-  4. HF rollouts: the sampler train.make_policy builds for --rollout-backend hf on this device (on CUDA
+  4. HF rollouts: the sampler train.make_sampler builds for --rollout-backend hf on this device (on CUDA
      env.HFPolicy, under the bf16 autocast of train.sample_batch), at the seed's sampling.
 --tokenizer: any chat tokenizer folder (the embedded SmolLM2's is the default where it can be built).
 """
@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 import env  # noqa: E402
 import train  # noqa: E402
+from config import Config, env_config  # noqa: E402
 
 # Qwen2.5 base models' shapes (their config.json): name -> hidden, intermediate, layers, heads, KV heads, tied
 QWEN25 = {"0.5B": (896, 4864, 24, 14, 2, True), "1.5B": (1536, 8960, 28, 12, 2, True),
@@ -112,7 +113,7 @@ def time_update(config, device, rows: int, length: int, micro_batch: int, steps:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).to(device)
     model.gradient_checkpointing_enable()
     model.train()
-    cfg = train.Config(micro_batch=micro_batch, mu=1, bf16=True, max_grad_norm=0.1, batch_size=rows, G=rows, lr=1e-6)
+    cfg = Config(micro_batch=micro_batch, mu=1, bf16=True, max_grad_norm=0.1, batch_size=rows, G=rows, lr=1e-6)
     accelerator = Accelerator(cpu=device.type == "cpu")
     trainer, optimizer, scheduler = train.prepare(cfg, accelerator, model, rows)
     gen = torch.Generator().manual_seed(0)
@@ -127,7 +128,7 @@ def time_update(config, device, rows: int, length: int, micro_batch: int, steps:
     for _ in range(steps + 1):  # the first one warms up (allocator, kernels)
         sync(device)
         t = time.perf_counter()
-        train.update(cfg, trainer, None, optimizer, scheduler, ids, attn, turn, A, accelerator)
+        train.update(cfg, trainer, optimizer, scheduler, accelerator, train.Batch(ids, attn, turn, A))
         sync(device)
         times.append(time.perf_counter() - t)
     seconds = min(times[1:])
@@ -180,21 +181,20 @@ def zero3_step(tokenizer, folder: Path, config, bf16: bool) -> dict:
 
 # ----------------------------------------------------------------------------- 4. rollouts
 def hf_rollout(tokenizer, config, device, rows: int, new_tokens: int) -> dict:
-    """The sampler train.py builds for --rollout-backend hf on this device (train.make_policy), under the
+    """The sampler train.py builds for --rollout-backend hf on this device (train.make_sampler), under the
     autocast train.sample_batch runs it in, at the seed's sampling (T 0.9, top-k 50)."""
     from accelerate import Accelerator
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).to(device).eval()
-    cfg = train.Config(rollout_backend="hf")
+    cfg = Config(rollout_backend="hf")
     accelerator = Accelerator(cpu=device.type == "cpu")
-    env_cfg = train.env_config(cfg)
-    policy = train.make_policy(cfg, accelerator, model, tokenizer, [], env_cfg, "unused")
+    env_cfg = env_config(cfg)
+    policy = train.make_sampler(cfg, accelerator, model, tokenizer, [], env_cfg, "unused")
     prompt = env.build_prompt(tokenizer, "Who wrote the novel Dracula?", env_cfg)
     with train.sampling_autocast(cfg, device):
-        if hasattr(policy, "start_rollout"):
-            policy.start_rollout()
+        policy.start_rollout()
         policy.generate([prompt] * 2, 4, env_cfg.sampling(), [])  # warm-up
         sync(device)
         t = time.perf_counter()
@@ -248,7 +248,7 @@ def main(argv=None) -> int:
 
     r = hf_rollout(tokenizer, qwen_config("0.5B", vocab=len(tokenizer)) if cuda else small, device,
                    64 if cuda else 4, 128 if cuda else 8)
-    rows.append((f"HF rollouts ({r['sampler']}, train.make_policy)", f"{r['tokens_per_s']:.0f} tok/s",
+    rows.append((f"HF rollouts ({r['sampler']}, train.make_sampler)", f"{r['tokens_per_s']:.0f} tok/s",
                  "Qwen2.5-0.5B shape" if cuda else "tiny"))
 
     device_name = torch.cuda.get_device_name() if cuda else "CPU (dry run)"

@@ -40,8 +40,7 @@ real_rollout, real_update = env.rollout, train.update
 
 
 def tool(query: str) -> str:
-    return "<reasoning>\nI will search.\n</reasoning>\n<tool>" + json.dumps(
-        {"name": "wiki_search", "args": {"query": query}}) + "</tool>"
+    return f"<reasoning>\nI will search.\n</reasoning>\n<tool>{env.tool_command(query)}</tool>"
 
 
 def turns(step: int, row: int, question: str) -> list[str]:
@@ -80,11 +79,11 @@ def collective_timeout():
     return dist.distributed_c10d._get_default_group()._get_backend(torch.device("cpu")).options._timeout.total_seconds()
 
 
-def recording_update(cfg, model, ref_model, optimizer, scheduler, ids, attn, turn, A, accelerator=None, *rest):
+def recording_update(cfg, logprobs, optimizer, scheduler, accelerator, batch, *rest):
     from accelerate import PartialState
 
-    params = list(model.parameters())
-    RECORD.append({"A": A.tolist(), "rows": ids.shape[0], "num_processes": accelerator.num_processes,
+    params = list(logprobs.parameters())
+    RECORD.append({"A": batch.A.tolist(), "rows": batch.ids.shape[0], "num_processes": accelerator.num_processes,
                    # ZeRO-3: every parameter is a DeepSpeed-partitioned one, and (2+ processes) this
                    # process holds only its shards
                    "zero3_params": all(hasattr(p, "ds_id") for p in params),
@@ -92,7 +91,7 @@ def recording_update(cfg, model, ref_model, optimizer, scheduler, ids, attn, tur
                    and sum(p.ds_tensor.numel() for p in params) < sum(p.ds_numel for p in params),
                    "distributed_type": str(accelerator.distributed_type).split(".")[-1],
                    "backend": PartialState().backend, "timeout_s": collective_timeout()})
-    return real_update(cfg, model, ref_model, optimizer, scheduler, ids, attn, turn, A, accelerator, *rest)
+    return real_update(cfg, logprobs, optimizer, scheduler, accelerator, batch, *rest)
 
 
 class StubEngine:
@@ -116,7 +115,7 @@ class StubEngine:
         pass
 
 
-# save_checkpoint(accelerator, out, trainer, model, tokenizer, optimizer, scheduler, step, ...): after out
+# save_checkpoint(accelerator, out, logprobs, model, tokenizer, optimizer, scheduler, step, ...): after out
 STEP_ARG = 5
 
 
@@ -167,9 +166,10 @@ if __name__ == "__main__":
     OUT = Path(argv[argv.index("--output-dir") + 1])
     OUT.mkdir(parents=True, exist_ok=True)
     if "vllm" in argv:  # --rollout-backend vllm: the stub engine, the real sync
+        import config
         import vllm_backend
 
-        vllm_backend.VLLMPolicy, train.vllm_installed = StubEngine, lambda: True
+        vllm_backend.VLLMPolicy, config.vllm_installed = StubEngine, lambda: True
     copy_each_checkpoint()
     if os.environ.get("HANG_AFTER_STEP"):
         hang_after(int(os.environ["HANG_AFTER_STEP"]))

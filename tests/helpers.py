@@ -1,6 +1,7 @@
 """What several test modules share: where the real data is, a fake search tool over four passages, a tiny random Llama,
 the trajectory invariants every rollout must keep (``check_trajectory``) and a deterministic
 "bigram" model. Fixtures built on these are in conftest.py."""
+import math
 import re
 
 import pytest
@@ -41,6 +42,13 @@ class FakeSearcher:
         scored = [(len(words & set(re.findall(r"\w+", (p["title"] + " " + p["text"]).lower()))), -i)
                   for i, p in enumerate(self.passages)]
         return [dict(self.passages[-i], score=float(s)) for s, i in sorted(scored, reverse=True)[:k] if s > 0]
+
+
+# Three questions for the warm start over FAKE_PASSAGES: two answers a search finds, one (the Mona Lisa) it does not
+WARMSTART_QUESTIONS = [{"question": "Who wrote Dracula?", "answer": "Bram Stoker", "aliases": ["Bram Stoker"]},
+                       {"question": "Which river flows through Paris?", "answer": "Seine", "aliases": ["Seine", "the Seine"]},
+                       {"question": "Who painted the Mona Lisa?", "answer": "Leonardo", "aliases": ["Leonardo"]}]
+WARMSTART_CFG = env.EnvConfig(max_turn_tokens=80, max_completion_tokens=400, few_shot=False)
 
 
 def tiny_llama(tok, hidden: int = 64, layers: int = 2, kv_heads: int = 4, seed: int = 0, **config):
@@ -114,17 +122,23 @@ def check_trajectory(t, tok, question, cfg):
     assert env._decode(tok, t.completion_ids) == full_text[len(prompt_text):]
 
 
-class Recorder:
-    """Wraps a policy and records each generate call's batch."""
+class Recorder(env.Sampler):
+    """Wraps a sampler and records each generate call's batch."""
 
     def __init__(self, policy):
         self.policy, self.batches = policy, []
 
+    def start_rollout(self):
+        self.policy.start_rollout()
+
     def generate(self, batch, *args):
         self.batches.append([list(row) for row in batch])
         out = self.policy.generate(batch, *args)
-        self.last_logprobs = getattr(self.policy, "last_logprobs", None)
+        self.last_logprobs = self.policy.last_logprobs
         return out
+
+    def end_rollout(self):
+        self.policy.end_rollout()
 
 
 def make_bigram(model, chain):
@@ -154,6 +168,26 @@ def mismatch(model, trajectories, bf16: bool, temperature: float = env.Sampling.
     return abs_sum / count, k3 / count, int(count)
 
 
+REWARD_KEYS = tuple(rewards.REWARD_MAX)
+
+
+def tiny_args(model_dir, out, *extra) -> list[str]:
+    """train.py flags for a few-second run of a tiny model (``tiny_model_dir``) on the demo world."""
+    return ["--model", str(model_dir), "--output-dir", str(out), "--G", "2", "--batch-size", "4",
+            "--micro-batch", "2", "--max-turn-tokens", "12", "--max-completion-tokens", "90",
+            "--warmstart-steps", "0", "--sample-every", "0", "--threads", "1", "--lr", "1e-3", *extra]
+
+
+def run_train(args, **kw):
+    """train.py in a child process (the resume tests kill it)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    return subprocess.Popen([sys.executable, "train.py", *args], cwd=Path(__file__).resolve().parents[1],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, **kw)
+
+
 def kill_after_first_checkpoint(proc, out) -> None:
     """SIGKILL a training process once its first checkpoint is on disk, mid-run (the resume tests)."""
     import os
@@ -165,3 +199,84 @@ def kill_after_first_checkpoint(proc, out) -> None:
         time.sleep(0.02)
     os.kill(proc.pid, signal.SIGKILL)
     assert proc.wait(timeout=60) == -signal.SIGKILL, "the run ended before it could be killed mid-way"
+
+
+# ----------------------------------------------------------------------------- a designed next-token distribution
+# The sampling contract (env.Sampling) is tested on every sampler with a model whose next-token logits are known.
+SEED_SAMPLING = env.Sampling(temperature=0.9, top_k=50, top_p=1.0)
+VOCAB = 200  # ids the SmolLM2 tokenizer decodes, few enough to count every one
+SOURCE = 7   # the prompt's last id; what comes before it does not matter (every layer is zeroed)
+PROMPT = [5, SOURCE]
+
+
+def designed_logits() -> torch.Tensor:
+    """A next-token distribution wide enough that both the cut and the temperature matter: logits spread evenly
+    over 16 nats in a shuffled order, the 50 kept ones over 4 (the EOS id and the end-of-turn id out of reach)."""
+    logits = torch.linspace(8.0, -8.0, VOCAB)[torch.randperm(VOCAB, generator=torch.Generator().manual_seed(0))]
+    logits[[0, 1, 2]] = -30.0  # <|endoftext|>, <|im_start|>, <|im_end|>: never drawn, so every row is one id
+    return logits
+
+
+def designed_model(tok, logits: torch.Tensor, hidden: int = 64):
+    """A one-layer Llama over the first VOCAB ids whose next-token logits after SOURCE are about ``logits``:
+    every layer zeroed (the residual stream is the embedding), SOURCE's embedding a basis vector, the head
+    reading ``logits`` off it (make_bigram's construction, with any logits)."""
+    model = tiny_llama(tok, hidden=hidden, layers=1, vocab_size=VOCAB)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        model.model.norm.weight.fill_(1.0)
+        model.model.embed_tokens.weight[SOURCE, 0] = 1.0
+        hidden = model.config.hidden_size
+        # RMSNorm scales the basis vector e_0 to sqrt(hidden): divide it out of the head
+        model.lm_head.weight[:, 0] = logits / math.sqrt(hidden)
+    return model.eval()
+
+
+def truncated(logits: torch.Tensor, s: env.Sampling) -> torch.Tensor:
+    """The distribution the contract asks for: tempered, top-k cut, renormalised."""
+    p = torch.softmax(logits.double() / s.temperature, -1)
+    if s.top_k:
+        p = torch.where(p >= p.topk(s.top_k).values[-1], p, torch.zeros_like(p))
+    return p / p.sum()
+
+
+def chi2(counts: torch.Tensor, p: torch.Tensor) -> float:
+    """Pearson's statistic over the ids of positive probability (any draw of an id of probability 0 is inf)."""
+    n = counts.sum()
+    if (counts[p == 0] > 0).any():
+        return float("inf")
+    kept = p > 0
+    expected = n * p[kept]
+    return float(((counts[kept] - expected) ** 2 / expected).sum())
+
+
+def draw_counts(sampler, n: int, s: env.Sampling, rows_per_call: int = 1000) -> tuple[torch.Tensor, list[float]]:
+    counts, logprobs = torch.zeros(VOCAB, dtype=torch.float64), []
+    for _ in range(n // rows_per_call):
+        if hasattr(sampler, "start_rollout"):
+            sampler.start_rollout()  # as env.rollout does: a fresh cache store
+        rows = sampler.generate([PROMPT] * rows_per_call, 1, s, [])
+        for row, lp in zip(rows, sampler.last_logprobs):
+            counts[row[0]] += 1
+            logprobs.append(lp[0])
+    return counts, logprobs
+
+
+# ----------------------------------------------------------------------------- a run's metrics
+def fake_run(folder, shift: float, steps: int = 4, mismatch: bool = False):
+    """A metrics.jsonl as train.py writes it (the keys it logs), with made-up values."""
+    import json
+
+    folder.mkdir(parents=True)
+    rows = []
+    for s in range(1, steps + 1):
+        row = {"step": s, **{k: shift + 0.01 * s for k in ("tool_execution", "search_answer", "answer_presence",
+                                                             "exact_match", "format", "xml", "reward_turn",
+                                                             "reward_outcome", "tool_call_rate", "clip_frac")},
+               "zero_var_share/turn": 0.5, "zero_var_share/outcome": shift, "loss": 0.1, "grad_norm": float("nan")}
+        if mismatch:
+            row.update({"mismatch/abs_logp": 0.01 * s, "mismatch/kl": 0.001 * s})
+        rows.append(row)
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder

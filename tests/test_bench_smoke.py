@@ -19,6 +19,7 @@ import bench_search
 import bench_step
 import bench_two_hop
 import bench_vllm_rollout
+import reading_path
 from helpers import FAKE_PASSAGES, tiny_llama
 
 TINY = ["--hidden", "64", "--layers", "1", "--threads", "1"]
@@ -110,3 +111,15 @@ def test_bench_two_hop(tmp_path, tiny_model_dir):
     assert bench_two_hop.main(["--model", str(tiny_model_dir), "--out", str(tmp_path / "runs"),
                                "--results", str(tmp_path), *SMALL_RUN]) == 0
     assert "| MT-GRPO (K-turn) |" in (tmp_path / "two_hop.md").read_text()
+
+
+def test_reading_path_traces_a_step_outside_the_speed_path(capsys):
+    """bench/reading_path.py: one --no-fast step enters the algorithm's files and no file of fast/, and what a
+    reader must follow stays about one sitting long (the counted lines of the functions it runs)."""
+    assert reading_path.main([]) == 0
+    out = capsys.readouterr().out
+    total = int(out.split(": ")[1].split(" lines")[0])
+    files = {line.split()[0] for line in out.splitlines()[1:]}
+    assert {"train.py", "env.py", "mt_grpo.py", "rewards.py", "policy.py"} <= files and not any(
+        f.startswith("fast/") for f in files)
+    assert 500 < total <= 900

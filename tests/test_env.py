@@ -11,6 +11,7 @@ import random
 import pytest
 import torch
 
+import config
 import env
 import rewards
 import search
@@ -189,8 +190,7 @@ def test_the_1024_token_cut(tok, searcher):
     """The paper preset's episode: 1,024 new tokens a message and 1,024 for the whole completion, model and
     environment tokens together (the seed's cut). Messages that never answer run on, reminder after reminder,
     until the budget ends the episode: never a token past it, closed by the template."""
-    import train
-    cfg = train.env_config(train.Config(**train.PRESETS["paper"]))
+    cfg = config.env_config(config.Config(**config.PRESETS["paper"]))
     assert (cfg.max_turn_tokens, cfg.max_completion_tokens, cfg.max_tool_calls) == (1024, 1024, 1)
     (t,) = rollout(ScriptedPolicy(tok, [["word " * 150] * 20]), tok, ["Q?"], 1, searcher, cfg)
     assert t.truncated and 1024 - 160 < len(t.completion_ids) <= 1024

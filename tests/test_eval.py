@@ -1,4 +1,4 @@
-"""eval.py: the held-out split matches train.py's, the table has the paper's columns, scores come
+"""evaluate.py: the held-out split matches train.py's, the table has the paper's columns, scores come
 from real rollouts, a run is evaluated with its own episode settings unless a flag says otherwise,
 progress is shown, and bad input is one clear error."""
 from __future__ import annotations
@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
+import config
 import data
 import env
-import eval as evaluation
+import evaluate as evaluation
 import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,7 +31,7 @@ def test_holdout_is_exactly_what_training_left_out(tmp_path, passages):
     qs = write_questions(tmp_path / "q.jsonl", 50)
     corpus = tmp_path / "c.jsonl"
     data.write_jsonl_atomic(corpus, passages)
-    trained, _ = train.load_task(train.Config(questions=str(qs), corpus=str(corpus), holdout=12))
+    trained, _ = train.load_task(config.Config(questions=str(qs), corpus=str(corpus), holdout=12))
     held = evaluation.load_questions(str(qs), holdout=12, n=0)
     assert len(held) == 12 and len(trained) == 38
     assert {q["question"] for q in held}.isdisjoint(q["question"] for q in trained)
@@ -41,8 +42,8 @@ def test_holdout_larger_than_the_file_is_a_config_error(tmp_path, passages):
     qs = write_questions(tmp_path / "q.jsonl", 5)
     corpus = tmp_path / "c.jsonl"
     data.write_jsonl_atomic(corpus, passages)
-    with pytest.raises(train.ConfigError, match="leaves no training question"):
-        train.load_task(train.Config(questions=str(qs), corpus=str(corpus), holdout=5))
+    with pytest.raises(config.ConfigError, match="leaves no training question"):
+        train.load_task(config.Config(questions=str(qs), corpus=str(corpus), holdout=5))
     with pytest.raises(evaluation.EvalError, match="exceeds"):
         evaluation.load_questions(str(qs), holdout=6, n=0)
 
@@ -76,7 +77,7 @@ def test_table_has_the_papers_columns():
 def test_command_line_on_the_demo_world(tmp_path, tiny_model_dir):
     """Two models side by side through the real command; JSON written; a real model folder works."""
     out = tmp_path / "r.json"
-    proc = subprocess.run([sys.executable, "eval.py", str(tiny_model_dir), str(tiny_model_dir) + "/",
+    proc = subprocess.run([sys.executable, "evaluate.py", str(tiny_model_dir), str(tiny_model_dir) + "/",
                            "--n", "3", "--max-turn-tokens", "6", "--max-completion-tokens", "60", "--threads", "1",
                            "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -120,7 +121,7 @@ def make_run(folder: Path, model_dir: Path, **settings) -> Path:
     """A run folder as train.py leaves it: config.json (every Config field) and checkpoint/."""
     folder.mkdir()
     (folder / "checkpoint").symlink_to(model_dir)
-    (folder / "config.json").write_text(json.dumps(dataclasses.asdict(train.Config(**settings))))
+    (folder / "config.json").write_text(json.dumps(dataclasses.asdict(config.Config(**settings))))
     return folder
 
 
@@ -147,7 +148,7 @@ def evaluate_recording(monkeypatch, argv) -> tuple[dict, list]:
 
 def test_a_run_is_evaluated_with_its_own_settings(tmp_path, tiny_model_dir, monkeypatch):
     """The tiny random model never stops by itself, so every turn runs to its budget: a run trained with
-    max_turn_tokens 8 gets turns of exactly 8, a plain model folder train.Config's default."""
+    max_turn_tokens 8 gets turns of exactly 8, a plain model folder config.Config's default."""
     run = make_run(tmp_path / "run", tiny_model_dir, max_turn_tokens=8, max_completion_tokens=40, max_tool_calls=1,
                    top_k=2)
     result, trajs = evaluate_recording(monkeypatch, [str(run), "--n", "2", "--threads", "1",
@@ -155,16 +156,16 @@ def test_a_run_is_evaluated_with_its_own_settings(tmp_path, tiny_model_dir, monk
     turns = [n for t in trajs for n in model_turns(t)]
     assert len(trajs) == 2 and max(turns) == 8 and turns.count(8) >= 2
     assert all(len(t.completion_ids) <= 40 for t in trajs)
-    assert result["settings"][str(run)] == dict(dataclasses.asdict(train.env_config(train.Config(
+    assert result["settings"][str(run)] == dict(dataclasses.asdict(config.env_config(config.Config(
         max_turn_tokens=8, max_completion_tokens=40, max_tool_calls=1, top_k=2))), temperature=0.0)
 
-    # runs/x/checkpoint is the same run; a model folder has no run settings: train.Config's defaults
+    # runs/x/checkpoint is the same run; a model folder has no run settings: config.Config's defaults
     result, _ = evaluate_recording(monkeypatch, [str(run / "checkpoint"), "--n", "0", "--questions",
                                                  str(write_questions(tmp_path / "q.jsonl", 1)), "--corpus",
                                                  str(write_corpus(tmp_path / "c.jsonl")), "--threads", "1",
                                                  "--json", str(tmp_path / "r2.json")])
     assert result["settings"][str(run / "checkpoint")]["max_turn_tokens"] == 8
-    defaults = train.Config()
+    defaults = config.Config()
     result, trajs = evaluate_recording(monkeypatch, [str(tiny_model_dir), "--n", "1", "--threads", "1",
                                                      "--json", str(tmp_path / "r3.json")])
     assert max(n for t in trajs for n in model_turns(t)) == defaults.max_turn_tokens

@@ -11,6 +11,7 @@ import types
 import pytest
 import torch
 
+import config
 import env
 import policy
 import vllm_backend
@@ -112,16 +113,19 @@ def test_engine_kwargs_on_cpu_are_sized_by_the_episode():
     assert kw == {"dtype": "float32", "max_model_len": 700, "max_num_batched_tokens": 700}
 
 
-def test_the_hf_backend_chooses_its_sampler_by_device(tok):
+def test_the_hf_backend_chooses_its_sampler_by_device(tok, tiny_model):
     """On CUDA the hf backend samples with transformers' generate under bf16 autocast (what bench/gpu_check.py
-    measures, through train.make_policy itself); on CPU with the cached sampler, whose CPU-written forward
-    never runs on another device."""
+    measures, through train.make_sampler itself); on CPU with the speed path's cached sampler, whose
+    CPU-written forward never runs on another device; --no-fast gives generate on both."""
+    import fast
     import train
-    from sampler import CpuForward
+    from fast import CpuForward
 
-    cfg = train.Config()
-    assert train.hf_sampler(cfg, torch.device("cuda")) == "generate" and train.hf_sampler(cfg, torch.device("cpu")) == "cached"
-    assert train.hf_sampler(dataclasses.replace(cfg, sampler="cached"), torch.device("cuda")) == "cached"
+    cfg = config.Config()
+    on = {d: type(train.hf_sampler(cfg, tiny_model, tok, torch.device(d), seed=0)) for d in ("cpu", "cuda")}
+    assert on == {"cpu": fast.CachedPolicy, "cuda": env.HFPolicy}  # nothing is moved to CUDA: only the choice
+    reference = dataclasses.replace(cfg, fast=False)
+    assert type(train.hf_sampler(reference, tiny_model, tok, torch.device("cpu"), seed=0)) is env.HFPolicy
     assert CpuForward.supports(tiny_llama(tok))
     with torch.device("meta"):
         assert not CpuForward.supports(tiny_llama(tok))  # any device but the CPU: the model's own forward
@@ -263,6 +267,7 @@ def test_mismatch_is_zero_for_the_same_weights_and_large_for_others(tok, tiny_mo
     assert same < 1e-5 and abs(kl_same) < 1e-8
     bf16, _, _ = mismatch(model, trajectories, bf16=True)  # HF on CPU: fp32 sampling, bf16 update
     assert bf16 > 100 * same
+    torch.manual_seed(123)  # other weights than tiny_model's (seed 0), whatever seeded the global stream before
     other = type(model)(model.config).eval()  # weights the batch was not sampled with (a skipped sync)
     stale, kl_stale, _ = mismatch(other, trajectories, bf16=False)
     assert stale > 0.1 and kl_stale > 0.01
@@ -278,5 +283,5 @@ def test_the_gpu_check_dry_run_passes(tmp_path):
     rows = {r[0]: r for r in json.loads((tmp_path / "check.json").read_text())["rows"]}
     assert rows["ZeRO-3, 1 process, train.main"][1].startswith("ok")
     assert any(name.startswith("update:") and "of peak" in r[2] for name, r in rows.items())
-    # on CPU train.make_policy builds the cached sampler; on CUDA the same call gives env.HFPolicy
-    assert rows["HF rollouts (CachedPolicy, train.make_policy)"][1].endswith("tok/s")
+    # on CPU train.make_sampler builds the cached sampler; on CUDA the same call gives env.HFPolicy
+    assert rows["HF rollouts (CachedPolicy, train.make_sampler)"][1].endswith("tok/s")

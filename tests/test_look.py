@@ -106,7 +106,7 @@ def test_viewer_page_shows_three_methods_with_coloured_tokens(tmp_path, capsys):
 
 
 def test_plots_render_in_the_browser(tmp_path):
-    from test_plot import fake_run  # the same fake metrics as the plot tests
+    from helpers import fake_run  # the same fake metrics as the plot tests
 
     runs = {"MT-GRPO": plot.load_run(str(fake_run(tmp_path / "a", 0.2))),
             "GRPO-MR": plot.load_run(str(fake_run(tmp_path / "b", 0.5, mismatch=True)))}

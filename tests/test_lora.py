@@ -6,13 +6,13 @@ import json
 
 import pytest
 import torch
-from helpers import kill_after_first_checkpoint
+from helpers import REWARD_KEYS, kill_after_first_checkpoint, run_train, tiny_args
 from safetensors.torch import load_file
 
+import config
 import lora
 import train
 from policy import LogProbs, token_logprobs
-from test_train import REWARD_KEYS, run_train, tiny_args
 
 LORA = ["--lora-r", "4", "--lora-alpha", "8"]
 
@@ -36,7 +36,7 @@ def test_only_the_adapter_trains(tiny_model_dir):
     # every linear projection of every block got an adapter; lm_head (tied to the embedding) did not
     adapted = {n.split(".base_layer")[0].rsplit(".", 1)[-1] for n, _ in model.named_parameters() if ".base_layer." in n}
     assert adapted == set(lora.DEFAULT_TARGETS.split(","))
-    opt = train.prepare(train.Config(lora_r=4), __import__("accelerate").Accelerator(cpu=True), model, 4)[1]
+    opt = train.prepare(config.Config(lora_r=4), __import__("accelerate").Accelerator(cpu=True), model, 4)[1]
     in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
     assert in_opt == {id(p) for n, p in model.named_parameters() if p.requires_grad}
 
@@ -97,9 +97,9 @@ def test_lora_is_refused_under_zero3():
             class deepspeed_plugin:
                 zero_stage = 3
 
-    cfg = train.Config(lora_r=8, rollout_backend="vllm", warmstart_steps=0)
-    with pytest.raises(train.ConfigError, match="--lora-r is not supported"):
-        train.validate_processes(cfg, ZeRO3())
+    cfg = config.Config(lora_r=8, rollout_backend="vllm", warmstart_steps=0)
+    with pytest.raises(config.ConfigError, match="--lora-r is not supported"):
+        config.validate_launch(cfg, ZeRO3())
 
 
 def test_lora_resume_after_kill_is_bit_identical(tmp_path, tiny_model_dir, capsys):

@@ -230,11 +230,19 @@ def test_diagnostics_by_hand():
     _, stats = policy_loss(logp, old, logp, A_tok, TURN_IDX, beta=0.1)
     assert stats["clip_frac"] == pytest.approx(2 / 18)  # 2 of the 18 model tokens in TURN_IDX
     assert stats["kl"] == 0.0  # logp_ref == logp_new
-    # token-weighted means: turn 1 has 3+2+4+1 tokens, turn 2 has 2+3+2+1
+
+
+def test_turn_advantage_means_by_hand():
+    """What train.update logs as adv_mean/turn{k}: the token-weighted mean advantage of each turn."""
+    from accelerate import Accelerator
+
+    import train
+    A_tok, _ = token_advantages(turn_advantages(R_T, R_O, G), TURN_IDX)
+    means = train.turn_advantage_means(A_tok, TURN_IDX, Accelerator(cpu=True))
+    # turn 1 has 3+2+4+1 tokens, turn 2 has 2+3+2+1
     # turn 1: (3*1.7053 + 2*0.0879 + 4*0.3008 - 2.0940) / 10 = 4.4009 / 10 = 0.4401
     # turn 2: (2*0.8626 - 3*0.7547 + 2*0.8626 - 0.9704) / 8 = 0.2159 / 8 = 0.0270
-    assert stats["adv_mean/turn1"] == pytest.approx(0.4401, abs=1e-4)
-    assert stats["adv_mean/turn2"] == pytest.approx(0.0270, abs=1e-4)
+    assert means == {"adv_mean/turn1": pytest.approx(0.4401, abs=1e-4), "adv_mean/turn2": pytest.approx(0.0270, abs=1e-4)}
 
 
 # --- Cross-check against an independent implementation: TRL's GRPOTrainer -----------------

@@ -1,31 +1,14 @@
 """plot.py: one PNG per metric group, several runs overlaid and labelled, bad input one clear error."""
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 
 import matplotlib.pyplot as plt
 import pytest
 from PIL import Image
 
 import plot
-
-
-def fake_run(folder: Path, shift: float, steps: int = 4, mismatch: bool = False) -> Path:
-    """A metrics.jsonl as train.py writes it (the keys it logs), with made-up values."""
-    folder.mkdir(parents=True)
-    rows = []
-    for s in range(1, steps + 1):
-        row = {"step": s, **{k: shift + 0.01 * s for k in ("tool_execution", "search_answer", "answer_presence",
-                                                             "exact_match", "format", "xml", "reward_turn",
-                                                             "reward_outcome", "tool_call_rate", "clip_frac")},
-               "zero_var_share/turn": 0.5, "zero_var_share/outcome": shift, "loss": 0.1, "grad_norm": float("nan")}
-        if mismatch:
-            row.update({"mismatch/abs_logp": 0.01 * s, "mismatch/kl": 0.001 * s})
-        rows.append(row)
-    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return folder
+from helpers import fake_run
 
 
 def legend_texts(fig) -> list[str]:

@@ -5,8 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import config
 import recipe
-import train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -17,20 +17,20 @@ def deviation_items() -> set[int]:
 
 
 def test_every_config_field_is_compared_or_bookkeeping():
-    assert recipe.unlisted(train.Config) == []
+    assert recipe.unlisted(config.Config) == []
     assert not {row.field for row in recipe.ROWS} & recipe.BOOKKEEPING
 
 
 def test_the_paper_preset_is_the_seeds_run_but_for_the_corpus():
-    cfg = train.Config(**train.PRESETS["paper"])
+    cfg = config.Config(**config.PRESETS["paper"])
     differ = [(name, why) for name, _, _, agrees, why, _ in recipe.compare(cfg) if agrees == "no"]
     assert differ == [("corpus", "DEVIATIONS.md, item 9")]  # no KILT index ships with the repository
 
 
 def test_every_difference_of_every_preset_names_a_deviation_that_exists():
     items = deviation_items()
-    for name, overrides in train.PRESETS.items():
-        for field, _, _, agrees, why, _ in recipe.compare(train.Config(**overrides)):
+    for name, overrides in config.PRESETS.items():
+        for field, _, _, agrees, why, _ in recipe.compare(config.Config(**overrides)):
             if agrees == "no":
                 assert why, (name, field)
                 assert int(why.rsplit(" ", 1)[1]) in items, (name, field, why)
@@ -40,8 +40,8 @@ def test_every_difference_of_every_preset_names_a_deviation_that_exists():
 
 def test_a_change_to_a_seed_setting_shows():
     """The comparison reads the resolved run: a flag that leaves the seed's value is a "no" with its reason."""
-    paper = train.Config(**train.PRESETS["paper"])
-    rows = {r[0]: r for r in recipe.compare(train.Config(**{**train.PRESETS["paper"], "mu": 1, "temperature": 1.0}))}
+    paper = config.Config(**config.PRESETS["paper"])
+    rows = {r[0]: r for r in recipe.compare(config.Config(**{**config.PRESETS["paper"], "mu": 1, "temperature": 1.0}))}
     assert rows["mu"][3] == "no" and rows["max_steps"][3] == "no"  # 150 batches at mu 1 are 150 optimizer steps
     assert rows["temperature"][3] == "no" and rows["temperature"][1] == "1.0"
     assert {r[0]: r[3] for r in recipe.compare(paper)}["temperature"] == "yes"

@@ -97,7 +97,7 @@ def test_well_formed():
     # xml: both messages use reasoning and tool|answer once each: 4/4 = 1.0.
     assert_scores(got, tool_execution=0.2, search_answer=0.5, answer_presence=0.5,
                   exact_match=1.0, format=0.2, xml=0.2)
-    r_t, r_o = rewards.reward_levels(rewards.compute([conv], [ALIASES]))
+    r_t, r_o = rewards.level_sums(rewards.compute([conv], [ALIASES]))
     assert r_t == pytest.approx([rewards.MAX_TURN_REWARD])     # 0.7
     assert r_o == pytest.approx([rewards.MAX_OUTCOME_REWARD])  # 1.9
 
@@ -184,7 +184,7 @@ def test_no_answer():
     # the outcome rewards on the answer are 0, format and xml are still paid (0.2 + 0.2).
     assert_scores(got, tool_execution=0.2, search_answer=0.5, answer_presence=0, exact_match=0,
                   format=0.2, xml=0.2)
-    r_t, r_o = rewards.reward_levels(rewards.compute([conv], [ALIASES]))
+    r_t, r_o = rewards.level_sums(rewards.compute([conv], [ALIASES]))
     assert r_t == pytest.approx([0.7]) and r_o == pytest.approx([0.4])
 
 
@@ -239,7 +239,7 @@ def test_batch_api():
     assert all(len(v) == 3 for v in scores.values())
     assert sum(rewards.REWARD_MAX[k] for k in rewards.TURN_REWARDS) == pytest.approx(0.7)
     assert sum(rewards.REWARD_MAX[k] for k in rewards.OUTCOME_REWARDS) == pytest.approx(1.9)
-    r_t, r_o = rewards.reward_levels(scores)
+    r_t, r_o = rewards.level_sums(scores)
     assert r_t == pytest.approx([0.7, 0.0, 0.0])
     assert r_o == pytest.approx([1.9, 0.0, 0.04])           # "hi": format 1 point -> 0.04
     m = rewards.means(scores)
@@ -318,7 +318,7 @@ def test_fuzz_never_raises_and_stays_in_range():
         for v in values:
             assert isinstance(v, float) and math.isfinite(v), (key, v)
             assert 0.0 <= v <= rewards.REWARD_MAX[key], (key, v)
-    r_t, r_o = rewards.reward_levels(scores)
+    r_t, r_o = rewards.level_sums(scores)
     assert max(r_t) <= rewards.MAX_TURN_REWARD and max(r_o) <= rewards.MAX_OUTCOME_REWARD
     # exact match implies presence (both compare lower-cased, stripped aliases)
     assert all(p == 0.5 for e, p in zip(scores["exact_match"], scores["answer_presence"]) if e)

@@ -15,68 +15,9 @@ import torch
 import env
 import policy
 from env import HFPolicy
-from helpers import FakeSearcher, tiny_llama
-from sampler import CachedPolicy
-
-SEED_SAMPLING = env.Sampling(temperature=0.9, top_k=50, top_p=1.0)
-VOCAB = 200  # ids the SmolLM2 tokenizer decodes, few enough to count every one
-SOURCE = 7   # the prompt's last id; what comes before it does not matter (every layer is zeroed)
-PROMPT = [5, SOURCE]
-
-
-def designed_logits() -> torch.Tensor:
-    """A next-token distribution wide enough that both the cut and the temperature matter: logits spread evenly
-    over 16 nats in a shuffled order, the 50 kept ones over 4 (the EOS id and the end-of-turn id out of reach)."""
-    logits = torch.linspace(8.0, -8.0, VOCAB)[torch.randperm(VOCAB, generator=torch.Generator().manual_seed(0))]
-    logits[[0, 1, 2]] = -30.0  # <|endoftext|>, <|im_start|>, <|im_end|>: never drawn, so every row is one id
-    return logits
-
-
-def designed_model(tok, logits: torch.Tensor):
-    """A one-layer Llama over the first VOCAB ids whose next-token logits after SOURCE are exactly ``logits``:
-    every layer zeroed (the residual stream is the embedding), SOURCE's embedding a basis vector, the head
-    reading ``logits`` off it (tests.helpers.make_bigram's construction, with any logits)."""
-    model = tiny_llama(tok, layers=1, vocab_size=VOCAB)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.zero_()
-        model.model.norm.weight.fill_(1.0)
-        model.model.embed_tokens.weight[SOURCE, 0] = 1.0
-        hidden = model.config.hidden_size
-        # RMSNorm scales the basis vector e_0 to sqrt(hidden): divide it out of the head
-        model.lm_head.weight[:, 0] = logits / math.sqrt(hidden)
-    return model.eval()
-
-
-def truncated(logits: torch.Tensor, s: env.Sampling) -> torch.Tensor:
-    """The distribution the contract asks for: tempered, top-k cut, renormalised."""
-    p = torch.softmax(logits.double() / s.temperature, -1)
-    if s.top_k:
-        p = torch.where(p >= p.topk(s.top_k).values[-1], p, torch.zeros_like(p))
-    return p / p.sum()
-
-
-def chi2(counts: torch.Tensor, p: torch.Tensor) -> float:
-    """Pearson's statistic over the ids of positive probability (any draw of an id of probability 0 is inf)."""
-    n = counts.sum()
-    if (counts[p == 0] > 0).any():
-        return float("inf")
-    kept = p > 0
-    expected = n * p[kept]
-    return float(((counts[kept] - expected) ** 2 / expected).sum())
-
-
-def draw_counts(sampler, n: int, s: env.Sampling, rows_per_call: int = 1000) -> tuple[torch.Tensor, list[float]]:
-    counts, logprobs = torch.zeros(VOCAB, dtype=torch.float64), []
-    for _ in range(n // rows_per_call):
-        if hasattr(sampler, "start_rollout"):
-            sampler.start_rollout()  # as env.rollout does: a fresh cache store
-        rows = sampler.generate([PROMPT] * rows_per_call, 1, s, [])
-        for row, lp in zip(rows, sampler.last_logprobs):
-            counts[row[0]] += 1
-            logprobs.append(lp[0])
-    return counts, logprobs
-
+from helpers import PROMPT, SEED_SAMPLING, VOCAB, FakeSearcher, chi2, designed_logits, designed_model, draw_counts, \
+    tiny_llama, truncated
+from fast import CachedPolicy
 
 @pytest.mark.parametrize("make", [lambda m, tok: HFPolicy(m, tok, seed=0),
                                   lambda m, tok: CachedPolicy(m, tok, seed=0, dtype=None)], ids=["hf", "cached"])

@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
-import checkpoint
+import tracking
+from checkpoint import truncate_metrics
+import config
 import data
 import train
 
@@ -88,24 +90,24 @@ def test_wandb_offline_run_holds_the_metrics(tmp_path, tiny_model_dir, passages,
 
 def test_report_to_values_and_missing_packages(monkeypatch):
     for ok in ("none", "tensorboard", "wandb"):
-        checkpoint.check_report_to(ok)
-    with pytest.raises(checkpoint.ReportError, match="choose none, wandb or tensorboard"):
-        checkpoint.check_report_to("mlflow")
+        tracking.check_report_to(ok)
+    with pytest.raises(tracking.ReportError, match="choose none, wandb or tensorboard"):
+        tracking.check_report_to("mlflow")
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
     fix = "needs the wandb package: run `make setup` (or pip install -r requirements-extra.txt)"
-    with pytest.raises(checkpoint.ReportError, match=re.escape(fix)):
-        checkpoint.check_report_to("wandb")
-    checkpoint.check_report_to("tensorboard")
-    assert issubclass(checkpoint.ReportError, ValueError)
+    with pytest.raises(tracking.ReportError, match=re.escape(fix)):
+        tracking.check_report_to("wandb")
+    tracking.check_report_to("tensorboard")
+    assert issubclass(tracking.ReportError, ValueError)
 
 
 @pytest.mark.parametrize("value, message", [("mlflow", "none, wandb or tensorboard"),
                                             ("tensorboard", "needs the tensorboard package")])
 def test_train_main_fails_cleanly_before_any_work(tmp_path, capsys, monkeypatch, value, message):
     """Through train.main: one line, exit 2, no run folder. The missing package is simulated."""
-    if value != "mlflow" and "check_report_to" not in inspect.getsource(train.validate):
-        pytest.skip("train.validate does not call checkpoint.check_report_to yet: the package is checked later")
+    if value != "mlflow" and "check_report_to" not in inspect.getsource(config.validate):
+        pytest.skip("train.validate does not call tracking.check_report_to yet: the package is checked later")
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
     out = tmp_path / "run"
@@ -120,13 +122,13 @@ def test_tensorboard_after_resume_holds_each_step_once(tmp_path):
     for them, so TensorBoard, like metrics.jsonl, ends with every step once and the redone values."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    cfg = train.Config(report_to="tensorboard", max_steps=4)
-    first = checkpoint.Logger(cfg, tmp_path)
+    cfg = config.Config(report_to="tensorboard", max_steps=4)
+    first = tracking.Logger(cfg, tmp_path)
     for s in (1, 2, 3):
         first.log({"step": s, "loss": float(s)})
     first.close()  # the killed run got to step 3; its checkpoint holds step 1
-    checkpoint.truncate_metrics(tmp_path / "metrics.jsonl", 1)
-    second = checkpoint.Logger(cfg, tmp_path)
+    truncate_metrics(tmp_path / "metrics.jsonl", 1)
+    second = tracking.Logger(cfg, tmp_path)
     for s in (2, 3, 4):
         second.log({"step": s, "loss": 10.0 * s})
     assert second.backend is None  # closed by itself after the last step

@@ -14,24 +14,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import kill_after_first_checkpoint
+from helpers import REWARD_KEYS, kill_after_first_checkpoint, run_train, tiny_args
 from accelerate import Accelerator
 from safetensors.torch import load_file
 
+import config
 import env
 import rewards
 import train
 from policy import pack
 
 ROOT = Path(__file__).resolve().parents[1]
-REWARD_KEYS = ("tool_execution", "search_answer", "answer_presence", "exact_match", "format", "xml")
-
-
-def tiny_args(model_dir, out, *extra) -> list[str]:
-    return ["--model", str(model_dir), "--output-dir", str(out), "--G", "2", "--batch-size", "4",
-            "--micro-batch", "2", "--max-turn-tokens", "12", "--max-completion-tokens", "90",
-            "--warmstart-steps", "0", "--sample-every", "0", "--threads", "1", "--lr", "1e-3", *extra]
-
 
 # ----------------------------------------------------------------------------- bad configs
 @pytest.mark.parametrize("flags, message", [
@@ -84,7 +77,7 @@ class Hide:
         return None if name.split(".")[0] in hidden else self.finder.find_spec(name, path, target)
     def __getattr__(self, attr): return getattr(self.finder, attr)
 sys.meta_path[:] = [Hide(f) for f in sys.meta_path]
-import train, eval, viewer, walkthrough, data
+import train, evaluate, viewer, walkthrough, data
 assert not hidden & set(sys.modules), hidden & set(sys.modules)
 print("report-to:", train.main(["--report-to", "wandb"]))
 try:
@@ -114,42 +107,9 @@ def test_the_run_needs_requirements_txt_alone(tmp_path):
 
 
 # ----------------------------------------------------------------------------- the update
-def test_micro_batches_add_up_to_the_full_batch_gradient(tok, tiny_model_dir, searcher):
-    """Gradient accumulation is exact: each micro-batch's loss is weighted by its share of the
-    batch's model tokens, so micro_batch 1, 3 and 8 take the same step (to float error), although
-    update() groups rows by length and cuts each micro-batch to its own longest row."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    policy = env.HFPolicy(model, tok, seed=0)
-    cfg_env = env.EnvConfig(max_turn_tokens=10, max_completion_tokens=80, few_shot=False)
-    trajs = env.rollout(policy, tok, ["Who wrote Dracula?", "Where is Paris?"], 4, searcher, cfg_env)
-    ids, attn, turn = pack(trajs, tok.pad_token_id)
-    for r in range(8):  # the random model always writes to the budget: end rows early by hand, so they differ
-        end = int(attn[r].sum()) - 7 * ((r * 3) % 8)
-        ids[r, end:], attn[r, end:], turn[r, end:] = tok.pad_token_id, 0, 0
-    assert len(set(attn.sum(1).tolist())) == 8 and (turn > 0).sum(1).min() > 0
-    A = torch.randn(8, 2)
-    grads = []
-    for micro in (1, 3, 8):
-        cfg = train.Config(micro_batch=micro, G=4, batch_size=8, bf16=False, max_grad_norm=1e9, mu=1)
-        m = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-        # lr 0: we only want the gradient
-        accelerator = Accelerator(cpu=True)
-        trainer, opt, sched = train.prepare(dataclasses.replace(cfg, lr=0.0), accelerator, m, ids.shape[0])
-        grads_seen = {}
-        for name, p in m.named_parameters():
-            p.register_hook(lambda g, name=name: grads_seen.__setitem__(name, grads_seen.get(name, 0) + g))
-        stats = train.update(cfg, trainer, None, opt, sched, ids, attn, turn, A, accelerator)
-        grads.append(torch.cat([grads_seen[n].flatten() for n in sorted(grads_seen)]))
-        assert stats["clip_frac"] == 0.0  # one pass: ratio is exactly 1
-    assert grads[0].abs().sum() > 0
-    for g in grads[:2]:
-        torch.testing.assert_close(g, grads[2], rtol=1e-4, atol=1e-6)
-
-
 def ragged_batch(tok, tiny_model_dir, searcher, sampling=env.Sampling()):
-    """8 sampled rollouts of 2 questions, cut by hand to 8 different lengths, and the model that sampled them."""
+    """8 sampled rollouts of 2 questions, cut by hand to 8 different lengths (the random model always writes to
+    the budget), and the model that sampled them."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
@@ -174,8 +134,26 @@ def gradient(cfg, tiny_model_dir, ids, attn, turn, A) -> tuple[torch.Tensor, dic
     seen = {}
     for name, p in m.named_parameters():
         p.register_hook(lambda g, name=name: seen.__setitem__(name, seen.get(name, 0) + g))
-    stats = train.update(cfg, trainer, None, opt, sched, ids, attn, turn, A, accelerator)
+    stats = train.update(cfg, trainer, opt, sched, accelerator, train.Batch(ids, attn, turn, A))
     return torch.cat([seen[n].flatten() for n in sorted(seen)]), stats
+
+
+def test_micro_batches_add_up_to_the_full_batch_gradient(tok, tiny_model_dir, searcher):
+    """Gradient accumulation is exact: each micro-batch's loss is weighted by its share of the
+    batch's model tokens, so micro_batch 1, 3 and 8 take the same step (to float error), although
+    update() groups rows by length and cuts each micro-batch to its own longest row."""
+    _, _, ids, attn, turn = ragged_batch(tok, tiny_model_dir, searcher)
+    assert len(set(attn.sum(1).tolist())) == 8 and (turn > 0).sum(1).min() > 0
+    A = torch.randn(8, 2)
+    grads = []
+    for micro in (1, 3, 8):
+        cfg = config.Config(micro_batch=micro, G=4, batch_size=8, bf16=False, max_grad_norm=1e9, mu=1)
+        g, stats = gradient(cfg, tiny_model_dir, ids, attn, turn, A)
+        grads.append(g)
+        assert stats["clip_frac"] == 0.0  # one pass: ratio is exactly 1
+    assert grads[0].abs().sum() > 0
+    for g in grads[:2]:
+        torch.testing.assert_close(g, grads[2], rtol=1e-4, atol=1e-6)
 
 
 def test_micro_batch_aggregation_is_the_seeds_mean_of_micro_batch_token_means(tok, tiny_model_dir, searcher):
@@ -187,7 +165,7 @@ def test_micro_batch_aggregation_is_the_seeds_mean_of_micro_batch_token_means(to
 
     _, _, ids, attn, turn = ragged_batch(tok, tiny_model_dir, searcher)
     A = torch.randn(8, 2, generator=torch.Generator().manual_seed(1))
-    cfg = train.Config(micro_batch=3, G=4, batch_size=8, bf16=False, max_grad_norm=1e9, mu=1, aggregation="micro_batch",
+    cfg = config.Config(micro_batch=3, G=4, batch_size=8, bf16=False, max_grad_norm=1e9, mu=1, aggregation="micro_batch",
                        temperature=0.9)
     got, _ = gradient(cfg, tiny_model_dir, ids, attn, turn, A)
     ref_model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
@@ -211,14 +189,14 @@ def test_the_schedule_is_the_seeds_stepped_per_optimizer_step(tiny_model_dir, to
     from transformers import AutoModelForCausalLM
 
     _, _, ids, attn, turn = ragged_batch(tok, tiny_model_dir, searcher)
-    cfg = train.Config(micro_batch=4, G=4, batch_size=8, bf16=False, mu=2, lr=1.0, warmup_steps=4)
+    cfg = config.Config(micro_batch=4, G=4, batch_size=8, bf16=False, mu=2, lr=1.0, warmup_steps=4)
     m = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     accelerator = Accelerator(cpu=True)
     trainer, opt, sched = train.prepare(cfg, accelerator, m, 8)
     used = []
     step = opt.step
     opt.step = lambda *a, **k: used.append(opt.param_groups[0]["lr"]) or step(*a, **k)
-    logged = [train.update(cfg, trainer, None, opt, sched, ids, attn, turn, torch.zeros(8, 2), accelerator)["lr"]
+    logged = [train.update(cfg, trainer, opt, sched, accelerator, train.Batch(ids, attn, turn, torch.zeros(8, 2)))["lr"]
               for _ in range(3)]
     assert used == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0] and logged == [0.25, 0.75, 1.0]
 
@@ -235,25 +213,21 @@ def test_the_mismatch_meter_reads_the_samplers_temperature(tok, tiny_model_dir, 
     with torch.no_grad():
         raw = token_logprobs(model, ids, attn, turn, bf16=False, temperature=1.0)
     raw = torch.where(at_sampling.isfinite(), raw, at_sampling)  # vLLM's: the same ids, at temperature 1
-    cfg = train.Config(micro_batch=4, G=4, batch_size=8, bf16=False, lr=0.0, temperature=0.9)
+    cfg = config.Config(micro_batch=4, G=4, batch_size=8, bf16=False, lr=0.0, temperature=0.9)
 
     def meter(sampler_logp, sampler_temperature):
         m = type(model).from_pretrained(tiny_model_dir, dtype=torch.float32)
         accelerator = Accelerator(cpu=True)
         trainer, opt, sched = train.prepare(cfg, accelerator, m, 8)
-        return train.update(cfg, trainer, None, opt, sched, ids, attn, turn, torch.zeros(8, 2), accelerator,
-                            sampler_logp, sampler_temperature=sampler_temperature)["mismatch/abs_logp"]
+        batch = train.Batch(ids, attn, turn, torch.zeros(8, 2), sampler_logp=sampler_logp)
+        return train.update(cfg, trainer, opt, sched, accelerator, batch,
+                            sampler_temperature=sampler_temperature)["mismatch/abs_logp"]
 
     assert meter(at_sampling, None) < 1e-5 and meter(raw, 1.0) < 1e-5
     assert meter(raw, None) > 1e-2 and meter(at_sampling, 1.0) > 1e-2
 
 
 # ----------------------------------------------------------------------------- resume
-def run_train(args, **kw):
-    return subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, **kw)
-
-
 def test_resume_after_kill_is_bit_identical(tmp_path, tiny_model_dir):
     """kill -9 a run after its first checkpoint, resume it: the final parameters equal those of an
     uninterrupted run with the same seed, bit for bit, and metrics.jsonl has every step once."""
@@ -298,10 +272,12 @@ def test_k_turn_with_one_call_gives_the_two_turn_advantages(tok, searcher):
     rows = [{"question": "Who wrote Dracula?", "aliases": ["Bram Stoker"]}] * 4
     scores = rewards.compute([t.messages for t in trajs], [r["aliases"] for r in rows])
     for method in ("mt_grpo", "grpo_mr", "grpo_or"):
-        two = train.advantages(train.Config(G=4, method=method, max_tool_calls=1), scores, trajs, rows)
-        k = train.advantages(train.Config(G=4, method=method, max_tool_calls=1, k_turn=True), scores, trajs, rows)
+        two, k = (train.advantages(c, train.reward_levels(c, scores, trajs, rows)) for c in
+                  (config.Config(G=4, method=method, max_tool_calls=1),
+                   config.Config(G=4, method=method, max_tool_calls=1, k_turn=True)))
         assert torch.equal(two, k)
-    three = train.advantages(train.Config(G=4, max_tool_calls=2, k_turn=True), scores, trajs, rows)
+    c3 = config.Config(G=4, max_tool_calls=2, k_turn=True)
+    three = train.advantages(c3, train.reward_levels(c3, scores, trajs, rows))
     assert three.shape == (4, 3)  # K = max_tool_calls + 1 columns, one per possible turn
 
 

@@ -8,6 +8,7 @@ import re
 import pytest
 import torch
 
+import config
 import data
 import search
 import viewer
@@ -85,15 +86,16 @@ def test_advantages_are_train_py_s_under_the_runs_settings(tok, group):
 
     q, trajs, scores, advs = group
     rows = [q] * len(trajs)
-    half = viewer.method_advantages(trajs, scores, len(trajs), cfg=train.Config(lam=0.0), rows=rows)
+    half = viewer.method_advantages(trajs, scores, len(trajs), cfg=config.Config(lam=0.0), episodes=rows)
     for m in viewer.LABELS:
-        expect = train.advantages(train.Config(G=len(trajs), method=m, lam=0.0), scores, trajs, rows)
+        c = config.Config(G=len(trajs), method=m, lam=0.0)
+        expect = train.advantages(c, train.reward_levels(c, scores, trajs, rows))
         assert torch.equal(half[m], expect)
     assert not torch.equal(half["mt_grpo"], advs["mt_grpo"])  # lam moved turn 1...
     searched = torch.tensor([t.has_result for t in trajs])  # (the others fall back to GRPO-MR's)
     assert searched.sum() == 3
     torch.testing.assert_close(half["mt_grpo"][searched, 0], half["grpo_or"][searched, 0])  # ...to A_O alone
-    k = viewer.method_advantages(trajs, scores, len(trajs), cfg=train.Config(k_turn=True, max_tool_calls=2), rows=rows)
+    k = viewer.method_advantages(trajs, scores, len(trajs), cfg=config.Config(k_turn=True, max_tool_calls=2), episodes=rows)
     assert all(A.shape == (len(trajs), 3) for A in k.values())
     page = viewer.render_html(tok, q["question"], trajs, scores, k)
     assert page.count("<b>A = (") == 3 * len(trajs) and all(
@@ -105,12 +107,11 @@ def test_a_run_folder_is_sampled_with_its_own_settings(tmp_path, tiny_model_dir,
     import json
 
     import env
-    import train
 
     run = tmp_path / "run"
     run.mkdir()
     (run / "checkpoint").symlink_to(tiny_model_dir)
-    (run / "config.json").write_text(json.dumps(dataclasses.asdict(train.Config(max_turn_tokens=7,
+    (run / "config.json").write_text(json.dumps(dataclasses.asdict(config.Config(max_turn_tokens=7,
                                                                                 max_completion_tokens=50))))
     seen, real = [], env.rollout
     monkeypatch.setattr(env, "rollout", lambda *a, **k: seen.extend(real(*a, **k)) or seen)

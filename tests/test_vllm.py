@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import gc
 import json
+import math
 import os
 import random
 import subprocess
@@ -253,6 +254,53 @@ def test_sync_weights_puts_the_trained_weights_into_the_engine(tok, base):
     # A skipped sync fails the check above: the step moved these log-probs far beyond its tolerance.
     assert max(abs(after.get(t, -99.0) - v) for t, v in before.items()) > 0.05
     assert not torch.equal(engine_param(policy, "model.embed_tokens.weight"), model.model.embed_tokens.weight)
+
+
+def test_vllm_draws_the_truncated_tempered_distribution(tok, tmp_path):
+    """The sampling contract (tests/test_sampling.py) on the engine: 20,000 draws at the seed's T 0.9 / top-k 50
+    fit the truncated tempered distribution and not its near misses; the log-probs vLLM reports are the raw
+    ones, the whole distribution at vllm_backend.LOGPROB_TEMPERATURE (1), which the meter compares with the
+    trainer's at that temperature."""
+    from helpers import PROMPT, SEED_SAMPLING, chi2, designed_logits, designed_model, draw_counts, truncated
+
+    logits = designed_logits()
+    model = designed_model(tok, logits, hidden=256)  # head_dim 64: vLLM's CPU attention has kernels for it
+    policy = VLLMPolicy(save(model, tok, tmp_path), tok, seed=0, **ENGINE)
+    counts, logprobs = draw_counts(policy, 20_000, SEED_SAMPLING)
+    want = truncated(logits, SEED_SAMPLING)
+    df = 49
+    assert counts[want == 0].sum() == 0 and chi2(counts, want) < df + 5 * math.sqrt(2 * df)
+    assert chi2(counts, truncated(logits, env.Sampling(1.0, 50, 1.0))) > df + 10 * math.sqrt(2 * df)
+    with torch.no_grad():
+        own = model(torch.tensor([PROMPT])).logits[0, -1].double()
+    raw = torch.log_softmax(own / vllm_backend.LOGPROB_TEMPERATURE, -1)
+    drawn = [i for i in range(len(counts)) for _ in range(int(counts[i]))]
+    assert sorted(logprobs) == pytest.approx(sorted(raw[drawn].tolist()), abs=1e-4)
+    del policy
+    gc.collect()
+
+
+def test_an_engine_on_a_gpu_of_its_own_runs_in_a_process_that_sees_only_it(tok, base, searcher, tmp_path,
+                                                                          monkeypatch):
+    """The seed's layout (DEVIATIONS.md, item 15), what a CPU can run of it: asked for GPU 3 of the visible
+    4-7, the engine starts in its own process, which sees only GPU 7, while this process's view is unchanged;
+    it samples, and a sync reaches it through the weight file."""
+    model, _ = base
+    monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING")  # VLLMPolicy decides: a GPU of its own, a process of its own
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
+    trained = copy.deepcopy(model)
+    train_one_step(trained, tok)
+    policy = VLLMPolicy(save(model, tok, tmp_path), tok, seed=0, device=3, **ENGINE)
+    assert not policy.in_process and policy.engine_gpus == "7"
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "4,5,6,7"
+    sync_weights(policy, trained)
+    prompt = long_prompt(tok)
+    ref = hf_logprobs(trained, prompt)
+    assert max(abs(v - ref[t].item()) for t, v in next_token_logprobs(policy, prompt).items()) < 1e-3
+    (t,) = rollout(policy, tok, QUESTIONS[:1], 1, searcher, EnvConfig(max_turn_tokens=8, max_completion_tokens=60))
+    check_trajectory(t, tok, QUESTIONS[0], EnvConfig(max_turn_tokens=8, max_completion_tokens=60))
+    del policy
+    gc.collect()
 
 
 def test_the_mismatch_meter_is_zero_after_a_sync_and_large_without_it(tok, base, searcher):

@@ -1,16 +1,16 @@
 """Evaluate policies on held-out questions: the paper's Table 5 columns, side by side.
 
-    python eval.py base runs/mt_grpo-seed0-X                 # demo world's eval split, greedy
-    python eval.py base runs/r1 --questions ../shared/data/triviaqa/questions.jsonl \\
+    python evaluate.py base runs/mt_grpo-seed0-X                 # demo world's eval split, greedy
+    python evaluate.py base runs/r1 --questions ../shared/data/triviaqa/questions.jsonl \\
         --corpus ../shared/data/wiki/passages.jsonl.gz --holdout 400   # real data
-    python eval.py base --sampled --samples 4 --json out.json
+    python evaluate.py base --sampled --samples 4 --json out.json
 
 A model is ``base`` (the embedded SmolLM2-135M-Instruct), a run folder (its ``checkpoint/``), or any
 model folder. Each is rolled out through the same environment as training (env.py) with one episode
 per question (greedy) or ``--samples`` episodes (sampled at ``--temperature``) and scored by
 rewards.py. A run folder's episodes use the settings it was trained with (its config.json: tool
 calls, token budgets, passages per search, few-shot, temperature); ``base`` and plain model folders
-use train.Config's defaults, the budget of the default training run; a flag overrides both. Columns (Zeng et al., Table 5): tool execution (0..0.2), search answer (0..0.5),
+use config.Config's defaults, the budget of the default training run; a flag overrides both. Columns (Zeng et al., Table 5): tool execution (0..0.2), search answer (0..0.5),
 XML format (0..0.2), exact match (0..1), plus answer presence, the share of episodes with a tool
 call, and EM in percent.
 """
@@ -31,8 +31,8 @@ import env
 import rewards
 import search
 import train
+from config import Config, env_config
 from policy import load_policy
-from sampler import CachedPolicy
 
 # (key, header) in the order of the paper's Table 5, then ours
 COLUMNS = [("tool_execution", "Tool exec (0-.2)"), ("search_answer", "Search ans (0-.5)"),
@@ -40,12 +40,12 @@ COLUMNS = [("tool_execution", "Tool exec (0-.2)"), ("search_answer", "Search ans
            ("answer_presence", "Ans present (0-.5)"), ("tool_call_rate", "Tool-call rate"), ("em_percent", "EM %")]
 
 
-# The episode settings a flag can override: the train.Config fields that train.env_config reads.
+# The episode settings a flag can override: the Config fields of env.EnvConfig.
 EPISODE_FIELDS = tuple(f.name for f in dataclasses.fields(env.EnvConfig))
 
 
 class EvalError(ValueError):
-    """Bad input to eval.py; the message names the fix."""
+    """Bad input to evaluate.py; the message names the fix."""
 
 
 def resolve_model(name: str) -> str | None:
@@ -60,13 +60,13 @@ def resolve_model(name: str) -> str | None:
     raise EvalError(f"{name}: neither 'base', a run folder with checkpoint/, nor a model folder with config.json")
 
 
-def run_config(name: str, overrides: dict | None = None) -> train.Config:
-    """The train.Config a model is evaluated under: a run folder's own config.json (what train.py wrote),
-    else train.Config's defaults; then ``overrides`` (flags; None = not given)."""
+def run_config(name: str, overrides: dict | None = None) -> Config:
+    """The Config a model is evaluated under: a run folder's own config.json (what train.py wrote),
+    else Config's defaults; then ``overrides`` (flags; None = not given)."""
     folder = Path(name)
     if folder.name == "checkpoint":  # runs/x/checkpoint is evaluated as runs/x
         folder = folder.parent
-    cfg, path = train.Config(), folder / "config.json"
+    cfg, path = Config(), folder / "config.json"
     if name != "base" and (folder / "checkpoint").is_dir() and path.is_file():
         try:
             saved = json.loads(path.read_text())
@@ -76,31 +76,23 @@ def run_config(name: str, overrides: dict | None = None) -> train.Config:
         if not isinstance(saved, dict):
             raise EvalError(f"{path}: expected train.py's settings (a JSON object)")
         # only fields this Config knows: a run written by an older or newer train.py still evaluates
-        fields = {f.name for f in dataclasses.fields(train.Config)}
+        fields = {f.name for f in dataclasses.fields(Config)}
         cfg = dataclasses.replace(cfg, **{k: v for k, v in saved.items() if k in fields})
     cfg = dataclasses.replace(cfg, **{k: v for k, v in (overrides or {}).items() if v is not None})
     check_episode(cfg, f"{name}: ")
     return cfg
 
 
-def check_episode(cfg: train.Config, where: str = "") -> None:
-    """env.rollout's own limits, as one clear message naming the flag, before any model is loaded."""
-    # max_completion_tokens: room for a short turn and the chat markers that close it
-    low = {"max_turn_tokens": 1, "max_completion_tokens": 8, "passages": 1, "result_max_tokens": 0, "max_tool_calls": 0,
-           "top_k": 0}
-    for k, lo in low.items():
-        v = getattr(cfg, k)
-        if not isinstance(v, int) or isinstance(v, bool) or v < lo:
-            raise EvalError(f"{where}{k} = {v!r}: pass --{k.replace('_', '-')} N with N >= {lo}")
-    if not isinstance(cfg.temperature, (int, float)) or cfg.temperature < 0:
-        raise EvalError(f"{where}temperature = {cfg.temperature!r}: pass --temperature T with T >= 0")
-    if not isinstance(cfg.top_p, (int, float)) or not 0 < cfg.top_p <= 1:
-        raise EvalError(f"{where}top_p = {cfg.top_p!r}: pass --top-p P with 0 < P <= 1")
+def check_episode(cfg: Config, where: str = "") -> None:
+    """env.rollout's own limits (env.check), as one clear message naming the flag, before any model is loaded."""
+    problem = env.check(env_config(cfg))
+    if problem:
+        raise EvalError(where + problem)
 
 
-def episode_config(cfg: train.Config, sampled: bool) -> env.EnvConfig:
-    """train.env_config, greedy unless --sampled (then at the run's or --temperature's temperature)."""
-    env_cfg = train.env_config(cfg)
+def episode_config(cfg: Config, sampled: bool) -> env.EnvConfig:
+    """The run's episode (config.env_config), greedy unless --sampled (then as the run or the flags sample)."""
+    env_cfg = env_config(cfg)
     return env_cfg if sampled else dataclasses.replace(env_cfg, temperature=0.0)
 
 
@@ -126,7 +118,7 @@ def evaluate(policy, tokenizer, questions: list[dict], index, env_cfg: env.EnvCo
 
     An untrained model rarely writes <tool> or <answer>: each such turn gets a format reminder and
     the episode goes on, so its turns end only at the budgets, max_turn_tokens per turn and
-    max_completion_tokens per episode. Those come from train.Config (or the run), the budget the
+    max_completion_tokens per episode. Those come from config.Config (or the run), the budget the
     policies were trained under, so a model is never cut shorter than it was trained to write, and
     the cost of a model that never stops is known in advance: with the CPU defaults its episode ends
     at 256 completion tokens, three turns (64, 64 and the 40-odd left) with two format reminders
@@ -162,9 +154,9 @@ def table(results: dict[str, dict]) -> str:
 
 
 def add_episode_flags(ap: argparse.ArgumentParser, temperature_note: str = "") -> None:
-    """--max-tool-calls ... --temperature, default None: the run folder's config.json, else train.Config's
-    default (one source; run_config resolves them)."""
-    defaults = train.Config()
+    """--max-tool-calls ... --few-shot, default None: the run folder's config.json, else Config's default (one
+    source; run_config resolves them)."""
+    defaults = Config()
     for k in EPISODE_FIELDS:
         flag = "--" + k.replace("_", "-")
         if k == "few_shot":
@@ -232,8 +224,8 @@ def run(args) -> tuple[dict[str, dict], dict[str, env.EnvConfig]]:
         env_cfg = settings[name]
         print(f"{name}: {describe(env_cfg)}", file=sys.stderr)
         model, tokenizer = load_policy(path)
-        # train.py's default sampler: prefix-shared KV caches on a bf16 copy of the weights
-        policy = CachedPolicy(model.eval(), tokenizer, seed=args.seed)
+        # the sampler train.py runs on this machine (on a CPU, the speed path's unless --no-fast)
+        policy = train.hf_sampler(run_config(name), model.eval(), tokenizer, model.device, args.seed)
         results[name] = evaluate(policy, tokenizer, questions, index, env_cfg, args.samples if args.sampled else 1,
                                  args.batch, desc=name)
         print(f"{name}: {json.dumps({k: round(v, 4) for k, v in results[name].items()})}", file=sys.stderr)

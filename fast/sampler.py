@@ -260,7 +260,7 @@ def rms_norm(x: torch.Tensor, norm) -> torch.Tensor:
     return torch.nn.functional.rms_norm(x, x.shape[-1:], eps=norm.variance_epsilon) * norm.weight
 
 
-class CachedPolicy:
+class CachedPolicy(env.Sampler):
     """``policy.generate`` for ``env.rollout`` with prefix-shared KV caches and a bf16 sampling copy.
 
     ``model`` is the trained model (any dtype); with ``dtype`` None the sampler uses it as it is, else a

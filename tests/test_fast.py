@@ -1,5 +1,5 @@
-"""The shared-prefix forward of the update (policy.shared_prefix_logprobs) and the prefix-caching sampler
-(sampler.CachedPolicy) compute what the plain computations do: the same log-probs and gradients to 1e-5
+"""The shared-prefix forward of the update (fast.shared_prefix_logprobs) and the prefix-caching sampler
+(fast.CachedPolicy) compute what the plain computations do: the same log-probs and gradients to 1e-5
 in fp32, the same ids and log-probs when sampling."""
 import math
 
@@ -7,9 +7,10 @@ import pytest
 import torch
 
 import env
+import fast.shared_prefix as shared_prefix
 import policy
+from fast import CachedPolicy, common_head_logprobs
 from helpers import FakeSearcher, tiny_llama
-from sampler import CachedPolicy
 
 
 def grouped_batch(tok, G=3, seed=0):
@@ -42,14 +43,15 @@ def test_shared_prefix_logprobs_and_gradients_equal_the_plain_forward(tok):
     model = tiny_llama(tok, kv_heads=2).train()  # grouped-query attention, as SmolLM2 and Qwen2.5
     ids, attn, turn, lens = grouped_batch(tok)
     plain, g_plain = values_and_grads(model, lambda: policy.token_logprobs(model, ids, attn, turn, bf16=False))
-    shared, g_shared = values_and_grads(model, lambda: policy.shared_prefix_logprobs(model, ids, attn, turn, lens, bf16=False))
+    shared, g_shared = values_and_grads(model, lambda: shared_prefix.shared_prefix_logprobs(model, ids, attn, turn, lens, bf16=False))
     assert (plain != 0).sum() == (turn[:, 1:] > 0).sum()  # every model token has a log-prob
     assert torch.allclose(shared, plain, atol=1e-5, rtol=0), (shared - plain).abs().max()
     assert g_plain.keys() == g_shared.keys()
     for n in g_plain:
         assert torch.allclose(g_shared[n], g_plain[n], atol=1e-5, rtol=1e-4), n
     # the module the update calls takes the shared path when given the prompt lengths
-    assert torch.allclose(policy.LogProbs(model, bf16=False)(ids, attn, turn, lens), plain, atol=1e-5, rtol=0)
+    logprobs = policy.LogProbs(model, bf16=False, shared_prefix=shared_prefix.shared_prefix_logprobs)
+    assert torch.allclose(logprobs(ids, attn, turn, lens), plain, atol=1e-5, rtol=0)
 
 
 def test_any_split_point_is_a_valid_prefix_but_a_wrong_prompt_is_caught(tok, monkeypatch):
@@ -60,24 +62,24 @@ def test_any_split_point_is_a_valid_prefix_but_a_wrong_prompt_is_caught(tok, mon
     ids, attn, turn, lens = grouped_batch(tok)
     plain = policy.token_logprobs(model, ids, attn, turn, bf16=False)
     with torch.no_grad():
-        shorter = policy.shared_prefix_logprobs(model, ids, attn, turn, lens - 1, bf16=False)
+        shorter = shared_prefix.shared_prefix_logprobs(model, ids, attn, turn, lens - 1, bf16=False)
         assert torch.allclose(shorter, plain, atol=1e-5, rtol=0)
-        monkeypatch.setattr(policy, "prompt_groups", lambda ids, lens: torch.zeros(len(ids), dtype=torch.long))
-        mis_shared = policy.shared_prefix_logprobs(model, ids, attn, turn, lens, bf16=False)
+        monkeypatch.setattr(shared_prefix, "prompt_groups", lambda ids, lens: torch.zeros(len(ids), dtype=torch.long))
+        mis_shared = shared_prefix.shared_prefix_logprobs(model, ids, attn, turn, lens, bf16=False)
     assert (mis_shared - plain)[3:].abs().max() > 1e-2  # the second question's rows read the first's prompt
     assert torch.allclose(mis_shared[:3], plain[:3], atol=1e-5, rtol=0)
 
 
 def test_prompt_groups_follow_the_ids_not_the_row_order(tok):
     ids, attn, turn, lens = grouped_batch(tok, G=2)
-    assert policy.prompt_groups(ids, lens).tolist() == [0, 0, 2, 2]
+    assert shared_prefix.prompt_groups(ids, lens).tolist() == [0, 0, 2, 2]
     ids[1, 0] += 1  # a different prompt, though in the first group's place
-    assert policy.prompt_groups(ids, lens).tolist() == [0, 1, 2, 2]
+    assert shared_prefix.prompt_groups(ids, lens).tolist() == [0, 1, 2, 2]
 
 
 def count_cpu_forwards(monkeypatch) -> list:
     """Record each call of sampler.CpuForward (so a test knows the rollout's forwards took that path)."""
-    import sampler
+    import fast.sampler as sampler
 
     calls, step = [], sampler.CpuForward.__call__
     monkeypatch.setattr(sampler.CpuForward, "__call__", lambda self, *a: calls.append(1) or step(self, *a))
@@ -131,7 +133,7 @@ def test_grouped_decode_attention_equals_sdpa(tok):
     against transformers' SDPA path (which repeats the keys and values), with padding masked."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import sdpa_mask  # noqa: F401  (the mask format both read)
-    import sampler
+    import fast.sampler as sampler
 
     model = tiny_llama(tok, kv_heads=2)
     layer = model.model.layers[0].self_attn
@@ -183,7 +185,7 @@ def test_cpu_forward_is_the_models_own_forward(tok, family, dtype):
     steps (the second reads the key the first wrote). The same logits as the model's forward over the
     same cache, to rounding, and in fp32 the same as a full forward over each whole sequence. A wrong
     position, head order, padding or mask would move them by far more."""
-    import sampler
+    import fast.sampler as sampler
 
     model = (tiny_llama(tok, kv_heads=2) if family == "llama" else tiny_qwen2(tok)).to(dtype)
     assert sampler.CpuForward.supports(model)
@@ -219,3 +221,56 @@ def test_cpu_forward_is_the_models_own_forward(tok, family, dtype):
             full = model(input_ids=torch.tensor([whole])).logits[0]
             ends = [len(r) - 1, len(r) + len(more[i]) - 1, len(whole) - 2, len(whole) - 1]
             assert torch.allclose(fast[:, i], full[ends], atol=1e-4, rtol=0)
+
+
+def test_the_warm_starts_shared_system_prompt_is_computed_once_with_the_same_loss_and_gradients(tok, searcher,
+                                                                                               monkeypatch):
+    """The speed path's warm-start log-probs (fast.common_head_logprobs) forward the system prompt all rows share
+    once: in fp32 the warm start's loss and every gradient equal the reference's (policy.token_logprobs); a head
+    a few ids too long (into the question) does not."""
+    import warmstart
+    from helpers import WARMSTART_CFG as CFG, WARMSTART_QUESTIONS as QUESTIONS
+
+    demos = warmstart.demonstrations(tok, searcher, QUESTIONS, CFG)
+    ids, attn, turn = policy.pack(demos, tok.pad_token_id)
+    head = shared_prefix.common_head(ids, turn)
+    prompt = len(demos[0].prompt_ids)
+    assert 20 < head < prompt and ids[0, head] != ids[1, head]  # the system prompt, not the question
+
+    def loss_and_grads(logprobs):
+        model = tiny_llama(tok, kv_heads=2)
+        loss = warmstart.token_loss(model, ids, attn, turn, bf16=False, logprobs=logprobs)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    (plain, g_plain), (shared, g_shared) = loss_and_grads(policy.token_logprobs), loss_and_grads(common_head_logprobs)
+    assert torch.allclose(shared, plain, atol=1e-5, rtol=0)
+    assert all(torch.allclose(a, b, atol=1e-5, rtol=1e-4) for a, b in zip(g_shared, g_plain))
+    # a few ids too long, and the rows still made to share them: the second row reads the first's question ids
+    monkeypatch.setattr(shared_prefix, "common_head", lambda ids, turn: head + 4)
+    monkeypatch.setattr(shared_prefix, "prompt_groups", lambda ids, lens: torch.zeros(len(ids), dtype=torch.long))
+    wrong = warmstart.token_loss(tiny_llama(tok, kv_heads=2), ids, attn, turn, bf16=False, logprobs=common_head_logprobs)
+    assert (wrong - plain).abs() > 1e-4
+
+
+def test_without_the_speed_package_the_default_job_runs_on_the_reference_path(tmp_path, tiny_model_dir):
+    """train.py with fast/ hidden (as if the package were deleted): the run completes, every step on the
+    reference path (env.HFPolicy, policy.token_logprobs), and no module of fast/ was ever imported."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from helpers import tiny_args
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "run"
+    script = ("import sys; sys.modules['fast'] = None\n"  # import fast now fails, and find_spec('fast') is None
+              "import train\n"
+              f"code = train.main({tiny_args(tiny_model_dir, out, '--max-steps', '2')!r})\n"
+              "assert not any(m == 'fast' or m.startswith('fast.') for m in sys.modules if sys.modules[m] is not None)\n"
+              "sys.exit(code)\n")
+    p = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all(r["model_tokens"] > 0 for r in rows)
