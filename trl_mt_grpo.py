@@ -1,0 +1,170 @@
+"""MT-GRPO inside TRL's GRPOTrainer: turn-level credit where users already train.
+
+    from trl import GRPOConfig
+    from trl_mt_grpo import MTGRPOTrainer
+    trainer = MTGRPOTrainer(model, GRPOConfig(...), train_dataset=questions, searcher=index)
+    trainer.train()
+
+``questions`` is a datasets.Dataset (or a list) of rows with a ``prompt`` (the question) and its ``aliases``;
+``index`` is a search tool (search.load_index). TRL's GRPOTrainer (1.16) runs multi-turn episodes through a
+``rollout_func`` and can mask the environment's tokens out of the loss (``env_mask``), but gives every token
+of a completion one advantage. MTGRPOTrainer changes two things, and nothing else:
+
+  the rollouts     env.rollout's episodes: token-exact, the seed's protocol and prompt, the search tool; the
+                   environment's tokens are masked out of the loss
+  the advantages   every completion token gets its turn's advantage: mt_grpo.turn_advantages (or
+                   k_turn_advantages) of rewards.py's two reward levels, spread over the tokens by
+                   mt_grpo.token_advantages, exactly as train.py computes them
+
+TRL does the rest: the loss and its ``loss_type``, the optimizer and schedule, accelerate and DeepSpeed,
+logging. The six rewards are TRL reward functions too, so TRL logs each (``rewards/<name>/mean``); the one
+advantage TRL derives from their sum is replaced, and the mean advantage of each turn's tokens is logged
+(``adv_mean/turn<k>``). Loss types against train.py's ``--aggregation``: TRL's default "dapo" is ``token``
+(one token mean over the whole batch, every process and accumulation step), "bnpo" is ``micro_batch`` (the
+seed's: a token mean per micro-batch, averaged), "grpo" is ``sequence``. The seed's own trainer, TRL at
+fc4dae2, used what is "bnpo" now, so TRL's default is not the seed's loss.
+
+What this relies on in TRL, and where a TRL release that changes it fails tests/test_trl.py:
+``GRPOTrainer(rollout_func=...)`` with the ``env_mask`` field (experimental in TRL 1.16),
+``_generate_and_score_completions`` returning its batch as a dict with ``advantages``, and the loss taking
+advantages of shape (B, T) (TRL 1.16 unsqueezes only (B,)).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from trl import GRPOConfig, GRPOTrainer
+
+import env
+import mt_grpo
+import rewards
+
+
+def reward_function(name: str):
+    """rewards.py's reward ``name`` as a TRL reward function of the episodes (their ``messages``)."""
+    fn = rewards.REWARD_FUNCS[name]
+
+    def score(prompts, completions, messages, aliases, **kwargs) -> list[float]:
+        return [float(fn(m, a)) for m, a in zip(messages, aliases)]
+
+    score.__name__ = name
+    return score
+
+
+def episode_config(args: GRPOConfig, **overrides) -> env.EnvConfig:
+    """The episode under TRL's settings: its sampling (which its loss divides the logits by) and its completion
+    budget, the rest env.EnvConfig's defaults; ``overrides`` change those."""
+    return env.EnvConfig(**{"max_turn_tokens": args.max_completion_length, "max_completion_tokens":
+                            args.max_completion_length, "temperature": args.temperature, "top_k": args.top_k or 0,
+                            "top_p": args.top_p, **overrides})
+
+
+class TRLvLLMSampler(env.Sampler):
+    """env.Sampler over TRL's own vLLM generation (``use_vllm``: its server or colocate mode): each call asks
+    TRL for one completion per row and env.cut_turn cuts it where a message ends. TRL's vLLM generation takes
+    neither stop strings nor a per-call length, so a message is sampled to TRL's max_completion_length and
+    cut after; its log-probs are TRL's (vLLM's processed ones, of the truncated distribution)."""
+
+    def __init__(self, trainer):
+        self.trainer, self.calls = trainer, 0
+
+    def generate(self, batch, max_new_tokens, sampling, stop):
+        _, completions, logprobs, _ = self.trainer.vllm_generation.generate(prompts=[list(r) for r in batch],
+                                                                            images=None, num_generations=1)
+        self.calls += 1
+        tok = self.trainer.processing_class
+        rows = [env.cut_turn(c, tok, stop, max_new_tokens) for c in completions]
+        self.last_logprobs = [[lp[0] for lp in seq[:len(row)]] for seq, row in zip(logprobs, rows)]
+        return rows
+
+
+class MTGRPOTrainer(GRPOTrainer):
+    """GRPOTrainer with this project's episodes and MT-GRPO's per-token advantages (see the module's doc).
+
+    ``method``: mt_grpo | grpo_or | grpo_mr (mt_grpo.METHODS); ``lam``, ``convention``: as train.py's;
+    ``k_turn``: one turn-level reward per tool call and K = max_tool_calls + 1 turns (mt_grpo.k_turn_advantages);
+    ``env_cfg``: the episode (default: ``episode_config(args)``; its sampling must be TRL's); ``sampler``: a
+    callable ``trainer -> env.Sampler`` (default: TRL's vLLM where ``use_vllm``, else env.HFPolicy on the
+    trained model). Everything else goes to GRPOTrainer."""
+
+    def __init__(self, model, args: GRPOConfig, train_dataset, searcher, processing_class=None, *, method="mt_grpo",
+                 lam: float = 1.0, convention: str = "seed", k_turn: bool = False, env_cfg: env.EnvConfig | None = None,
+                 sampler=None, **kwargs):
+        mt_grpo.check_method(method)
+        self.env_cfg = env_cfg or episode_config(args)
+        trl_sampling = (args.temperature, args.top_k or 0, args.top_p)
+        if (self.env_cfg.temperature, self.env_cfg.top_k, self.env_cfg.top_p) != trl_sampling:
+            raise ValueError(f"env_cfg samples at {self.env_cfg.sampling()}, TRL's loss assumes temperature, top_k, "
+                             f"top_p = {trl_sampling}: give both the same (episode_config(args) does)")
+        self.searcher, self.method, self.lam, self.convention, self.k_turn = searcher, method, lam, convention, k_turn
+        self.make_sampler, self.trajectories = sampler, []
+        super().__init__(model, reward_funcs=[reward_function(n) for n in rewards.REWARD_FUNCS], args=args,
+                         train_dataset=train_dataset, processing_class=processing_class, rollout_func=self.rollout,
+                         **kwargs)
+
+    # ------------------------------------------------------------------ the rollouts
+    def sampler(self) -> env.Sampler:
+        if self.make_sampler is not None:
+            return self.make_sampler(self)
+        if self.use_vllm:
+            return TRLvLLMSampler(self)
+        # a stream of its own per process and per call (env.HFPolicy seeds each call from its seed and count)
+        seed = self.args.seed + 1_000_003 * self.accelerator.process_index + 7919 * self.state.global_step
+        return env.HFPolicy(self.accelerator.unwrap_model(self.model), self.processing_class, seed=seed)
+
+    def rollout(self, prompts: list, trainer=None) -> dict:
+        """TRL's rollout_func: one episode per prompt (TRL's sampler already repeats each num_generations times)."""
+        questions = [p if isinstance(p, str) else p[-1]["content"] for p in prompts]
+        model = self.accelerator.unwrap_model(self.model)
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            self.trajectories = env.rollout(self.sampler(), self.processing_class, questions, 1, self.searcher,
+                                            self.env_cfg)
+        model.train(was_training)
+        trajs = self.trajectories
+        return {"prompt_ids": [t.prompt_ids for t in trajs], "completion_ids": [t.completion_ids for t in trajs],
+                "logprobs": [[0.0 if math.isnan(x) else x for x in t.sampler_logprobs] for t in trajs],
+                "env_mask": [[int(k > 0) for k in t.turn_idx] for t in trajs],  # the environment's ids: no loss
+                "messages": [t.messages for t in trajs]}  # for the reward functions
+
+    # ------------------------------------------------------------------ the advantages
+    def _generate_and_score_completions(self, inputs):
+        output = super()._generate_and_score_completions(inputs)
+        A = self.turn_advantages(self.trajectories, [x["aliases"] for x in inputs], [x.get("support") for x in inputs])
+        width = output["completion_ids"].shape[1]
+        turn = torch.tensor([t.turn_idx + [0] * (width - len(t.turn_idx)) for t in self.trajectories],
+                            device=output["completion_ids"].device)
+        output["advantages"], _ = mt_grpo.token_advantages(A.to(turn.device), turn)
+        mode = "train" if self.model.training else "eval"
+        for k in range(1, A.shape[1] + 1):  # over the whole batch, every process's tokens
+            sums = self.accelerator.gather(torch.stack([output["advantages"][turn == k].sum(),
+                                                        (turn == k).sum().float()])[None]).sum(0)
+            if sums[1] > 0:
+                self._metrics[mode][f"adv_mean/turn{k}"].append((sums[0] / sums[1]).item())
+        return output
+
+    def turn_advantages(self, trajectories, aliases, supports) -> torch.Tensor:
+        """Per-turn advantages (B, K) of this process's rollouts, each group normalised whole: the reward levels
+        of every process's rollouts are gathered (TRL's batch is question-major across processes, as train.py's)."""
+        scores = rewards.compute([t.messages for t in trajectories], aliases)
+        R_T, R_O = rewards.level_sums(scores)
+        turns = None
+        if self.k_turn:
+            R_T, turns = rewards.k_turn_levels([t.messages for t in trajectories], aliases, supports,
+                                               self.env_cfg.max_tool_calls)
+        device = self.accelerator.device
+        R_T = torch.tensor(R_T, dtype=torch.float32, device=device).reshape(len(trajectories), -1)
+        rest = torch.tensor([R_O, [t.has_result for t in trajectories], turns or [0] * len(trajectories)],
+                            dtype=torch.float32, device=device).T
+        every = self.accelerator.gather(torch.cat([R_T, rest], 1)).cpu()
+        R_T, (R_O, has_result, turns) = every[:, :R_T.shape[1]], every[:, R_T.shape[1]:].T
+        if self.k_turn:
+            A = mt_grpo.k_turn_advantages(R_T, R_O, turns.long(), self.num_generations, self.method, lam=self.lam,
+                                          convention=self.convention, has_result=has_result.bool())
+        else:
+            A = mt_grpo.turn_advantages(R_T[:, 0], R_O, self.num_generations, self.method, lam=self.lam,
+                                        convention=self.convention, has_result=has_result.bool())
+        first = self.accelerator.process_index * len(trajectories)
+        return A[first:first + len(trajectories)]
