@@ -97,6 +97,9 @@ class MTGRPOTrainer(GRPOTrainer):
         if (self.env_cfg.temperature, self.env_cfg.top_k, self.env_cfg.top_p) != trl_sampling:
             raise ValueError(f"env_cfg samples at {self.env_cfg.sampling()}, TRL's loss assumes temperature, top_k, "
                              f"top_p = {trl_sampling}: give both the same (episode_config(args) does)")
+        if args.mask_truncated_completions:
+            raise ValueError("mask_truncated_completions would drop every episode (each ends with the chat template's "
+                             "close, not an end-of-turn id; the environment cuts them to the budget): leave it False")
         self.searcher, self.method, self.lam, self.convention, self.k_turn = searcher, method, lam, convention, k_turn
         self.make_sampler, self.trajectories = sampler, []
         super().__init__(model, reward_funcs=[reward_function(n) for n in rewards.REWARD_FUNCS], args=args,
