@@ -249,6 +249,11 @@ class VLLMPolicy(env.Sampler):
             engine_kwargs["kv_cache_memory_bytes"] = 1 << 30
         with _keep_global_rng(), _keep_torch_threads(), _hide_modules_vllm_cannot_scan(), only_gpu(device):
             self.llm = LLM(model=str(model_path), tokenizer=str(model_path), seed=seed or 0, **engine_kwargs)
+        # vLLM caches its environment once an engine has run in this process: a later engine keeps that
+        # engine's mode whatever the variable now says. Ask the engine where it runs.
+        if _runs_in_process(self.llm) != self.in_process:
+            raise RuntimeError("vLLM ignored VLLM_ENABLE_V1_MULTIPROCESSING (it caches its environment once an "
+                               "engine has run in this process): start this engine in a fresh process")
         # What the engine's process sees of the machine's GPUs (CUDA_VISIBLE_DEVICES): on a GPU of its own, only it
         self.engine_gpus = None if self.in_process else self.llm.collective_rpc(_visible_gpus)[0]
         # The engine's weight dtype (dtype="auto" on CPU gives bfloat16 even for a float32 checkpoint):
@@ -367,6 +372,12 @@ def weight_file_folder(nbytes: int, folders=("/dev/shm", None), free=None) -> st
     where = ", ".join(f"{p} {r / 2**30:.2f} GiB" for p, r in seen)
     raise RuntimeError(f"vLLM weight sync needs {need / 2**30:.2f} GiB for its weight file, free: {where}. Start the "
                        f"container with --shm-size={math.ceil(need / 2**30) + 1}g, or point TMPDIR at a disk with room")
+
+
+def _runs_in_process(llm) -> bool:
+    from vllm.v1.engine.core_client import InprocClient
+
+    return isinstance(llm.llm_engine.engine_core, InprocClient)
 
 
 def _visible_gpus(worker) -> str | None:

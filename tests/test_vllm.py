@@ -256,7 +256,21 @@ def test_sync_weights_puts_the_trained_weights_into_the_engine(tok, base):
     assert not torch.equal(engine_param(policy, "model.embed_tokens.weight"), model.model.embed_tokens.weight)
 
 
-def test_vllm_draws_the_truncated_tempered_distribution(tok, tmp_path):
+def engine_in_its_own_process(monkeypatch, multiprocessing: str | None = "1"):
+    """A second engine in this module runs in a process of its own: deleting an in-process engine tears
+    down vLLM's process-wide parallel groups, which the module's engines (``base``, ``bigram``) still use.
+    The first in-process engine made vLLM cache its environment (a training process holds one engine only);
+    uncached, the next engine reads the variable (None: VLLMPolicy decides)."""
+    import vllm.envs
+
+    vllm.envs.disable_envs_cache()
+    if multiprocessing is None:
+        monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING")
+    else:
+        monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", multiprocessing)
+
+
+def test_vllm_draws_the_truncated_tempered_distribution(tok, tmp_path, monkeypatch):
     """The sampling contract (tests/test_sampling.py) on the engine: 20,000 draws at the seed's T 0.9 / top-k 50
     fit the truncated tempered distribution and not its near misses; the log-probs vLLM reports are the raw
     ones, the whole distribution at vllm_backend.LOGPROB_TEMPERATURE (1), which the meter compares with the
@@ -265,6 +279,7 @@ def test_vllm_draws_the_truncated_tempered_distribution(tok, tmp_path):
 
     logits = designed_logits()
     model = designed_model(tok, logits, hidden=256)  # head_dim 64: vLLM's CPU attention has kernels for it
+    engine_in_its_own_process(monkeypatch)
     policy = VLLMPolicy(save(model, tok, tmp_path), tok, seed=0, **ENGINE)
     counts, logprobs = draw_counts(policy, 20_000, SEED_SAMPLING)
     want = truncated(logits, SEED_SAMPLING)
@@ -286,7 +301,7 @@ def test_an_engine_on_a_gpu_of_its_own_runs_in_a_process_that_sees_only_it(tok, 
     4-7, the engine starts in its own process, which sees only GPU 7, while this process's view is unchanged;
     it samples, and a sync reaches it through the weight file."""
     model, _ = base
-    monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING")  # VLLMPolicy decides: a GPU of its own, a process of its own
+    engine_in_its_own_process(monkeypatch, None)  # VLLMPolicy decides: a GPU of its own, a process of its own
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
     trained = copy.deepcopy(model)
     train_one_step(trained, tok)
