@@ -154,6 +154,12 @@ class ConfigError(ValueError):
     """A bad configuration, found before any heavy work; the message names the fix."""
 
 
+# The smallest value of each count and weight a run can use (0 means "none" or "off" where its doc says so)
+LOWER_BOUNDS = {"micro_batch": 1, "mu": 1, "max_steps": 1, "save_every": 1, "vllm_max_batched_tokens": 1,
+                "dist_timeout_minutes": 1, "warmup_steps": 0, "warmstart_steps": 0, "sample_every": 0, "holdout": 0,
+                "seed": 0, "threads": 0, "eps": 0, "beta": 0, "weight_decay": 0, "vllm_max_model_len": 0}
+
+
 def validate(cfg: Config) -> None:
     if cfg.output_dir is None and cfg.resume:
         raise ConfigError("--resume needs --output-dir: the run folder to continue")
@@ -168,8 +174,15 @@ def validate(cfg: Config) -> None:
     if cfg.batch_size < cfg.G or cfg.batch_size % cfg.G:
         raise ConfigError(f"--batch-size {cfg.batch_size} must be a multiple of --G {cfg.G}: "
                           f"the G rollouts of a question are normalised together")
-    if cfg.micro_batch < 1 or cfg.mu < 1 or cfg.max_steps < 1 or cfg.warmup_steps < 0:
-        raise ConfigError("--micro-batch, --mu and --max-steps must be >= 1, --warmup-steps >= 0")
+    for name, low in LOWER_BOUNDS.items():
+        if not getattr(cfg, name) >= low:  # `not >=` also catches NaN
+            raise ConfigError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be >= {low}")
+    for name in ("lr", "warmstart_lr", "max_grad_norm"):
+        if not getattr(cfg, name) > 0:
+            raise ConfigError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be > 0")
+    if not 0 <= cfg.vllm_gpu_memory < 1:
+        raise ConfigError(f"--vllm-gpu-memory {cfg.vllm_gpu_memory}: a share of the GPU in (0, 1), or 0 for the "
+                          "seed's 0.7 (0.3 on a shared GPU)")
     problem = env.check(env_config(cfg), training=True)
     if problem:
         raise ConfigError(problem)

@@ -37,6 +37,11 @@ ROOT = Path(__file__).resolve().parents[1]
     (["--resume"], "no checkpoint"),
     (["--report-to", "mlflow"], "none, wandb or tensorboard"),
     (["--preset", "paper"], "TriviaQA needs a Wikipedia corpus"),
+    (["--save-every", "0"], "--save-every 0: must be >= 1"),
+    (["--seed", "-1"], "--seed -1: must be >= 0"),
+    (["--lr", "0"], "--lr 0.0: must be > 0"),
+    (["--max-grad-norm", "nan"], "--max-grad-norm nan: must be > 0"),
+    (["--vllm-gpu-memory", "1.5"], "a share of the GPU"),
 ])
 def test_bad_config_is_one_clear_error_and_writes_nothing(tmp_path, capsys, flags, message):
     out = tmp_path / "run"
