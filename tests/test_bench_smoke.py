@@ -13,6 +13,7 @@ import bench_cpu_step
 import bench_learning
 import bench_long_inputs
 import bench_lora
+import bench_lora_learning
 import bench_padding
 import bench_rollout
 import bench_search
@@ -20,7 +21,7 @@ import bench_step
 import bench_two_hop
 import bench_vllm_rollout
 import reading_path
-from helpers import FAKE_PASSAGES, tiny_llama
+from helpers import FAKE_PASSAGES, tiny_args, tiny_llama
 
 TINY = ["--hidden", "64", "--layers", "1", "--threads", "1"]
 
@@ -105,6 +106,19 @@ def test_bench_learning_writes_its_whole_result(tmp_path, tiny_model_dir):
                 "One warm start (1 supervised steps", "Per seed, held-out EM % (tool-call rate): seed 0: MT-GRPO"):
         assert row in md, row
     assert (tmp_path / "learning_demo_curves.png").is_file()
+
+
+def test_bench_lora_learning_writes_its_paired_table(tmp_path, tiny_model_dir):
+    tiny = tiny_args(tiny_model_dir, "unused")
+    flags = " ".join(tiny[:2] + tiny[4:])  # the tiny model's flags but its --output-dir (the script names folders)
+    assert bench_lora_learning.main(["--seeds", "0", "1", "--max-steps", "1", "--last", "1", "--threads", "1",
+                                     "--out", str(tmp_path / "runs"), "--results", str(tmp_path),
+                                     "--train-flags", flags]) == 0
+    md = (tmp_path / "lora_learning.md").read_text()
+    for row in ("| full fine-tuning |", "| LoRA |", "| LoRA − full |", "(n = 2)", "--lora-r 16", "- seed 1: "):
+        assert row in md, row
+    assert (tmp_path / "lora_learning_curves.png").is_file()
+    assert not list((tmp_path / "runs").glob("*/checkpoint"))  # each finished run's checkpoint is deleted
 
 
 def test_bench_two_hop(tmp_path, tiny_model_dir):
