@@ -29,13 +29,14 @@ class CheckpointError(ValueError):
 
 
 def save_checkpoint(accelerator, out: Path, logprobs, model, tokenizer, optimizer, scheduler, step: int, sampler,
-                    peft_model=None, lora_record: dict | None = None) -> None:
+                    peft_model=None, lora_record: dict | None = None, critic=None) -> None:
     """Model (save_pretrained: loadable by transformers and vLLM) + everything --resume needs,
     written to a temporary folder and renamed, so a kill mid-save leaves the last good checkpoint.
     Every process calls it (the RNG states are gathered; DeepSpeed saves collectively); the main
     process writes. ``logprobs`` is the prepared LogProbs, ``model`` the plain policy model, ``sampler`` the
     run's (its call count seeds its draws). Under LoRA,
-    ``peft_model`` is the PeftModel around ``model`` and ``lora_record`` goes to lora.json."""
+    ``peft_model`` is the PeftModel around ``model`` and ``lora_record`` goes to lora.json. ``critic``: MT-PPO's
+    (estimators.ValueHead), saved in state.pt."""
     tmp, main = out / ".checkpoint-tmp", accelerator.is_main_process
     rng = gather_object([{"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
                           "sampler_calls": None if sampler is None else sampler.calls}])  # one dict per process
@@ -63,7 +64,8 @@ def save_checkpoint(accelerator, out: Path, logprobs, model, tokenizer, optimize
         # a torn write is already excluded by writing to tmp and renaming
         with serialization_config.patch("save.compute_crc32", False):
             torch.save({"step": step, "optimizer": None if is_deepspeed(accelerator) else optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(), "rng": rng}, tmp / "state.pt")
+                        "scheduler": scheduler.state_dict(), "rng": rng,
+                        "critic": None if critic is None else critic.state_dict()}, tmp / "state.pt")
         old = out / ".checkpoint-old"
         shutil.rmtree(old, ignore_errors=True)
         if (out / "checkpoint").exists():
@@ -73,7 +75,7 @@ def save_checkpoint(accelerator, out: Path, logprobs, model, tokenizer, optimize
     accelerator.wait_for_everyone()  # nobody goes on (or reads the folder) while the main process renames
 
 
-def load_checkpoint(accelerator, out: Path, optimizer, scheduler, sampler) -> int:
+def load_checkpoint(accelerator, out: Path, optimizer, scheduler, sampler, critic=None) -> int:
     state = torch.load(out / "checkpoint" / "state.pt", weights_only=False)
     rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]  # older checkpoints: 1 process
     if len(rngs) != accelerator.num_processes:
@@ -84,6 +86,8 @@ def load_checkpoint(accelerator, out: Path, optimizer, scheduler, sampler) -> in
     else:
         optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    if critic is not None:
+        critic.load_state_dict(state["critic"])
     rng = rngs[accelerator.process_index]
     random.setstate(rng["python"])
     np.random.set_state(rng["numpy"])

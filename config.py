@@ -17,9 +17,11 @@ from pathlib import Path
 
 import data
 import env
+import estimators
 import lora
 import mt_grpo
 import tracking
+import turn_rewards
 
 
 def arg(default, doc: str):
@@ -43,7 +45,17 @@ class Config:
     holdout: int = arg(0, "keep this many of --questions out of training (a seeded split that evaluate.py --holdout "
                           "reproduces; DEVIATIONS.md, item 14); the demo world has its own eval split")
     # --- the algorithm ----------------------------------------------------------------------------------------
-    method: str = arg("mt_grpo", "mt_grpo | grpo_or | grpo_mr")
+    method: str = arg("mt_grpo", "mt_grpo | grpo_or | grpo_mr (mt_grpo.py); gigpo | mt_ppo, the field's other "
+                                 "turn-level estimators (estimators.py, two turns only)")
+    turn_reward: str = arg("verifiable", "R^T of turn 1: verifiable (rewards.py, the seed's); info_gain (the policy's "
+                                         "gain in log-prob of the gold answer over the search turn); judge (an LM's "
+                                         "P(yes) that the search result helps; turn_rewards.py)")
+    judge_model: str | None = arg(None, "--turn-reward judge: the judge's checkpoint; none = the embedded SmolLM2-135M")
+    omega: float = arg(1.0, "GiGPO: the weight of the step advantage (GiGPO's paper: 1)")
+    gamma: float = arg(0.95, "GiGPO and MT-PPO: the discount per turn (GiGPO's paper: 0.95)")
+    gae_lam: float = arg(0.95, "MT-PPO: GAE's lambda over turns")
+    critic_ridge: float = arg(1.0, "MT-PPO: the ridge penalty of the linear critic's least-squares fit")
+    critic_window: int = arg(4, "MT-PPO: the critic is refitted on the last N rollout batches")
     lam: float = arg(1.0, "lambda, the weight of the second advantage on turn 1 (seed: 1)")
     convention: str = arg("seed", "seed: turn 1 gets A_O + lam*A_T; paper: A_T + lam*A_O (equal at lam 1; "
                                   "DEVIATIONS.md, item 1)")
@@ -160,13 +172,15 @@ class ConfigError(ValueError):
 # The smallest value of each count and weight a run can use (0 means "none" or "off" where its doc says so)
 LOWER_BOUNDS = {"micro_batch": 1, "mu": 1, "max_steps": 1, "save_every": 1, "vllm_max_batched_tokens": 1,
                 "dist_timeout_minutes": 1, "warmup_steps": 0, "warmstart_steps": 0, "sample_every": 0, "holdout": 0,
-                "seed": 0, "threads": 0, "eps": 0, "beta": 0, "weight_decay": 0, "vllm_max_model_len": 0}
+                "seed": 0, "threads": 0, "eps": 0, "beta": 0, "weight_decay": 0, "vllm_max_model_len": 0,
+                "critic_window": 1, "omega": 0, "gamma": 0, "gae_lam": 0}
 
 
 def validate(cfg: Config) -> None:
     if cfg.output_dir is None and cfg.resume:
         raise ConfigError("--resume needs --output-dir: the run folder to continue")
-    choices = {"method": mt_grpo.METHODS, "convention": mt_grpo.CONVENTIONS, "k_turn_normalise": mt_grpo.NORMALISATIONS,
+    choices = {"method": mt_grpo.METHODS + estimators.METHODS, "turn_reward": turn_rewards.TURN_REWARDS,
+               "convention": mt_grpo.CONVENTIONS, "k_turn_normalise": mt_grpo.NORMALISATIONS,
                "aggregation": mt_grpo.AGGREGATIONS, "rollout_backend": ("hf", "vllm"),
                "sampler_dtype": ("bfloat16", "float32")}
     for name, valid in choices.items():
@@ -180,12 +194,21 @@ def validate(cfg: Config) -> None:
     for name, low in LOWER_BOUNDS.items():
         if not getattr(cfg, name) >= low:  # `not >=` also catches NaN
             raise ConfigError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be >= {low}")
-    for name in ("lr", "warmstart_lr", "max_grad_norm"):
+    for name in ("lr", "warmstart_lr", "max_grad_norm", "critic_ridge"):
         if not getattr(cfg, name) > 0:
             raise ConfigError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be > 0")
     if not 0 <= cfg.vllm_gpu_memory < 1:
         raise ConfigError(f"--vllm-gpu-memory {cfg.vllm_gpu_memory}: a share of the GPU in (0, 1), or 0 for the "
                           "seed's 0.7 (0.3 on a shared GPU)")
+    if cfg.k_turn and (cfg.method in estimators.METHODS or cfg.turn_reward != "verifiable"):
+        raise ConfigError(f"--k-turn takes the verifiable turn rewards and the MT-GRPO family; --method {cfg.method} "
+                          f"and --turn-reward {cfg.turn_reward} are two-turn only")
+    if cfg.judge_model is not None and cfg.turn_reward != "judge":
+        raise ConfigError("--judge-model is the judge of --turn-reward judge: pass both, or neither")
+    if cfg.judge_model is not None and not Path(cfg.judge_model).exists() and not looks_like_hub_name(cfg.judge_model):
+        raise ConfigError(f"--judge-model {cfg.judge_model}: no such folder (omit it for the embedded SmolLM2-135M)")
+    if cfg.gamma > 1 or cfg.gae_lam > 1:
+        raise ConfigError(f"--gamma {cfg.gamma}, --gae-lam {cfg.gae_lam}: each in [0, 1]")
     problem = env.check(env_config(cfg), training=True)
     if problem:
         raise ConfigError(problem)
@@ -277,6 +300,9 @@ def validate_launch(cfg: Config, accelerator) -> None:
         if cfg.lora_r:
             raise ConfigError("DeepSpeed ZeRO-3: --lora-r is not supported (the LoRA merge for the vLLM sync and "
                               "the checkpoint reads whole weights, which ZeRO-3 shards); use DDP, or --lora-r 0")
+        if cfg.method == "mt_ppo" or cfg.turn_reward == "info_gain":
+            raise ConfigError(f"DeepSpeed ZeRO-3: --method {cfg.method} --turn-reward {cfg.turn_reward} reads the "
+                              "policy's hidden states outside the update, which ZeRO-3 shards; use DDP")
         if cfg.beta > 0:
             raise ConfigError("DeepSpeed ZeRO-3: --beta > 0 needs a reference model, which this loop does not "
                               "shard; use --beta 0 (the seed's) or DDP")
@@ -287,8 +313,8 @@ def parse_args(argv: list[str] | None = None, description: str | None = None) ->
     """(the Config of the command line, whether --print-recipe was given): a preset, then every flag given."""
     ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
-                    help="cpu: the defaults below; lora: the CPU default with LoRA r 16 (docs/lora.md); real: TriviaQA + "
-                         "Wikipedia from the shared data; paper: the seed's GPU run")
+                    help="cpu: the defaults below; lora: the CPU default with LoRA r 16 (docs/lora.md); real: "
+                         "TriviaQA + Wikipedia from the shared data; paper: the seed's GPU run")
     ap.add_argument("--print-recipe", action="store_true",
                     help="print every setting of the resolved run beside the seed's, and whether they agree; train nothing")
     for f in dataclasses.fields(Config):

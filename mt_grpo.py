@@ -39,6 +39,8 @@ class Levels:
     R_O: Tensor                   # (N,) the outcome reward R^O
     has_result: Tensor            # (N,) bool: a <result> came back, so MT-GRPO's turn 1 exists
     turns: Tensor | None = None   # (N,) the turns each rollout took (K-turn only)
+    turn2_groups: Tensor | None = None  # (N,) GiGPO: rollouts that saw the same result (estimators.anchor_groups)
+    values: Tensor | None = None  # (N, 2) MT-PPO: the critic's value of each turn's start
 
 
 def check_method(method: str) -> str:

@@ -36,7 +36,10 @@ ROWS = [
         lambda cfg, f: False, 9),
     Row("holdout", "0 (trains on the train split)", "verifiers/envs/tool_env.py", equals(0), 14),
     # the algorithm
-    Row("method", "mt_grpo; grpo for GRPO-OR and GRPO-MR", "scripts/run_*.sh --trainer", lambda cfg, f: True),
+    Row("method", "mt_grpo; grpo for GRPO-OR and GRPO-MR", "scripts/run_*.sh --trainer",
+        lambda cfg, f: cfg.method in ("mt_grpo", "grpo_or", "grpo_mr")),
+    Row("turn_reward", "verifiable: tool execution, answer in the search result",
+        "verifiers/examples/triviaqa_search.py", equals("verifiable")),
     Row("lam", "1.0", "scripts/run_mt_grpo.sh --turn_advantage_coef", equals(1.0), 1),
     Row("convention", "seed: A_O + lam * A_T", "verifiers/trainers/mt_grpo_env_trainer.py", equals("seed"), 1),
     Row("k_turn", "False (two turns)", "verifiers/trainers/mt_grpo_env_trainer.py", equals(False), 16),
@@ -78,7 +81,9 @@ ROWS = [
 ]
 BOOKKEEPING = {"output_dir", "save_every", "sample_every", "report_to", "resume", "threads", "seed", "fast",
                "k_turn_normalise", "lora_alpha", "lora_target_modules", "lora_dropout", "warmstart_lr",
-               "sampler_dtype", "vllm_max_model_len", "vllm_max_batched_tokens", "vllm_sleep", "dist_timeout_minutes"}
+               "sampler_dtype", "vllm_max_model_len", "vllm_max_batched_tokens", "vllm_sleep", "dist_timeout_minutes",
+               # the other estimators' and turn rewards' own settings (estimators.py, turn_rewards.py)
+               "judge_model", "omega", "gamma", "gae_lam", "critic_ridge", "critic_window"}
 
 
 def compare(cfg) -> list[tuple[str, str, str, str, str, str]]:

@@ -43,11 +43,13 @@ from transformers import get_constant_schedule_with_warmup
 
 import data
 import env
+import estimators
 import lora
 import mt_grpo
 import recipe
 import rewards
 import search
+import turn_rewards
 import warmstart
 from checkpoint import CheckpointError, load_checkpoint, save_checkpoint, truncate_metrics
 from config import Config, ConfigError, env_config, is_deepspeed, is_zero3, parse_args, validate, validate_launch, \
@@ -103,7 +105,14 @@ def train_step(cfg: Config, run: Run, step: int) -> tuple[dict, list, torch.Tens
     # group whose rollouts were sampled by two processes is normalised exactly as in one process
     scores = rewards.compute([t.messages for t in trajectories], [q["aliases"] for q in episodes])
     levels = reward_levels(cfg, scores, trajectories, episodes)
+    if cfg.turn_reward != "verifiable":  # R^T from a model instead of rewards.py (turn_rewards.py)
+        levels.R_T = model_turn_rewards(cfg, run, trajectories, episodes)
+    feats = None
+    if cfg.method == "mt_ppo":  # MT-PPO's critic values each turn's start (estimators.ValueHead)
+        feats = critic_features(cfg, run, trajectories)
+        levels.values = run.critic(feats)
     A = advantages(cfg, levels)
+    critic = fit_critic(cfg, run, levels, feats) if feats is not None else {}
     run.model.train()
     mine = trajectories[run.my_rows]  # ...and each trains on its own rows
     ids, attn, turn = pack(mine, run.tokenizer.pad_token_id)
@@ -114,7 +123,7 @@ def train_step(cfg: Config, run: Run, step: int) -> tuple[dict, list, torch.Tens
                  sampler_logprob_temperature(cfg))
     seconds, t_update = time.time() - t0, time.time() - update_start
     stats = env.episode_stats(trajectories, [q["aliases"] for q in episodes])
-    row = {"step": step + 1, **rewards.means(scores), **level_stats(cfg, levels), **upd,
+    row = {"step": step + 1, **rewards.means(scores), **level_stats(cfg, levels), **upd, **critic,
            **stats, "rollout_seconds": t_roll, "update_seconds": t_update, "step_seconds": seconds,
            "rollout_tokens_per_second": stats["model_tokens"] / t_roll,  # the model's own sampled tokens
            "tokens_per_second": sum(len(t.prompt_ids) + len(t.completion_ids) for t in trajectories) / seconds,
@@ -165,14 +174,49 @@ def reward_levels(cfg: Config, scores: dict[str, list[float]], trajectories, epi
     if cfg.k_turn:
         R_T, turns = rewards.k_turn_levels([t.messages for t in trajectories], [q["aliases"] for q in episodes],
                                            [q.get("support") for q in episodes], cfg.max_tool_calls)
+    # GiGPO's step groups before turn 2: the rollouts of a question that saw the same search result
+    turn2 = estimators.anchor_groups([t.results[0] if t.has_result else None for t in trajectories], cfg.G)
     return mt_grpo.Levels(R_T=torch.tensor(R_T, dtype=torch.float32), R_O=torch.tensor(R_O, dtype=torch.float32),
                           has_result=torch.tensor([t.has_result for t in trajectories]),
-                          turns=None if turns is None else torch.tensor(turns))
+                          turns=None if turns is None else torch.tensor(turns), turn2_groups=turn2)
+
+
+def model_turn_rewards(cfg: Config, run: Run, trajectories, episodes: list[dict]) -> torch.Tensor:
+    """R^T of turn 1 from a model: the policy's information gain on the gold answer (its first alias) or the
+    judge's P(yes)."""
+    if cfg.turn_reward == "info_gain":
+        R = turn_rewards.info_gain(run.model, run.tokenizer, trajectories, [q["aliases"][0] for q in episodes],
+                                   cfg.micro_batch)
+    else:
+        R = run.judge(trajectories, [q["question"] for q in episodes], cfg.micro_batch)
+    return torch.tensor(R, dtype=torch.float32)
+
+
+def critic_features(cfg: Config, run: Run, trajectories) -> torch.Tensor:
+    """(N, 2, hidden): the policy's last hidden state at the start of each turn of every rollout (no grad)."""
+    ids, attn, turn = pack(trajectories, run.tokenizer.pad_token_id)
+    starts, dev, mb = estimators.turn_starts(turn), run.accelerator.device, cfg.micro_batch
+    return torch.cat([run.critic.features(run.model, ids[i:i + mb].to(dev), attn[i:i + mb].to(dev), starts[i:i + mb])
+                      for i in range(0, len(ids), mb)])
+
+
+def fit_critic(cfg: Config, run: Run, levels: mt_grpo.Levels, feats: torch.Tensor) -> dict:
+    """Refit MT-PPO's critic to this batch's GAE returns; logs its loss on the batch before the refit."""
+    _, returns = estimators.mt_ppo_advantages(levels.R_T, levels.R_O, levels.values, levels.has_result,
+                                              gamma=cfg.gamma, lam=cfg.gae_lam)
+    present = torch.stack([torch.ones_like(levels.has_result), levels.has_result], 1).bool()
+    return {"critic_loss": run.critic.fit(feats, returns, present)}
 
 
 def advantages(cfg: Config, levels: mt_grpo.Levels) -> torch.Tensor:
-    """Per-turn advantages of the batch, (N, 2): MT-GRPO's turn split (mt_grpo.turn_advantages), or
-    (N, max_tool_calls + 1) with --k-turn (mt_grpo.k_turn_advantages)."""
+    """Per-turn advantages of the batch, (N, 2): MT-GRPO's turn split (mt_grpo.turn_advantages), GiGPO's or
+    MT-PPO's (estimators.py), or (N, max_tool_calls + 1) with --k-turn (mt_grpo.k_turn_advantages)."""
+    if cfg.method == "gigpo":
+        return estimators.gigpo_advantages(levels.R_T, levels.R_O, cfg.G, levels.turn2_groups, omega=cfg.omega,
+                                           gamma=cfg.gamma)
+    if cfg.method == "mt_ppo":
+        return estimators.mt_ppo_advantages(levels.R_T, levels.R_O, levels.values, levels.has_result,
+                                            gamma=cfg.gamma, lam=cfg.gae_lam)[0]
     if cfg.k_turn:
         return mt_grpo.k_turn_advantages(levels.R_T, levels.R_O, levels.turns, cfg.G, cfg.method, lam=cfg.lam,
                                          convention=cfg.convention, has_result=levels.has_result,
@@ -374,6 +418,8 @@ class Run:
     shared_prefix: bool         # the update computes each prompt once (the speed path)
     out: Path
     start: int                  # steps already done (--resume)
+    critic: estimators.ValueHead | None = None  # --method mt_ppo
+    judge: turn_rewards.Judge | None = None     # --turn-reward judge
 
 
 def setup(cfg: Config) -> Run:
@@ -423,14 +469,17 @@ def setup(cfg: Config) -> Run:
                   f"loss {ws['first_loss']:.3f} -> {ws['last_loss']:.3f}, peak memory so far {peak_rss_gb():.2f} GB")
     my_rows = process_rows(cfg.batch_size, accelerator.num_processes, accelerator.process_index)
     logprobs, optimizer, scheduler = prepare(cfg, accelerator, model, my_rows.stop - my_rows.start, shared_prefix)
+    critic = (estimators.ValueHead(model.config.hidden_size, cfg.critic_ridge, cfg.critic_window)
+              if cfg.method == "mt_ppo" else None)
+    judge = turn_rewards.Judge(cfg.judge_model, accelerator.device) if cfg.turn_reward == "judge" else None
     start = 0
     if cfg.resume:
-        start = load_checkpoint(accelerator, out, optimizer, scheduler, sampler)
+        start = load_checkpoint(accelerator, out, optimizer, scheduler, sampler, critic)
         if is_main:
             truncate_metrics(out / "metrics.jsonl", start)
             print(f"resumed from {out}/checkpoint at step {start}")
     return Run(accelerator, model, peft_model, logprobs, ref_model, tokenizer, sampler, optimizer, scheduler, questions,
-               index, env_cfg, my_rows, shared_prefix is not None, out, start)
+               index, env_cfg, my_rows, shared_prefix is not None, out, start, critic, judge)
 
 
 def load_task(cfg: Config):
@@ -546,7 +595,7 @@ def train(cfg: Config) -> Path:
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps:  # every process: saving is collective
             save_checkpoint(run.accelerator, run.out, run.logprobs, run.model, run.tokenizer, run.optimizer,
                             run.scheduler, step + 1, run.sampler, run.peft_model,
-                            {"start_model": cfg.model, "lora": lora.describe(cfg)} if cfg.lora_r else None)
+                            {"start_model": cfg.model, "lora": lora.describe(cfg)} if cfg.lora_r else None, run.critic)
     if logger is not None:
         logger.close()
     return run.out

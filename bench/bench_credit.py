@@ -4,6 +4,7 @@
     python bench/bench_credit.py --pilot                 # a tiny run end to end (< 2 min): timing to size the real one
     python bench/bench_credit.py --out runs/bench-credit --jobs 2 --threads 1      # both parts, the full design
     python bench/bench_credit.py --part k3 --seeds 0 1 2 3 --methods mt_grpo mt_grpo_naive   # a subset
+    python bench/bench_credit.py --part workbench --out runs/bench-credit --jobs 2 --threads 1  # every estimator
 
 THE TASK (data.credit_world, from ``--world-seed``). Each person's passage names three towns by relation
 (born in, studied in, worked in); a question names its subject only by its work and most name a decoy
@@ -24,6 +25,16 @@ K-turn MT-GRPO (masked normalisation), GRPO-MR with the per-call rewards, and K-
 naive normalisation (``--k-turn-normalise naive``: a turn not taken counts as reward 0 among all G,
 mt_grpo.turn_normalise). A second search on a one-hop question is a turn it does not need; its count
 (held-out calls per episode on one-hop questions) is where the naive version's bias would show.
+
+Part "workbench" (``--part workbench``; K = 2, the credit part's questions and episode): MT-GRPO beside the
+field's other turn-level estimators and turn rewards, each through train.py's own loop: GRPO-OR, GRPO-MR,
+GiGPO (``--method gigpo``: step groups by identical search result), MT-PPO (``--method mt_ppo``: a linear
+least-squares critic, GAE over turns), and MT-GRPO with R^T from the policy's information gain on the gold
+answer (``--turn-reward info_gain``) or from a judge, the embedded SmolLM2-135M asked whether the result helps
+(``--turn-reward judge``). Its design, fixed here before it ran: 8 seeds x 20 steps x 32 rollouts, the credit
+part's held-out evaluation; every arm paired against MT-GRPO (a - MT-GRPO, 95% bootstrap CI, MDE); the share
+of seeds that collapsed (held-out EM below COLLAPSED at step 20) beside every mean. The MDE floor below (~5 EM
+points at n = 8) applies: differences smaller than that are not claims either way.
 
 THE INSTRUMENT. SmolLM2-135M takes 76 s a 16-rollout step on this CPU (THE REALISTIC CHECK): far too slow for
 the power below.
@@ -154,6 +165,16 @@ PARTS = {
                    [("exact_match", "EM"), ("found", "search found it"),
                     ("tool_call_rate", "tool-call rate")],
                    ["exact_match", "search_answer", "tool_call_rate", "reward_turn", "reward_outcome"]),
+    "workbench": Part("workbench", "Turn-level estimators and turn rewards, K = 2 (the credit world)", "train", "eval",
+                      CREDIT_ENV, [],
+                      {"mt_grpo": ("MT-GRPO", "mt_grpo", []), "grpo_or": ("GRPO-OR", "grpo_or", []),
+                       "grpo_mr": ("GRPO-MR", "grpo_mr", []), "gigpo": ("GiGPO", "gigpo", []),
+                       "mt_ppo": ("MT-PPO", "mt_ppo", []),
+                       "mt_grpo_ig": ("MT-GRPO, info-gain R^T", "mt_grpo", ["--turn-reward", "info_gain"]),
+                       "mt_grpo_judge": ("MT-GRPO, judge R^T", "mt_grpo", ["--turn-reward", "judge"])},
+                      [(m, "mt_grpo") for m in ("grpo_or", "grpo_mr", "gigpo", "mt_ppo", "mt_grpo_ig", "mt_grpo_judge")],
+                      [("exact_match", "EM"), ("found", "search found it"), ("tool_call_rate", "tool-call rate")],
+                      ["exact_match", "search_answer", "tool_call_rate", "reward_turn", "reward_outcome"]),
     "k3": Part("k3", "Credit assignment, K = 3 (the credit world's one-hop and two-hop questions)", "hops_train",
                "hops_eval", K3_ENV, ["--k-turn"],
                {"mt_grpo": ("MT-GRPO (K-turn)", "mt_grpo", []), "grpo_mr": ("GRPO-MR", "grpo_mr", []),
@@ -471,7 +492,7 @@ def evaluate_point(args, part: Part, model_dir: Path, path: Path, step: int, pat
 
 def endpoints(part: Part, scores: dict) -> dict:
     """The numbers a part reports, from eval.evaluate's means."""
-    if part.name == "credit":
+    if part.name != "k3":
         r = scores["all"]
         found = r["search_answer"] / 0.5  # the share of episodes whose first result held the answer
         # (EM / found is no pick rate: a guess without a search can be right too)
@@ -537,6 +558,7 @@ def rl_run(job) -> str:
 
 
 # ------------------------------------------------------------------------------------------ statistics
+COLLAPSED = 0.01  # a seed whose final held-out EM is below this has collapsed (it stopped answering right)
 
 
 def bootstrap_ci(diffs: list[float], resamples: int = 10_000, seed: int = 0) -> tuple[float, float]:
@@ -641,6 +663,9 @@ def report(args, part: Part, minutes: float | None = None) -> str:
                   f"EM {cell([r['exact_match'] for r in step1])}, tool-call rate {cell([r['tool_call_rate'] for r in step1])}, "
                   f"search found the answer {cell([r['search_answer'] / 0.5 for r in step1])}."]
     primary = part.metrics[0]
+    collapsed = [f"{part.methods[m][0]} {sum(value(m, s, primary[0]) < COLLAPSED for s in seeds)}/{len(seeds)}"
+                 for m in methods]
+    lines += ["", f"Collapsed (held-out {primary[1]} below {COLLAPSED} at step {final}): " + ", ".join(collapsed) + "."]
     lines += ["", f"Per seed, held-out {primary[1]} at step {final}: " + "; ".join(
         f"seed {s}: " + ", ".join(f"{part.methods[m][0]} {fmt(value(m, s, primary[0]))}" for m in methods) for s in seeds) + "."]
     steps = [r["step_seconds"] for m in training for rows in training[m].values() for r in rows]
@@ -675,7 +700,8 @@ def setup_text(args, part: Part, paths: dict) -> str:
 
 
 def write_results(args, part: Part, paths: dict, minutes: float) -> str:
-    name = ("credit" if part.name == "credit" else "credit_k3") + ("_smollm2" if args.policy == "smollm2" else "")
+    name = {"credit": "credit", "k3": "credit_k3", "workbench": "credit_workbench"}[part.name]
+    name += "_smollm2" if args.policy == "smollm2" else ""
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
     body = report(args, part, minutes)
@@ -842,7 +868,8 @@ def parse_args(argv=None):
     ap.add_argument("--pilot", action="store_true", help=f"a tiny run end to end for timing ({PILOT}); results go to "
                                                           "--out/pilot-results unless --results is given")
     ap.add_argument("--world-seed", type=int, default=0)
-    ap.add_argument("--part", choices=["credit", "k3", "both"], default="both")
+    ap.add_argument("--part", choices=["credit", "k3", "both", "workbench"], default="both",
+                    help="both: credit and k3; workbench: every estimator and turn reward against MT-GRPO")
     ap.add_argument("--seeds", type=int, nargs="+", default=list(range(8)))
     ap.add_argument("--methods", nargs="+", help=f"default: every method of the part "
                                                  f"({', '.join(m for p in PARTS.values() for m in p.methods)})")
