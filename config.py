@@ -51,8 +51,10 @@ class Config:
                                          "gain in log-prob of the gold answer over the search turn); judge (an LM's "
                                          "P(yes) that the search result helps; turn_rewards.py)")
     judge_model: str | None = arg(None, "--turn-reward judge: the judge's checkpoint; none = the embedded SmolLM2-135M")
-    omega: float = arg(1.0, "GiGPO: the weight of the step advantage (GiGPO's paper: 1)")
-    gamma: float = arg(0.95, "GiGPO and MT-PPO: the discount per turn (GiGPO's paper: 0.95)")
+    omega: float = arg(1.0, "GiGPO: the weight of the step advantage (verl-agent's step_advantage_w: 1)")
+    gigpo_similarity: float = arg(1.0, "GiGPO: results this similar (difflib ratio) share a step group; 1 = identical "
+                                       "only")
+    gamma: float = arg(0.95, "GiGPO and MT-PPO: the discount per turn (verl-agent's GiGPO runs: 0.95)")
     gae_lam: float = arg(0.95, "MT-PPO: GAE's lambda over turns")
     critic_ridge: float = arg(1.0, "MT-PPO: the ridge penalty of the linear critic's least-squares fit")
     critic_window: int = arg(4, "MT-PPO: the critic is refitted on the last N rollout batches")
@@ -173,7 +175,7 @@ class ConfigError(ValueError):
 LOWER_BOUNDS = {"micro_batch": 1, "mu": 1, "max_steps": 1, "save_every": 1, "vllm_max_batched_tokens": 1,
                 "dist_timeout_minutes": 1, "warmup_steps": 0, "warmstart_steps": 0, "sample_every": 0, "holdout": 0,
                 "seed": 0, "threads": 0, "eps": 0, "beta": 0, "weight_decay": 0, "vllm_max_model_len": 0,
-                "critic_window": 1, "omega": 0, "gamma": 0, "gae_lam": 0}
+                "critic_window": 1, "omega": 0, "gamma": 0, "gae_lam": 0, "gigpo_similarity": 0}
 
 
 def validate(cfg: Config) -> None:
@@ -207,8 +209,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError("--judge-model is the judge of --turn-reward judge: pass both, or neither")
     if cfg.judge_model is not None and not Path(cfg.judge_model).exists() and not looks_like_hub_name(cfg.judge_model):
         raise ConfigError(f"--judge-model {cfg.judge_model}: no such folder (omit it for the embedded SmolLM2-135M)")
-    if cfg.gamma > 1 or cfg.gae_lam > 1:
-        raise ConfigError(f"--gamma {cfg.gamma}, --gae-lam {cfg.gae_lam}: each in [0, 1]")
+    if cfg.gamma > 1 or cfg.gae_lam > 1 or cfg.gigpo_similarity > 1:
+        raise ConfigError(f"--gamma {cfg.gamma}, --gae-lam {cfg.gae_lam}, --gigpo-similarity {cfg.gigpo_similarity}: "
+                          "each in [0, 1]")
     problem = env.check(env_config(cfg), training=True)
     if problem:
         raise ConfigError(problem)

@@ -22,6 +22,8 @@ Pure torch like mt_grpo.py, except ValueHead at the end, MT-PPO's critic, which 
 """
 from __future__ import annotations
 
+from difflib import SequenceMatcher
+
 import torch
 from torch import Tensor
 
@@ -30,13 +32,24 @@ from mt_grpo import STD_EPS, group_normalise
 METHODS = ("gigpo", "mt_ppo")
 
 
-def anchor_groups(keys: list, G: int) -> Tensor:
+def anchor_groups(keys: list, G: int, similarity: float = 1.0) -> Tensor:
     """(N,) group labels: rollouts i and j share a label when they belong to the same question (i // G) and
-    their ``keys`` (any hashable: the observation before a turn) are equal. None never matches anything."""
-    labels, seen = [], {}
+    their ``keys`` (the observation before a turn: text, or any hashable) are equal, or, with ``similarity``
+    below 1, when a key's difflib ratio to a group's first key reaches it (verl-agent's similarity-based
+    GiGPO; it joins the first such group). None never matches anything."""
+    labels, firsts = [], []  # firsts: (question, first key) of each group, in label order
     for i, key in enumerate(keys):
-        ident = (i // G, key) if key is not None else ("alone", i)
-        labels.append(seen.setdefault(ident, len(seen)))
+        label = None
+        if key is not None:
+            for g, (q, first) in enumerate(firsts):
+                if q == i // G and (first == key or (similarity < 1 and isinstance(key, str) and
+                                                     SequenceMatcher(None, first, key).ratio() >= similarity)):
+                    label = g
+                    break
+        if label is None:
+            label = len(firsts)
+            firsts.append((i // G if key is not None else None, key))
+        labels.append(label)
     return torch.tensor(labels)
 
 
@@ -66,7 +79,8 @@ def gigpo_advantages(R_T: Tensor, R_O: Tensor, G: int, turn2_groups: Tensor, *, 
     ``turn2_groups`` (N,): anchor_groups of each rollout's first search result (None where none came back:
     such a rollout has no turn 2, and its A^S_2 is 0). A rollout alone in its result group gets A^S_2 = 0 and
     turn 2 the episode advantage only; with every result distinct GiGPO is GRPO-MR plus a step-1 term.
-    Defaults: the paper's omega 1, gamma 0.95."""
+    Defaults: verl-agent's (the GiGPO authors' framework) step_advantage_w 1 and gamma 0.95; its mean_std_norm
+    normalisation."""
     if R_T.dim() != 1 or R_T.shape != R_O.shape or turn2_groups.shape != R_T.shape:
         raise ValueError(f"need R_T, R_O and turn2_groups of one shape (N,), got {tuple(R_T.shape)}, "
                          f"{tuple(R_O.shape)}, {tuple(turn2_groups.shape)}")

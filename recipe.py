@@ -83,7 +83,7 @@ BOOKKEEPING = {"output_dir", "save_every", "sample_every", "report_to", "resume"
                "k_turn_normalise", "lora_alpha", "lora_target_modules", "lora_dropout", "warmstart_lr",
                "sampler_dtype", "vllm_max_model_len", "vllm_max_batched_tokens", "vllm_sleep", "dist_timeout_minutes",
                # the other estimators' and turn rewards' own settings (estimators.py, turn_rewards.py)
-               "judge_model", "omega", "gamma", "gae_lam", "critic_ridge", "critic_window"}
+               "judge_model", "omega", "gigpo_similarity", "gamma", "gae_lam", "critic_ridge", "critic_window"}
 
 
 def compare(cfg) -> list[tuple[str, str, str, str, str, str]]:

@@ -174,8 +174,10 @@ def reward_levels(cfg: Config, scores: dict[str, list[float]], trajectories, epi
     if cfg.k_turn:
         R_T, turns = rewards.k_turn_levels([t.messages for t in trajectories], [q["aliases"] for q in episodes],
                                            [q.get("support") for q in episodes], cfg.max_tool_calls)
-    # GiGPO's step groups before turn 2: the rollouts of a question that saw the same search result
-    turn2 = estimators.anchor_groups([t.results[0] if t.has_result else None for t in trajectories], cfg.G)
+    turn2 = None
+    if cfg.method == "gigpo":  # its step groups before turn 2: the rollouts of a question that saw the same result
+        turn2 = estimators.anchor_groups([t.results[0] if t.has_result else None for t in trajectories], cfg.G,
+                                         cfg.gigpo_similarity)
     return mt_grpo.Levels(R_T=torch.tensor(R_T, dtype=torch.float32), R_O=torch.tensor(R_O, dtype=torch.float32),
                           has_result=torch.tensor([t.has_result for t in trajectories]),
                           turns=None if turns is None else torch.tensor(turns), turn2_groups=turn2)

@@ -47,6 +47,13 @@ def test_anchor_groups_join_equal_observations_within_a_question_only():
     assert g[4] not in g[:4] and g[5] == g[7] and g[6] not in g[:6] + g[7:]  # "A" of question 2 is not question 1's
 
 
+def test_similar_observations_join_below_a_similarity_of_1():
+    keys = ["Bram Stoker wrote Dracula.", "Bram Stoker wrote Dracula!", "The Seine runs through Paris.", None]
+    assert anchor_groups(keys, G=4).unique().numel() == 4  # identical only: four groups
+    g = anchor_groups(keys, G=4, similarity=0.9).tolist()
+    assert g[0] == g[1] and len({g[0], g[2], g[3]}) == 3
+
+
 def test_normalise_within_by_hand():
     A = normalise_within(R_O, anchor_groups(["A", "A", "B", "C"], 4))
     torch.testing.assert_close(A, torch.tensor([0.75, -0.75, 0, 0], dtype=DT) / (2 ** 0.5 * 0.75 + 1e-4))
