@@ -2,15 +2,18 @@
 
     python bench/bench_lora_learning.py                        # seeds 0-3: 8 runs, ~45 min on 2 CPU cores
     python bench/bench_lora_learning.py --seeds 0 --max-steps 2 --out runs/lora-quick   # a quick look
+    python bench/bench_lora_learning.py --lora-flags "--lr 5e-4" --name lora_learning_lr5e-4   # another recipe
 
 The design, fixed before the runs:
   arms      full fine-tuning (`train.py`, the CPU default) and LoRA (`train.py --preset lora`: the same run
-            with the documented LoRA recipe). Nothing else differs.
+            with the documented LoRA recipe; --lora-flags changes it, written into the results). Nothing
+            else differs.
   pairing   each seed runs both arms: the same questions, warm-start demonstrations and sampler seeds.
             Within a seed the arms take turns at going first (even seeds LoRA first), so a slow spell of
             the machine falls on both.
   end       per run, the training rollouts' exact_match and tool_execution averaged over the last
             --last steps (3: 48 rollouts, at the sampling temperature, as `make train` prints them)
+  diagnosis the share of groups with a flat R^O (mean over the steps)
   cost      update seconds (mean over the steps), peak RSS of the run's process (GB), wall minutes
   report    per arm: mean +- 95% t-interval over seeds; the paired differences LoRA - full, mean +- 95%
             t-interval over seeds. The goal: LoRA within 10 EM points of full fine-tuning.
@@ -18,7 +21,7 @@ The design, fixed before the runs:
 Each run is the real `train.py` in a subprocess, its output beside its folder (<arm>-seed<n>.log); a run
 whose metrics.jsonl is complete is not run again, so a killed benchmark continues where it stopped. The
 1.6 GB checkpoint of each finished run is deleted (the metrics are what this reads). Writes
-``--results``/lora_learning.md and lora_learning_curves.png.
+``--results``/<name>.md and <name>_curves.png (--name, default lora_learning).
 """
 from __future__ import annotations
 
@@ -38,6 +41,9 @@ import plot
 ARMS = {"full": [], "lora": ["--preset", "lora"]}
 LABELS = {"full": "full fine-tuning", "lora": "LoRA"}
 METRICS = [("exact_match", "EM"), ("tool_execution", "tool_execution")]
+# the share of groups whose R^O did not vary (no outcome signal), mean over every step: a near-deterministic
+# policy after the warm start shows here first
+DIAGNOSTICS = [("flat_outcome", "flat R^O groups")]
 COSTS = [("update_s", "update s"), ("peak_rss_gb", "peak RSS GB"), ("wall_min", "wall min")]
 
 
@@ -54,7 +60,8 @@ def train_run(args, arm: str, seed: int) -> Path:
         return folder
     if folder.exists():  # a run killed part way: start it again (the runs are short)
         shutil.rmtree(folder)
-    cmd = [sys.executable, "train.py", *ARMS[arm], "--seed", str(seed), "--max-steps", str(args.max_steps),
+    arm_flags = ARMS[arm] + (args.lora_flags.split() if arm == "lora" else [])
+    cmd = [sys.executable, "train.py", *arm_flags, "--seed", str(seed), "--max-steps", str(args.max_steps),
            "--threads", str(args.threads), "--output-dir", str(folder), *args.train_flags.split()]
     print("$", " ".join(cmd), flush=True)
     t0 = time.time()
@@ -73,6 +80,7 @@ def summary(args, folder: Path) -> dict:
     rows = plot.load_run(str(folder))
     last = rows[-args.last:]
     out = {k: sum(r[k] for r in last) / len(last) for k, _ in METRICS}
+    out["flat_outcome"] = sum(r["zero_var_share/outcome"] for r in rows) / len(rows)
     out["update_s"] = sum(r["update_seconds"] for r in rows) / len(rows)
     out["peak_rss_gb"] = max(r["peak_rss_gb"] for r in rows)
     out["wall_min"] = float((folder / "wall_seconds.txt").read_text()) / 60
@@ -93,12 +101,13 @@ def report(args, runs: dict[str, dict[int, dict]], minutes: float) -> str:
     seeds = sorted(set(runs["full"]) & set(runs["lora"]))
     rollouts = runs["full"][seeds[0]]["batch_size"] * args.last
     extra = f" {args.train_flags}" if args.train_flags else ""
-    keys = METRICS + COSTS
-    lines = [f"# LoRA against full fine-tuning on `make train`'s task", "",
+    keys = METRICS + DIAGNOSTICS + COSTS
+    lines = ["# LoRA against full fine-tuning on `make train`'s task", "",
              f"`python bench/bench_lora_learning.py {' '.join(sys.argv[1:])}` ({time.strftime('%Y-%m-%d')}, "
              f"{minutes:.0f} min of this invocation, this 2-core CPU machine)", "",
              f"Each seed ({', '.join(map(str, seeds))}) runs `train.py --seed N --max-steps {args.max_steps} --threads "
-             f"{args.threads}{extra}` twice: full fine-tuning (the CPU default) and LoRA (`--preset lora`: {recipe_flags()}). "
+             f"{args.threads}{extra}` twice: full fine-tuning (the CPU default) and LoRA (`--preset lora`: {recipe_flags()}"
+             f"{', then ' + args.lora_flags if args.lora_flags else ''}). "
              f"End = the training rollouts' mean over the last {args.last} steps ({rollouts} rollouts, sampled at "
              f"the run's temperature). Mean ± 95% t-interval over seeds (n = {len(seeds)}).", "",
              "| arm | " + " | ".join(h for _, h in keys) + " |", "|---" * (len(keys) + 1) + "|"]
@@ -121,7 +130,7 @@ def report(args, runs: dict[str, dict[int, dict]], minutes: float) -> str:
         verdict = ("within" if mean - half > -0.10 else "not shown within") + " 10 EM points of full fine-tuning"
         lines += ["", f"Goal: LoRA within 10 EM points. Paired EM difference {mean:+.3f}, 95% interval "
                       f"[{mean - half:+.3f}, {mean + half:+.3f}]: LoRA is {verdict} (the interval's low end against -0.10)."]
-    lines += ["", "![curves](lora_learning_curves.png)", ""]
+    lines += ["", f"![curves]({args.name}_curves.png)", ""]
     return "\n".join(lines)
 
 
@@ -132,9 +141,13 @@ def main(argv=None) -> int:
     ap.add_argument("--last", type=int, default=3, help="the end figures average this many final steps")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--train-flags", default="", help="more train.py flags for both arms (the smoke test's tiny model)")
-    ap.add_argument("--out", default="runs/bench-lora-learning")
+    ap.add_argument("--lora-flags", default="", help="train.py flags after --preset lora for the LoRA arm only "
+                    "(a recipe to try: they override the preset's)")
+    ap.add_argument("--name", default="lora_learning", help="the results' file stem (<name>.md, <name>_curves.png)")
+    ap.add_argument("--out", help="the runs' folder (default runs/<name>: another recipe never reuses a run)")
     ap.add_argument("--results", default=str(ROOT / "bench" / "results"))
     args = ap.parse_args(argv)
+    args.out = args.out or f"runs/{args.name}"
     if args.max_steps < 1 or not 1 <= args.last <= args.max_steps:
         ap.error("--max-steps must be >= 1 and --last between 1 and --max-steps")
     Path(args.out).mkdir(parents=True, exist_ok=True)
@@ -147,9 +160,9 @@ def main(argv=None) -> int:
     text = report(args, runs, (time.time() - t0) / 60)
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
-    (results / "lora_learning.md").write_text(text)
+    (results / f"{args.name}.md").write_text(text)
     seeds = {LABELS[arm]: [runs[arm][s]["rows"] for s in sorted(runs[arm])] for arm in ARMS}
-    group = {"lora_learning_curves": ("Training rollouts (sampled), mean and 95% CI over seeds", [k for k, _ in METRICS])}
+    group = {f"{args.name}_curves": ("Training rollouts (sampled), mean and 95% CI over seeds", [k for k, _ in METRICS])}
     for drawn in plot.plot_seeds(seeds, results, group, band="ci95").values():
         drawn.close()
     print(text)

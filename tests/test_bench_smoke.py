@@ -113,11 +113,15 @@ def test_bench_lora_learning_writes_its_paired_table(tmp_path, tiny_model_dir):
     flags = " ".join(tiny[:2] + tiny[4:])  # the tiny model's flags but its --output-dir (the script names folders)
     assert bench_lora_learning.main(["--seeds", "0", "1", "--max-steps", "1", "--last", "1", "--threads", "1",
                                      "--out", str(tmp_path / "runs"), "--results", str(tmp_path),
-                                     "--train-flags", flags]) == 0
-    md = (tmp_path / "lora_learning.md").read_text()
-    for row in ("| full fine-tuning |", "| LoRA |", "| LoRA − full |", "(n = 2)", "--lora-r 16", "- seed 1: "):
+                                     "--train-flags", flags, "--lora-flags", "--lora-r 4", "--name", "variant"]) == 0
+    md = (tmp_path / "variant.md").read_text()
+    for row in ("| full fine-tuning |", "| LoRA |", "| LoRA − full |", "(n = 2)", "--lora-r 16", "then --lora-r 4",
+                "- seed 1: ", "variant_curves.png", "flat R^O groups"):
         assert row in md, row
-    assert (tmp_path / "lora_learning_curves.png").is_file()
+    assert (tmp_path / "variant_curves.png").is_file()
+    ranks = {arm: json.loads((tmp_path / "runs" / f"{arm}-seed0" / "config.json").read_text())["lora_r"]
+             for arm in ("full", "lora")}
+    assert ranks == {"full": 0, "lora": 4}  # --lora-flags reach the LoRA arm only, after the preset
     assert not list((tmp_path / "runs").glob("*/checkpoint"))  # each finished run's checkpoint is deleted
 
 
