@@ -653,10 +653,13 @@ def report(args, part: Part, minutes: float | None = None) -> str:
     same = []
     for s in seeds:
         firsts = [training.get(m, {}).get(s, [{}])[0] for m in methods]
-        keys = ("exact_match", "tool_call_rate", "reward_turn", "reward_outcome")
+        # the verifiable rewards only: an arm with another turn reward (info gain, a judge) scores the same
+        # rollouts' R^T differently by design
+        keys = ("exact_match", "tool_call_rate", "tool_execution", "search_answer", "reward_outcome")
         same.append(all(f.get(k) == firsts[0].get(k) for f in firsts for k in keys))
-    lines += ["", f"Pairing check: the step-1 rollouts' rewards are identical across the methods in "
-                  f"{sum(same)} of {len(same)} seeds (same start, questions and sampling seed)."]
+    lines += ["", f"Pairing check: the step-1 rollouts' verifiable rewards (EM, tool calls, tool execution, search "
+                  f"answer, R^O) are identical across the methods in {sum(same)} of {len(same)} seeds (same start, "
+                  "questions and sampling seed)."]
     step1 = [training[methods[0]][s][0] for s in seeds if methods and s in training.get(methods[0], {})]
     if step1:
         lines += [f"At the start of RL (step-1 rollouts, sampled at temperature 1, {args.batch_size} per seed): "
