@@ -430,6 +430,17 @@ class SampledLogprobs:
         return torch.stack(self.steps, dim=1).tolist()
 
 
+def left_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rows`` left-padded into one batch: (ids, attention mask), each (B, longest), every row's last id in
+    the last column (where a causal LM's next-token logits are read)."""
+    width = max(len(row) for row in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row):], mask[i, width - len(row):] = torch.tensor(row, dtype=torch.long), 1
+    return ids, mask
+
+
 class HFPolicy(Sampler):
     """Batched sampling with ``transformers`` ``generate`` (KV cache within a message; each message
     re-reads its context). Rows are left-padded; ``pad == eos`` for SmolLM2, so each row is cut by
@@ -451,13 +462,11 @@ class HFPolicy(Sampler):
 
     @torch.no_grad()
     def generate(self, batch, max_new_tokens: int, sampling: Sampling, stop) -> list[list[int]]:
-        device, width = self.model.device, max(len(row) for row in batch)
+        device = self.model.device
         ends = sorted(end_ids(self.tokenizer))
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else ends[0]
-        ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for i, row in enumerate(batch):
-            ids[i, width - len(row):], mask[i, width - len(row):] = torch.tensor(row), 1
+        ids, mask = left_pad(batch, pad)
+        width = ids.shape[1]
         # Exactly the asked distribution: override what a checkpoint's generation_config may add
         # (Qwen2.5-Instruct: top_k 20, repetition_penalty 1.05), or the ids would be off-policy.
         greedy = sampling.temperature <= 0

@@ -56,13 +56,11 @@ def anchor_groups(keys: list, G: int, similarity: float = 1.0) -> Tensor:
 def normalise_within(R: Tensor, groups: Tensor) -> Tensor:
     """(R_i - mean) / (std + 1e-4) over the rollouts sharing ``groups[i]`` (std with Bessel's correction, as
     mt_grpo.group_normalise); a group of one, or whose rewards are all equal, gets 0 (nothing to compare)."""
-    R = R if R.is_floating_point() else R.float()
-    A = torch.zeros_like(R)
+    A = torch.zeros_like(R if R.is_floating_point() else R.float())
     for g in groups.unique():
         idx = (groups == g).nonzero().flatten()
-        if idx.numel() >= 2 and not (R[idx] == R[idx[0]]).all():
-            r = R[idx]
-            A[idx] = (r - r.mean()) / (r.std() + STD_EPS)
+        if idx.numel() >= 2:
+            A[idx] = group_normalise(R[idx], idx.numel())
     return A
 
 
@@ -169,16 +167,20 @@ class ValueHead:
         got = h.gather(1, starts.clamp(min=0).to(h.device)[:, :, None].expand(-1, -1, h.shape[-1]))
         return (got * (starts >= 0).to(h.device)[:, :, None]).cpu()
 
+    @staticmethod
+    def design(feats: Tensor) -> Tensor:
+        """[h, 1] in float64: the features with the bias column the read-out's last weight multiplies."""
+        return torch.cat([feats.double(), torch.ones(*feats.shape[:-1], 1, dtype=torch.float64)], -1)
+
     def __call__(self, feats: Tensor) -> Tensor:
         """V of every (row, turn): (N, K)."""
-        X = torch.cat([feats.double(), torch.ones(*feats.shape[:-1], 1, dtype=torch.float64)], -1)
-        return (X @ self.w).float()
+        return (self.design(feats) @ self.w).float()
 
     def fit(self, feats: Tensor, targets: Tensor, present: Tensor) -> float:
         """Add this batch's present (state, return) pairs and refit w on the window. Returns the critic's loss
         on this batch before the refit, mean (V - return)^2 / 2: its error on states it had not been fitted to."""
         loss = (((self(feats) - targets) ** 2)[present].mean() / 2).item()
-        X = torch.cat([feats[present].double(), torch.ones(int(present.sum()), 1, dtype=torch.float64)], 1)
+        X = self.design(feats[present])
         self.memory = (self.memory + [(X, targets[present].double())])[-self.window:]
         X, y = torch.cat([m[0] for m in self.memory]), torch.cat([m[1] for m in self.memory])
         self.w = torch.linalg.solve(X.T @ X + self.ridge * torch.eye(X.shape[1], dtype=torch.float64), X.T @ y)

@@ -94,10 +94,7 @@ class Judge:
         for i in range(0, len(questions), micro_batch):
             part = slice(i, i + micro_batch)
             prompts = [self.prompt_ids(q, c, r) for q, c, r in zip(questions[part], queries[part], results[part])]
-            width = max(map(len, prompts))  # left-padded: every prompt's last id in the last column
-            pad = self.tokenizer.pad_token_id
-            ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=self.model.device)
-            attn = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.model.device)
+            ids, attn = (x.to(self.model.device) for x in env.left_pad(prompts, self.tokenizer.pad_token_id))
             positions = (attn.cumsum(1) - 1).clamp(min=0)  # each prompt from position 0, padding or not
             logits = self.model(input_ids=ids, attention_mask=attn, position_ids=positions).logits[:, -1]
             logp = torch.log_softmax(logits.float(), -1)

@@ -131,7 +131,7 @@ from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
 
-from common import ROOT  # first: puts the repo root on sys.path
+from common import ROOT, as_flags  # first: puts the repo root on sys.path
 import config
 import data
 import plot
@@ -188,10 +188,6 @@ PARTS = {
 
 
 # ------------------------------------------------------------------------------------------ helpers
-
-
-def env_flags(env: dict) -> list[str]:
-    return [x for k, v in env.items() for x in (f"--{k.replace('_', '-')}", str(v))]
 
 
 @contextlib.contextmanager
@@ -543,7 +539,7 @@ def rl_run(job) -> str:
             if checkpoint_step(folder) > point:
                 raise RuntimeError(f"{folder}: the checkpoint is past step {point}, whose evaluation is missing; "
                                    f"delete the folder to redo the run")
-            argv = [*part.flags, *env_flags(part.env), "--questions", str(paths[part.train_key]),
+            argv = [*part.flags, *as_flags(part.env), "--questions", str(paths[part.train_key]),
                     "--corpus", str(paths["corpus"]), "--model", str(start), "--warmstart-steps", "0",
                     "--method", train_method, *extra, "--seed", str(seed), "--max-steps", str(point),
                     "--G", str(args.G), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
@@ -699,7 +695,7 @@ def setup_text(args, part: Part, paths: dict) -> str:
     return (f"World seed {args.world_seed}: {len(data.read_jsonl(paths[part.train_key])):,} training questions, "
             f"the first {min(args.eval_n, n_held)} of {n_held} held-out ones (people never "
             f"trained on), {len(data.read_jsonl(paths['corpus']))} passages. {policy} RL: {args.steps} steps of "
-            f"{args.batch_size} rollouts (G {args.G}), lr {args.lr:g}, `train.py {' '.join(part.flags + env_flags(part.env))}`.")
+            f"{args.batch_size} rollouts (G {args.G}), lr {args.lr:g}, `train.py {' '.join(part.flags + as_flags(part.env))}`.")
 
 
 def write_results(args, part: Part, paths: dict, minutes: float) -> str:

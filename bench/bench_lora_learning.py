@@ -34,7 +34,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import ROOT  # first: puts the repo root on sys.path
+from common import ROOT, as_flags  # first: puts the repo root on sys.path
 import config
 import plot
 
@@ -49,8 +49,7 @@ COSTS = [("update_s", "update s"), ("peak_rss_gb", "peak RSS GB"), ("wall_min", 
 
 def recipe_flags() -> str:
     """The LoRA preset as flags, from config.PRESETS (its one source)."""
-    return " ".join(f"--{k.replace('_', '-')} {v:g}" if isinstance(v, float) else f"--{k.replace('_', '-')} {v}"
-                    for k, v in config.PRESETS["lora"].items())
+    return " ".join(as_flags({k: f"{v:g}" if isinstance(v, float) else v for k, v in config.PRESETS["lora"].items()}))
 
 
 def train_run(args, arm: str, seed: int) -> Path:

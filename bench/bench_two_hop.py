@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import ROOT  # first: puts the repo root on sys.path
+from common import ROOT, as_flags  # first: puts the repo root on sys.path
 import config
 import data
 from bench_learning import (Comparison, plot_curves, run_comparison, setup_text, shared_warm_start, summarise,
@@ -35,7 +35,7 @@ CURVES = [("calls_per_episode", "tool calls per episode"), ("search_answer", "fi
 # two-hop questions are long: a search turn that quotes one needs ~70 tokens, hence 96 per turn
 ENV = {"max_tool_calls": 2, "max_turn_tokens": 96, "max_completion_tokens": 384, "passages": 1, "result_max_tokens": 96,
        "temperature": 1.0, "top_k": 0}
-ENV_FLAGS = [x for k, v in ENV.items() for x in (f"--{k.replace('_', '-')}", str(v))]
+ENV_FLAGS = as_flags(ENV)
 
 
 def main(argv=None) -> int:

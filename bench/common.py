@@ -27,6 +27,11 @@ def write_result(path, text: str) -> None:
     path.write_text(text)
 
 
+def as_flags(settings: dict) -> list[str]:
+    """{"max_tool_calls": 1, ...} as train.py's command-line flags: ["--max-tool-calls", "1", ...]."""
+    return [x for k, v in settings.items() for x in (f"--{k.replace('_', '-')}", str(v))]
+
+
 def model_tokens(trajs) -> int:
     """Tokens the *model* wrote (turn_idx >= 1) over a list of trajectories."""
     return sum(t.model_tokens for t in trajs)
