@@ -35,6 +35,15 @@ answer (``--turn-reward info_gain``) or from a judge, the embedded SmolLM2-135M 
 part's held-out evaluation; every arm paired against MT-GRPO (a - MT-GRPO, 95% bootstrap CI, MDE); the share
 of seeds that collapsed (held-out EM below COLLAPSED at step 20) beside every mean. The MDE floor below (~5 EM
 points at n = 8) applies: differences smaller than that are not claims either way.
+Where turn-level credit helps (the same five estimators, MT-GRPO, GRPO-OR, GRPO-MR, GiGPO, MT-PPO, at the same
+power; design fixed before these ran): world seed 1 with seeds 8-15 (another world and seeds outside 0-7), then
+two variants of world seed 1 (``--variant``, credit.world.WORLD_VARIANTS; the same instrument, seeds and
+held-out people): "ordered", whose second turn the instrument can learn (the town's place says its relation),
+and "one_town", where R^O already pays for a good first turn (one town a passage, town-of-birth questions).
+The turn-reward arms are not rerun there: on world 0 both lost 21 EM points to verifiable R^T.
+
+    python bench/bench_credit.py --part workbench --world-seed 1 --seeds 8 9 10 11 12 13 14 15 \
+        --methods mt_grpo grpo_or grpo_mr gigpo mt_ppo --out runs/wb-w1 --jobs 2 --threads 1 [--variant ordered|one_town]
 
 THE INSTRUMENT. SmolLM2-135M takes 76 s a 16-rollout step on this CPU (THE REALISTIC CHECK): far too slow for
 the power below.
@@ -135,7 +144,7 @@ from common import ROOT, as_flags  # first: puts the repo root on sys.path
 import config
 import data
 import plot
-from credit.world import CREDIT_RELATIONS, credit_facts, credit_world, one_token_names
+from credit.world import CREDIT_RELATIONS, WORLD_VARIANTS, credit_facts, credit_world, one_token_names
 
 
 @dataclass
@@ -418,6 +427,11 @@ def build_instrument(args, paths: dict) -> Path:
     return folder
 
 
+def part_root(args, part_name: str) -> Path:
+    """out/<part>, or out/<part>-<variant> for a world variant (the world's instrument is shared)."""
+    return Path(args.out) / (part_name + (f"-{args.variant}" if args.variant else ""))
+
+
 def policy_start(args) -> Path:
     """The model every seed's warm start begins from: the instrument (--policy instrument, built under --out
     once) or the embedded SmolLM2-135M-Instruct itself (--policy smollm2, the realistic check)."""
@@ -429,8 +443,8 @@ def seed_start(job) -> str:
     part's varied demonstrations with the seed's own draws; then its held-out evaluation (step 0)."""
     args, part, seed, paths = job
     part = PARTS[part]
-    folder = Path(args.out) / part.name / f"warmstart-seed{seed}"
-    with logged(Path(args.out) / "logs" / f"{part.name}-warmstart-seed{seed}.log"):
+    folder = part_root(args, part.name) / f"warmstart-seed{seed}"
+    with logged(Path(args.out) / "logs" / f"{part_root(args, part.name).name}-warmstart-seed{seed}.log"):
         if not (folder / "stage.json").is_file():
             import search
             import train
@@ -525,10 +539,10 @@ def rl_run(job) -> str:
     part = PARTS[part]
     import train
 
-    start = Path(args.out) / part.name / f"warmstart-seed{seed}"
-    folder = Path(args.out) / part.name / f"{method}-seed{seed}"
+    start = part_root(args, part.name) / f"warmstart-seed{seed}"
+    folder = part_root(args, part.name) / f"{method}-seed{seed}"
     label, train_method, extra = part.methods[method]
-    with logged(Path(args.out) / "logs" / f"{part.name}-{method}-seed{seed}.log"):
+    with logged(Path(args.out) / "logs" / f"{part_root(args, part.name).name}-{method}-seed{seed}.log"):
         for point in eval_points(args):
             result = folder / f"eval-step{point}.json"
             if result.is_file():
@@ -580,7 +594,7 @@ def mde(diffs: list[float]) -> float:
 def load_part(args, part: Part) -> tuple[dict, dict, dict]:
     """({method or "start": {seed: [eval rows by step]}}, {method: {seed: metrics rows}}, {seed: step-1 row per method})."""
     evals, training = {}, {}
-    root = Path(args.out) / part.name
+    root = part_root(args, part.name)
     for seed in args.seeds:
         start = root / f"warmstart-seed{seed}" / "eval-step0.json"
         if start.is_file():
@@ -671,7 +685,7 @@ def report(args, part: Part, minutes: float | None = None) -> str:
     if steps:
         lines.append(f"Step time: median {sorted(steps)[len(steps) // 2]:.1f} s over {len(steps)} steps "
                      f"({args.jobs} runs at a time, {args.threads} thread each).")
-    root = Path(args.out) / part.name
+    root = part_root(args, part.name)
     warm = sum(json.loads((root / f"warmstart-seed{s}" / "stage.json").read_text())["seconds"] for s in seeds)
     held = sum(r["seconds"] for m, by_seed in evals.items() for s, rows in by_seed.items() if s in seeds
                for r in (rows if m == "start" else rows[1:]))  # a method's rows repeat the start's evaluation first
@@ -692,7 +706,8 @@ def setup_text(args, part: Part, paths: dict) -> str:
         info = json.loads((Path(args.out) / "instrument" / "stage.json").read_text())
         policy = (f"Instrument: Llama {info['hidden']} x {info['layers']} from scratch, {info['drill_steps']} copy-drill "
                   f"steps, {info['instrument_steps']} steps on varied demonstrations; per seed {args.warmstart_steps} more.")
-    return (f"World seed {args.world_seed}: {len(data.read_jsonl(paths[part.train_key])):,} training questions, "
+    variant = f", variant \"{args.variant}\" (credit.world.WORLD_VARIANTS)" if args.variant else ""
+    return (f"World seed {args.world_seed}{variant}: {len(data.read_jsonl(paths[part.train_key])):,} training questions, "
             f"the first {min(args.eval_n, n_held)} of {n_held} held-out ones (people never "
             f"trained on), {len(data.read_jsonl(paths['corpus']))} passages. {policy} RL: {args.steps} steps of "
             f"{args.batch_size} rollouts (G {args.G}), lr {args.lr:g}, `train.py {' '.join(part.flags + as_flags(part.env))}`.")
@@ -700,6 +715,7 @@ def setup_text(args, part: Part, paths: dict) -> str:
 
 def write_results(args, part: Part, paths: dict, minutes: float) -> str:
     name = {"credit": "credit", "k3": "credit_k3", "workbench": "credit_workbench"}[part.name]
+    name += (f"_w{args.world_seed}" if args.world_seed else "") + (f"_{args.variant}" if args.variant else "")
     name += "_smollm2" if args.policy == "smollm2" else ""
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
@@ -738,7 +754,7 @@ def timing(args, full=None) -> str:
                      f"-> {total / 60:.1f} min at the full size (one process)")
     parallel = 0.0
     for name in args.methods_of:
-        part, root = PARTS[name], out / name
+        part, root = PARTS[name], part_root(args, name)
         starts = [json.loads(f.read_text()) for f in root.glob("warmstart-seed*/stage.json")]
         evals = [json.loads(f.read_text()) for f in root.glob("*/eval-step*.json")]
         steps = [r["step_seconds"] for f in root.glob("*/metrics.jsonl") for r in plot.load_run(str(f))]
@@ -867,6 +883,9 @@ def parse_args(argv=None):
     ap.add_argument("--pilot", action="store_true", help=f"a tiny run end to end for timing ({PILOT}); results go to "
                                                           "--out/pilot-results unless --results is given")
     ap.add_argument("--world-seed", type=int, default=0)
+    ap.add_argument("--variant", choices=WORLD_VARIANTS, help="a variant of the world's passages and questions "
+                    "(credit.world.WORLD_VARIANTS: ordered, one_town) for parts credit and workbench; the instrument is "
+                    "the world's own, built from the base world")
     ap.add_argument("--part", choices=["credit", "k3", "both", "workbench"], default="both",
                     help="both: credit and k3; workbench: every estimator and turn reward against MT-GRPO")
     ap.add_argument("--seeds", type=int, nargs="+", default=list(range(8)))
@@ -917,6 +936,8 @@ def parse_args(argv=None):
     unknown = set(args.methods or []) - {m for p in PARTS.values() for m in p.methods}
     if unknown:
         ap.error(f"unknown --methods {', '.join(sorted(unknown))}")
+    if args.variant and (args.part not in ("credit", "workbench") or args.properties):
+        ap.error("--variant applies to --part credit or workbench (the K = 3 task and --properties use the base world)")
     if args.eval_every < 1 or args.steps < 1 or args.batch_size % args.G:
         ap.error("--steps and --eval-every must be >= 1 and --batch-size a multiple of --G")
     return args
@@ -925,7 +946,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     init_worker(args.threads)
-    paths = credit_world(args.world_seed)
+    paths = credit_world(args.world_seed, variant=args.variant)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     if args.properties:
         from common import write_result
@@ -935,7 +956,7 @@ def main(argv=None) -> int:
         return 0
     t0 = time.time()
     if args.policy == "instrument":
-        build_instrument(args, paths)
+        build_instrument(args, credit_world(args.world_seed))  # the base world's, whatever the variant
     print(f"{args.policy} ready ({(time.time() - t0) / 60:.1f} min)", flush=True)
     parts = [p for p in args.methods_of if args.methods_of[p]]
     starts = [(args, p, s, paths) for p in parts for s in args.seeds]

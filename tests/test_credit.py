@@ -70,6 +70,38 @@ def test_the_question_as_query_fails_where_a_decoy_is_named_and_the_right_query_
             assert index.search(f"the town {q['town']}", 1)[0]["id"] == f"town-{q['town']}"
 
 
+def test_a_variant_keeps_the_world_and_changes_only_its_passages_and_questions(tok, tmp_path):
+    """ordered: the three towns in one order; one_town: the town of birth alone, and only its questions.
+    Both keep the base world's people, decoys, held-out people and K-turn task."""
+    names = world_module.one_token_names(tok)
+    base = world_module.generate_credit_world(2, names)
+    ordered = world_module.generate_credit_world(2, names, variant="ordered")
+    one = world_module.generate_credit_world(2, names, variant="one_town")
+    assert ordered["credit"] == base["credit"] and ordered["hops"] == base["hops"] == one["hops"]
+    assert one["credit"] == [q for q in base["credit"] if q["relation"] == "born"]
+    people = {p["id"]: p["text"] for p in base["corpus"]}
+    assert {p["id"] for p in ordered["corpus"]} == set(people) == {p["id"] for p in one["corpus"]}
+    clauses = [clause for clause, _ in world_module.CREDIT_RELATIONS.values()]
+    for w in (ordered, one):
+        passages = {p["id"]: p["text"] for p in w["corpus"]}
+        assert sum(passages[k] != people[k] for k in people) > 0.6 * 300  # most shuffled orders were not this one
+        for q in w["credit"][:200]:
+            text = passages[f"person-{q['person']}"]
+            facts = world_module.credit_facts(text)
+            assert facts[q["relation"]] == q["answer"] == world_module.credit_facts(people[f"person-{q['person']}"])[q["relation"]]
+            if w is ordered:
+                assert [text.index(c) for c in clauses] == sorted(text.index(c) for c in clauses)
+            else:
+                assert set(facts) == {"born"}  # the only town the right result offers is the answer
+    held = {q["person"] for q in data.read_jsonl(world_module.credit_world(0, cache_dir=tmp_path)["eval"])}
+    ev = data.read_jsonl(world_module.credit_world(0, cache_dir=tmp_path, variant="one_town")["eval"])
+    assert {q["person"] for q in ev} == held and len(ev) == 4 * len(held)  # every decoy variant, people first
+    assert len({q["person"] for q in ev[:len(held)]}) == len(held)
+    assert len({q["question"] for q in ev}) > 3 * len(held)
+    with pytest.raises(data.DataError, match="unknown credit-world variant"):
+        world_module.generate_credit_world(2, names, variant="shuffled")
+
+
 @pytest.fixture(scope="module")
 def world_tok(world):
     return bench_credit.world_tokenizer(world, 0)
@@ -217,3 +249,24 @@ def test_the_workbench_runs_every_estimator_and_turn_reward(tmp_path, tiny_model
                  "R^O) are identical across the methods in 1 of 1 seeds"):  # paired, whatever R^T each arm uses
         assert text in md, text
     assert "critic_loss" in plot.load_run(str(out / "workbench" / "mt_ppo-seed0"))[0]
+
+
+def test_a_world_variant_runs_on_the_worlds_own_instrument_and_reports_apart(tmp_path):
+    """--variant: the instrument is the base world's (built once, shared), the runs live in workbench-<variant>
+    and the results are credit_workbench_<variant>, beside the base world's, which they never overwrite."""
+    out, results = tmp_path / "runs", tmp_path / "results"
+    argv = [*TINY, "--part", "workbench", "--methods", "mt_grpo", "grpo_or", "--out", str(out), "--results", str(results)]
+    assert bench_credit.main([*argv, "--variant", "one_town"]) == 0
+    built = (out / "instrument" / "stage.json").stat().st_mtime_ns
+    assert bench_credit.main([*argv, "--variant", "ordered"]) == 0
+    assert (out / "instrument" / "stage.json").stat().st_mtime_ns == built  # shared, not rebuilt
+    assert sorted(p.name for p in results.glob("*.md")) == ["credit_workbench_one_town.md", "credit_workbench_ordered.md"]
+    md = (results / "credit_workbench_one_town.md").read_text()
+    assert 'World seed 0, variant "one_town"' in md and "| GRPO-OR - MT-GRPO |" in md
+    assert (out / "workbench-one_town" / "mt_grpo-seed0" / "eval-step2.json").is_file()
+    one_town = data.read_jsonl(world_module.credit_world(0, variant="one_town")["train"])
+    warm = json.loads((out / "workbench-one_town" / "mt_grpo-seed0" / "config.json").read_text())
+    assert warm["questions"].endswith("one_town/train.jsonl") and {q["relation"] for q in one_town} == {"born"}
+    for bad in (["--variant", "ordered", "--part", "k3"], ["--variant", "ordered", "--properties", "--part", "credit"]):
+        with pytest.raises(SystemExit):
+            bench_credit.parse_args(bad)

@@ -52,8 +52,18 @@ def one_token_names(tokenizer=None) -> list[str]:
     return [w for _, w in sorted(words)]
 
 
+# Variants of the world (``variant``): the same people, towns, works and questions' draws, another passage text.
+#   "ordered":  the three clauses always in one order (born, studied, worked): where a town stands says which
+#               relation it is, so the second turn's pick can be learnt by position as well as by the words
+#               before the town; R^O still scores a right search 0 until the pick is learnt.
+#   "one_town": a person's passage names the town of birth only, and only the town-of-birth questions are
+#               asked: after a right search the answer is the one town the result offers, so R^O already pays
+#               for a good first turn, the regime where outcome-only credit needs no help.
+WORLD_VARIANTS = ("ordered", "one_town")
+
+
 def generate_credit_world(seed: int = 0, names: list[str] | None = None, n_people: int = 300, n_towns: int = 60,
-                          variants: int = 4, decoy_share: float = 0.7) -> dict[str, list]:
+                          variants: int = 4, decoy_share: float = 0.7, variant: str | None = None) -> dict[str, list]:
     """Deterministically generate the credit world from ``seed`` (and the name list, one_token_names()).
 
     Returns ``corpus`` (one passage per person and per town), ``credit`` (per person and relation,
@@ -63,7 +73,10 @@ def generate_credit_world(seed: int = 0, names: list[str] | None = None, n_peopl
     ``query`` (words that find the subject's passage), ``decoy`` (the decoy's name, or None) and
     ``relation`` (a key of CREDIT_RELATIONS). A hops row: ``hops`` (1 or 2), ``person``, ``query``,
     ``town`` (the bridge) and, two-hop, ``support`` (the bridge's aliases, as data.generate_two_hop).
+    ``variant`` (WORLD_VARIANTS) changes the person passages and the credit questions asked, nothing else.
     """
+    if variant is not None and variant not in WORLD_VARIANTS:
+        raise DataError(f"unknown credit-world variant {variant!r}; choose one of {', '.join(WORLD_VARIANTS)}")
     rng = random.Random(seed)
     pool = list(names if names is not None else one_token_names())
     rng.shuffle(pool)
@@ -88,10 +101,14 @@ def generate_credit_world(seed: int = 0, names: list[str] | None = None, n_peopl
     for i, p in enumerate(people):
         last = p["name"].split()[1]
         clauses = [f"{CREDIT_RELATIONS[r][0]} {t['name']}" for r, t in p["towns"].items()]
-        rng.shuffle(clauses)  # where a town stands says nothing about its relation
+        shuffled = list(clauses)
+        rng.shuffle(shuffled)  # where a town stands says nothing about its relation (drawn in every variant,
+        # so that a variant's later draws, decoys included, are the base world's)
+        towns_said = {None: f"{shuffled[0]}, {shuffled[1]} and {shuffled[2]}",
+                      "ordered": f"{clauses[0]}, {clauses[1]} and {clauses[2]}", "one_town": clauses[0]}[variant]
         corpus.append({"id": f"person-{i}", "title": p["name"], "text": (
             f"{p['name']} is {_article(p['job'])} {p['job']} whose best-known {p['kind']} is {p['work']}. "
-            f"{last} {clauses[0]}, {clauses[1]} and {clauses[2]}.")})
+            f"{last} {towns_said}.")})
         subject = f"The {p['job']} who made the {p['kind']} {p['work']}"
         common = {"person": i, "query": f"the {p['kind']} {p['work']}"}
         for relation, (_, ending) in CREDIT_RELATIONS.items():
@@ -102,6 +119,8 @@ def generate_credit_world(seed: int = 0, names: list[str] | None = None, n_peopl
                     j = rng.randrange(n_people - 1)
                     decoy = people[j + (j >= i)]["name"]  # anyone but the subject
                 lead = f"{subject} was a {rng.choice(_CREDIT_LINKS)} of {decoy}." if decoy else f"{subject} is famous."
+                if variant == "one_town" and relation != "born":
+                    continue  # (after the draws: the born questions are the base world's)
                 credit.append({"question": f"{lead} {ending.format(job=p['job'])}", "answer": town,
                                "aliases": [town, f"the town of {town}"], "pair": f"{i}:{relation}", **common,
                                "decoy": decoy, "relation": relation})
@@ -131,27 +150,33 @@ def credit_facts(passage_text: str) -> dict[str, str]:
     return found
 
 
-def credit_world(seed: int = 0, n_eval_people: int = 64, cache_dir: Path | None = None) -> dict[str, Path]:
+def credit_world(seed: int = 0, n_eval_people: int = 64, cache_dir: Path | None = None,
+                 variant: str | None = None) -> dict[str, Path]:
     """The credit world, cached like demo_world: ``corpus``; ``train``/``eval`` (the credit task) and
     ``hops_train``/``hops_eval`` (the K-turn task). ``n_eval_people`` people are held out of both tasks'
     training questions (they may still be named as a decoy): ``eval`` holds one question per held-out
     (person, relation), ``hops_eval`` both hops questions of each, alternating one-hop and two-hop so
-    that its first n rows hold both kinds equally."""
-    folder = Path(cache_dir or CACHE_DIR) / f"credit-world-v3-seed{seed}"
+    that its first n rows hold both kinds equally. ``variant`` (WORLD_VARIANTS) holds out the same people;
+    "one_town" asks one relation, so its ``eval`` holds every decoy variant of each held-out person's
+    question, the first of each person's first, then their second, and so on."""
+    folder = Path(cache_dir or CACHE_DIR) / (f"credit-world-v3-seed{seed}" + (f"-{variant}" if variant else ""))
     keys = ("corpus", "train", "eval", "hops_train", "hops_eval")
     paths = {k: folder / f"{k}.jsonl" for k in keys}
     if not all(p.is_file() for p in paths.values()):
-        world = generate_credit_world(seed)
+        world = generate_credit_world(seed, variant=variant)
         people = sorted({q["person"] for q in world["hops"]})
         held = random.Random(seed + 1).sample(people, n_eval_people)
-        first = {}
+        first, nth = {}, {}
         for q in world["credit"]:
             if q["person"] in held:
                 first.setdefault(q["pair"], q)  # the first variant of each held-out pair
+                nth.setdefault(q["pair"], []).append(q)
+        held_out = ([nth[f"{i}:born"][v] for v in range(len(nth[f"{held[0]}:born"])) for i in held]
+                    if variant == "one_town" else [first[f"{i}:{r}"] for i in held for r in CREDIT_RELATIONS])
         by_person = {(q["person"], q["hops"]): q for q in world["hops"]}
         rows = {"corpus": world["corpus"],
                 "train": [q for q in world["credit"] if q["person"] not in held],
-                "eval": [first[f"{i}:{r}"] for i in held for r in CREDIT_RELATIONS],
+                "eval": held_out,
                 "hops_train": [q for q in world["hops"] if q["person"] not in held],
                 "hops_eval": [by_person[i, h] for i in held for h in (1, 2)]}
         for k, key in enumerate(("train", "hops_train")):
