@@ -12,7 +12,7 @@ person too. (a) A good first turn does not guarantee the outcome: the right pass
 so R^O is 0 after a perfect search whenever turn 2 picks the wrong one. (b) The question as the query
 finds the decoy's passage whenever there is a decoy (about 70% of questions): turn 1 must learn to search
 for the work. (c) is the target for the start of RL: EM about 5-20%, tool-call rate 30-60%.
-``--properties`` measures and prints all three (bench/results/credit_properties.txt). Measured for world
+``--properties`` measures and prints all three (bench/results/credit_properties.txt; _w<seed> for another world). Measured for world
 seed 0 and the default instrument: (a) holds (of the sampled episodes whose search found the answer, 22%
 answered right), (b) holds (the question as query finds the subject 0.2% of the time when a decoy is named,
 the right query 100%), (c) at its low edge: the seed-0 start samples EM 0.039 (95% Wilson interval
@@ -43,7 +43,17 @@ and "one_town", where R^O already pays for a good first turn (one town a passage
 The turn-reward arms are not rerun there: on world 0 both lost 21 EM points to verifiable R^T.
 
     python bench/bench_credit.py --part workbench --world-seed 1 --seeds 8 9 10 11 12 13 14 15 \
-        --methods mt_grpo grpo_or grpo_mr gigpo mt_ppo --out runs/wb-w1 --jobs 2 --threads 1 [--variant ordered|one_town]
+        --methods mt_grpo grpo_or grpo_mr gigpo mt_ppo --out runs/wb-w1 --jobs 2 --threads 1
+
+What changed once it ran: world 1's instrument (built like world 0's, but with 2 threads) started outside (c):
+it wrote the right query in 1.6% of its sampled episodes against world 0's 15.6%, and copied names at 3.35
+nats against 2.68 (bench/results/credit_properties_w1.txt), so no estimator got its search above 0.11 found.
+A variant run on it would have measured nothing of the second turn, so the two variants ran on world 0's
+instrument instead (seeds 0-7, the base run's, rebuilt with 1 thread as that run was), after two of the
+"ordered" runs on world 1 had finished and were discarded:
+
+    python bench/bench_credit.py --part workbench --variant ordered --methods mt_grpo grpo_or grpo_mr gigpo mt_ppo \
+        --out runs/bench-credit --jobs 2 --threads 1        # and --variant one_town
 
 THE INSTRUMENT. SmolLM2-135M takes 76 s a 16-rollout step on this CPU (THE REALISTIC CHECK): far too slow for
 the power below.
@@ -952,7 +962,8 @@ def main(argv=None) -> int:
         from common import write_result
 
         command = "python bench/bench_credit.py " + " ".join(sys.argv[1:] if argv is None else argv)
-        write_result(Path(args.results) / "credit_properties.txt", f"{command}\n\n{properties(args, paths)}\n")
+        name = "credit_properties" + (f"_w{args.world_seed}" if args.world_seed else "")
+        write_result(Path(args.results) / f"{name}.txt", f"{command}\n\n{properties(args, paths)}\n")
         return 0
     t0 = time.time()
     if args.policy == "instrument":
