@@ -482,7 +482,7 @@ def seed_start(job) -> str:
 
 
 def evaluate_point(args, part: Part, model_dir: Path, path: Path, step: int, paths: dict) -> dict:
-    """eval.evaluate (greedy, the part's episode) on the first --eval-n held-out questions, cached in
+    """evaluate.evaluate (greedy, the part's episode) on the first --eval-n held-out questions, cached in
     ``path``. The k3 part is scored per kind as well (one-hop, two-hop)."""
     if path.is_file():
         return json.loads(path.read_text())
@@ -511,7 +511,7 @@ def evaluate_point(args, part: Part, model_dir: Path, path: Path, step: int, pat
 
 
 def endpoints(part: Part, scores: dict) -> dict:
-    """The numbers a part reports, from eval.evaluate's means."""
+    """The numbers a part reports, from evaluate.evaluate's means."""
     if part.name != "k3":
         r = scores["all"]
         found = r["search_answer"] / 0.5  # the share of episodes whose first result held the answer
@@ -723,10 +723,15 @@ def setup_text(args, part: Part, paths: dict) -> str:
             f"{args.batch_size} rollouts (G {args.G}), lr {args.lr:g}, `train.py {' '.join(part.flags + as_flags(part.env))}`.")
 
 
+def results_name(args, stem: str) -> str:
+    """A results file's name: ``stem``, then _w<seed> for a world other than 0, _<variant> and _smollm2, so
+    that no run's files overwrite another's."""
+    return (stem + (f"_w{args.world_seed}" if args.world_seed else "") + (f"_{args.variant}" if args.variant else "")
+            + ("_smollm2" if args.policy == "smollm2" else ""))
+
+
 def write_results(args, part: Part, paths: dict, minutes: float) -> str:
-    name = {"credit": "credit", "k3": "credit_k3", "workbench": "credit_workbench"}[part.name]
-    name += (f"_w{args.world_seed}" if args.world_seed else "") + (f"_{args.variant}" if args.variant else "")
-    name += "_smollm2" if args.policy == "smollm2" else ""
+    name = results_name(args, {"credit": "credit", "k3": "credit_k3", "workbench": "credit_workbench"}[part.name])
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
     body = report(args, part, minutes)
@@ -962,8 +967,7 @@ def main(argv=None) -> int:
         from common import write_result
 
         command = "python bench/bench_credit.py " + " ".join(sys.argv[1:] if argv is None else argv)
-        name = "credit_properties" + (f"_w{args.world_seed}" if args.world_seed else "")
-        write_result(Path(args.results) / f"{name}.txt", f"{command}\n\n{properties(args, paths)}\n")
+        write_result(Path(args.results) / f"{results_name(args, 'credit_properties')}.txt", f"{command}\n\n{properties(args, paths)}\n")
         return 0
     t0 = time.time()
     if args.policy == "instrument":

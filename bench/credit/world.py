@@ -166,13 +166,12 @@ def credit_world(seed: int = 0, n_eval_people: int = 64, cache_dir: Path | None 
         world = generate_credit_world(seed, variant=variant)
         people = sorted({q["person"] for q in world["hops"]})
         held = random.Random(seed + 1).sample(people, n_eval_people)
-        first, nth = {}, {}
+        by_pair = {}  # each held-out (person, relation): its questions, one per decoy variant
         for q in world["credit"]:
             if q["person"] in held:
-                first.setdefault(q["pair"], q)  # the first variant of each held-out pair
-                nth.setdefault(q["pair"], []).append(q)
-        held_out = ([nth[f"{i}:born"][v] for v in range(len(nth[f"{held[0]}:born"])) for i in held]
-                    if variant == "one_town" else [first[f"{i}:{r}"] for i in held for r in CREDIT_RELATIONS])
+                by_pair.setdefault(q["pair"], []).append(q)
+        held_out = ([by_pair[f"{i}:born"][v] for v in range(len(by_pair[f"{held[0]}:born"])) for i in held]
+                    if variant == "one_town" else [by_pair[f"{i}:{r}"][0] for i in held for r in CREDIT_RELATIONS])
         by_person = {(q["person"], q["hops"]): q for q in world["hops"]}
         rows = {"corpus": world["corpus"],
                 "train": [q for q in world["credit"] if q["person"] not in held],
