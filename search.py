@@ -21,12 +21,11 @@ import logging
 import shutil
 import sys
 import tempfile
-import os
 from pathlib import Path
 
 import numpy as np
 
-from data import CACHE_DIR, DataError, check_fields, file_fingerprint, read_jsonl
+from data import CACHE_DIR, DataError, check_fields, file_fingerprint, publish_dir, read_jsonl
 
 MAX_QUERY_TOKENS = 64  # a runaway tool argument is cut, not an error: it is model output
 ENGINES = ("bm25s", "rank_bm25")
@@ -112,7 +111,8 @@ class Index:
 
 
 def _build_bm25s(passages: list[dict], folder: Path) -> None:
-    """Index and save atomically: a crash mid-build leaves no folder that looks complete."""
+    """Index and save atomically: a crash mid-build leaves no folder that looks complete, and a process that
+    indexes the same corpus at the same time finds one whole index (data.publish_dir)."""
     import bm25s
 
     texts = [f"{p['title']}. {p['text']}" for p in passages]
@@ -123,9 +123,7 @@ def _build_bm25s(passages: list[dict], folder: Path) -> None:
     model.save(tmp, corpus=[{"id": p["id"], "title": p["title"], "text": p["text"]} for p in passages],
                show_progress=False)
     (tmp / "manifest.json").write_text(json.dumps({"n_passages": len(passages), "version": INDEX_VERSION}))
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
+    publish_dir(tmp, folder, lambda f: (f / "manifest.json").is_file())
 
 
 def _load_bm25s(folder: Path):
@@ -159,6 +157,7 @@ def load_index(corpus_path: str | Path, engine: str = "bm25s", cache_dir: Path |
             return Index(engine, *_load_bm25s(folder))
         except Exception as e:  # truncated or corrupt files: rebuild rather than answer wrongly
             logging.warning("search index %s is unreadable (%s); rebuilding it", folder, e)
+            shutil.rmtree(folder, ignore_errors=True)
     _build_bm25s(load_corpus(corpus_path), folder)
     return Index(engine, *_load_bm25s(folder))
 

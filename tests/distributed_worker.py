@@ -147,6 +147,64 @@ def copy_each_checkpoint():
     train.save_checkpoint = save
 
 
+def slow_rank_in_save_state(out: Path):
+    """Make the checkpoint race deterministic (no sleeps, no timing). Under DeepSpeed every process writes
+    files of its own inside ``accelerator.save_state`` (its ``random_states_<rank>.pkl`` last, after the
+    collective DeepSpeed save). Here a non-main process holds that last write back until the main process,
+    back from its own ``save_state``, has either moved the checkpoint folder away (the race: the write then
+    fails, "Parent directory ... does not exist") or is waiting for the others at a barrier (the fix: the
+    write lands in the folder before it moves). Each process logs what it saw in ``race/rank<r>.jsonl``.
+
+    Markers, in ``<out>/race``: ``saved-<n>`` holds how many barriers the main process had entered when its
+    n-th save_state returned; ``barriers`` how many it has entered so far."""
+    from accelerate import Accelerator
+    import accelerate.accelerator as accelerate_module
+
+    race = out / "race"
+    race.mkdir(parents=True, exist_ok=True)
+    rank = int(os.environ.get("RANK", 0))  # set by the launcher; accelerate's state is not built yet
+    real_save_state, real_wait, real_write = (Accelerator.save_state, Accelerator.wait_for_everyone,
+                                              accelerate_module.save_accelerator_state)
+    counts = {"barriers": 0, "saves": 0}
+
+    def write(name: str, text: str):
+        tmp = race / f".{name}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, race / name)
+
+    if rank == 0:
+        def wait_for_everyone(self):
+            counts["barriers"] += 1
+            write("barriers", str(counts["barriers"]))
+            return real_wait(self)
+
+        def save_state(self, output_dir=None, **kwargs):
+            result = real_save_state(self, output_dir, **kwargs)
+            counts["saves"] += 1
+            write(f"saved-{counts['saves']}", str(counts["barriers"]))
+            return result
+
+        Accelerator.wait_for_everyone, Accelerator.save_state = wait_for_everyone, save_state
+        return
+
+    def held_back_write(output_dir, *args, **kwargs):
+        counts["saves"] += 1
+        folder, saved = Path(output_dir), race / f"saved-{counts['saves']}"
+        deadline = time.time() + 600  # only a hang in the run itself gets here
+        while not saved.exists():
+            assert time.time() < deadline, "the main process never returned from save_state"
+            time.sleep(0.02)
+        barriers_then = int(saved.read_text())
+        while folder.exists() and int((race / "barriers").read_text()) <= barriers_then:
+            assert time.time() < deadline, "the main process neither moved the folder nor waited at a barrier"
+            time.sleep(0.02)
+        with open(race / f"rank{rank}.jsonl", "a") as f:
+            f.write(json.dumps({"save": counts["saves"], "folder_still_there": folder.exists()}) + "\n")
+        return real_write(output_dir, *args, **kwargs)
+
+    accelerate_module.save_accelerator_state = held_back_write
+
+
 def count_index_builds():
     import search
 
@@ -171,6 +229,8 @@ if __name__ == "__main__":
 
         vllm_backend.VLLMPolicy, config.vllm_installed = StubEngine, lambda: True
     copy_each_checkpoint()
+    if os.environ.get("SLOW_RANK_SAVE"):
+        slow_rank_in_save_state(OUT)
     if os.environ.get("HANG_AFTER_STEP"):
         hang_after(int(os.environ["HANG_AFTER_STEP"]))
     count_index_builds()

@@ -349,3 +349,49 @@ def test_two_hop_world_is_cached_and_split(tmp_path):
     assert len(eval_) == 300 and len(train) == 1200
     assert {q["question"] for q in train}.isdisjoint(q["question"] for q in eval_)
     assert all(q["support"] and q["answer"] in q["aliases"] for q in train)
+
+
+# ----------------------------------------------------------------------------- caches several processes build
+def complete(folder: Path) -> bool:
+    return (folder / "done").is_file()
+
+
+def finished(tmp_path: Path, name: str) -> Path:
+    tmp = tmp_path / name
+    tmp.mkdir()
+    (tmp / "done").write_text(name)
+    return tmp
+
+
+def test_publish_keeps_the_folder_another_process_published_first(tmp_path):
+    """Two processes converted the model (or indexed a corpus) at once: the first one's folder stays, since
+    the other may already be reading it, and the second one's copy goes."""
+    folder = tmp_path / "cache"
+    data.publish_dir(finished(tmp_path, "first"), folder, complete)
+    inode = (folder / "done").stat().st_ino
+    data.publish_dir(finished(tmp_path, "second"), folder, complete)
+    assert (folder / "done").read_text() == "first" and (folder / "done").stat().st_ino == inode
+    assert not (tmp_path / "first").exists() and not (tmp_path / "second").exists()
+
+
+def test_publish_replaces_a_leftover_of_an_interrupted_run(tmp_path):
+    folder = tmp_path / "cache"
+    folder.mkdir()
+    (folder / "half").write_text("")
+    data.publish_dir(finished(tmp_path, "new"), folder, complete)
+    assert (folder / "done").read_text() == "new" and not (folder / "half").exists()
+
+
+def test_publish_when_another_process_wins_between_the_check_and_the_rename(tmp_path, monkeypatch):
+    """The other process's rename lands after our look at the folder: ours fails (the folder is not empty),
+    and we keep theirs rather than failing the run."""
+    folder = tmp_path / "cache"
+    real_replace = data.os.replace
+
+    def replace(src, dst):
+        if not Path(dst).exists():  # the other process publishes first
+            real_replace(finished(tmp_path, "theirs"), dst)
+        return real_replace(src, dst)
+    monkeypatch.setattr(data.os, "replace", replace)
+    data.publish_dir(finished(tmp_path, "ours"), folder, complete)
+    assert (folder / "done").read_text() == "theirs" and not (tmp_path / "ours").exists()

@@ -13,7 +13,9 @@ every process, every launch dies at its first checkpoint (rank 1: 'NoneType' has
 with ``Accelerator(cpu=True)`` on CPU the run is MULTI_CPU, not DEEPSPEED
 (test_the_launch_really_ran_zero3); without ``main_process_first`` around the index both processes build
 it (test_the_search_index_is_built_once); with sync_weights skipped the engine's weights stay the start
-model's (test_sync_weights_delivers_the_trained_weights).
+model's (test_sync_weights_delivers_the_trained_weights); without the barrier after ``save_state`` in
+checkpoint.save_checkpoint the fixture's held-back process 1 finds its checkpoint folder moved and the launch
+dies (test_every_process_writes_its_checkpoint_files_before_the_folder_moves).
 """
 import json
 import os
@@ -80,7 +82,10 @@ def runs(tmp_path_factory, tiny_model_dir):
     (folder / "questions.jsonl").write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS))
     (folder / "corpus.jsonl").write_text("".join(json.dumps(p) + "\n" for p in FAKE_PASSAGES))
     out = {"one": launch(folder, "one", flags(folder, tiny_model_dir, STEPS) + ["--no-bf16"], 1),
-           "zero3": launch(folder, "zero3", flags(folder, tiny_model_dir, STEPS) + ["--no-bf16"], 2)}
+           # process 1 holds its last checkpoint write back until the main process moved the folder or waits
+           # for it (distributed_worker.slow_rank_in_save_state): the checkpoint race, deterministic
+           "zero3": launch(folder, "zero3", flags(folder, tiny_model_dir, STEPS) + ["--no-bf16"], 2,
+                           env={"SLOW_RANK_SAVE": "1"})}
 
     # the same run, SIGKILLed (the whole job: launcher and both processes) right after its step-2 checkpoint
     # was written, then resumed to step 3
@@ -178,6 +183,20 @@ def test_sigkill_then_resume_equals_the_uninterrupted_run(runs):
         assert {k: v for k, v in a.items() if k not in skip} == {k: v for k, v in b.items() if k not in skip}, a["step"]
     a, b = weights(runs["zero3"] / "checkpoint"), weights(runs["resumed"] / "checkpoint")
     assert all(torch.equal(a[k], b[k]) for k in a)  # bit for bit
+
+
+def test_every_process_writes_its_checkpoint_files_before_the_folder_moves(runs):
+    """The checkpoint race, made deterministic: process 1 writes its last save_state file (its random states)
+    only once the main process, back from its own save_state, has either moved the folder away or is waiting
+    at a barrier (distributed_worker.slow_rank_in_save_state). Without the barrier after save_state in
+    checkpoint.save_checkpoint the main process moves the folder first, process 1's write fails ("Parent
+    directory ... does not exist") and the launch dies at its first checkpoint: the fixture fails."""
+    seen = [json.loads(line) for line in (runs["zero3"] / "race" / "rank1.jsonl").read_text().splitlines()]
+    assert [s["save"] for s in seen] == list(range(1, STEPS + 1))  # one held-back write per checkpoint
+    assert all(s["folder_still_there"] for s in seen)
+    for k in range(1, STEPS + 1):  # and every checkpoint holds both processes' states
+        assert {p.name for p in (runs["zero3"] / f"checkpoint-{k}" / "deepspeed").glob("random_states_*.pkl")} == \
+               {"random_states_0.pkl", "random_states_1.pkl"}, k
 
 
 def test_the_search_index_is_built_once(runs):
