@@ -24,6 +24,18 @@ advantage TRL derives from their sum is replaced, and the mean advantage of each
 seed's: a token mean per micro-batch, averaged), "grpo" is ``sequence``. The seed's own trainer, TRL at
 fc4dae2, used what is "bnpo" now, so TRL's default is not the seed's loss.
 
+Several processes (accelerate: DDP, and DeepSpeed or FSDP with TRL's vLLM). Each process runs the episodes of
+its own rows; the reward levels of every process's rollouts are gathered, so a group split between processes
+is normalised whole and the step equals the 1-process step (tests/test_trl.py runs both over gloo). TRL's vLLM
+generation in server mode, and in colocate mode with tensor parallelism, gathers the prompts of all processes
+and hands each its slice by position: so every process makes the same engine calls with the same number of
+prompts (TRLvLLMSampler pads the episodes that ended and keeps calling until every process's are done).
+Refused with a clear error: the HF sampler under DeepSpeed ZeRO-3 or FSDP (sharded forwards are collectives,
+and processes run different numbers of generate calls), and every TRL setting that the MT-GRPO advantage
+would otherwise ignore: ``scale_rewards`` other than "group", ``multi_objective_aggregation`` other than
+"sum_then_normalize", groups of fewer than 2 (``num_generations_eval`` 1). Honoured: ``reward_weights``
+(each reward weighted inside its level) and ``num_generations_eval`` (the group size when evaluating).
+
 What this relies on in TRL, and where a TRL release that changes it fails tests/test_trl.py:
 ``GRPOTrainer(rollout_func=...)`` with the ``env_mask`` field (experimental in TRL 1.16),
 ``_generate_and_score_completions`` returning its batch as a dict with ``advantages``, and the loss taking
@@ -60,23 +72,86 @@ def episode_config(args: GRPOConfig, **overrides) -> env.EnvConfig:
                             "top_p": args.top_p, **overrides})
 
 
+def ignored_setting(args: GRPOConfig) -> str | None:
+    """What in TRL's settings the MT-GRPO advantage would ignore, as a message naming the setting, or None.
+    MTGRPOTrainer replaces the advantage TRL computes from the rewards' sum: its group normalisation (std with
+    Bessel's correction, + 1e-4) is mt_grpo.group_normalise, per reward level; reward_weights are honoured
+    (each reward weighted inside its level), and so is num_generations_eval (the group when evaluating)."""
+    if args.scale_rewards != "group":
+        return (f"scale_rewards={args.scale_rewards!r}: MT-GRPO normalises each reward level within its group (the "
+                "paper's and TRL's 'group'); leave scale_rewards at 'group'")
+    if args.multi_objective_aggregation != "sum_then_normalize":
+        return (f"multi_objective_aggregation={args.multi_objective_aggregation!r}: MT-GRPO sums the rewards of each "
+                "level, then normalises the level's sum within its group; leave it at 'sum_then_normalize'")
+    if args.num_generations_eval is not None and args.num_generations_eval < 2:
+        return (f"num_generations_eval={args.num_generations_eval}: a group needs at least 2 rollouts to normalise "
+                "(leave it None for num_generations)")
+    return None
+
+
+def shards_weights(trainer) -> bool:
+    """Whether the trainer's weights are sharded over its processes: DeepSpeed ZeRO-3 or FSDP."""
+    if trainer.is_fsdp_enabled:
+        return True
+    return bool(trainer.is_deepspeed_enabled and trainer.accelerator.state.deepspeed_plugin.zero_stage == 3)
+
+
 class TRLvLLMSampler(env.Sampler):
     """env.Sampler over TRL's own vLLM generation (``use_vllm``: its server or colocate mode): each call asks
     TRL for one completion per row and env.cut_turn cuts it where a message ends. TRL's vLLM generation takes
     neither stop strings nor a per-call length, so a message is sampled to TRL's max_completion_length and
-    cut after; its log-probs are TRL's (vLLM's processed ones, of the truncated distribution)."""
+    cut after; its log-probs are TRL's (vLLM's processed ones, of the truncated distribution; None, where vLLM
+    gave NaN, becomes NaN: no log-prob reported).
+
+    Lock-step. In server mode, and in colocate mode with tensor parallelism, TRL gathers the prompts of every
+    process, generates them together and hands process p the rows [p*n, (p+1)*n), n its own count: every
+    process must call at the same time with the same count. env.rollout asks only for the episodes still
+    live, so after the first message the counts differ, and a process whose episodes all ended stops calling.
+    So each call is padded to the rollout's first (largest) count, and after its own episodes end
+    (``end_rollout``) a process keeps making padded calls, discarded, until every process's have ended; one
+    all-reduce per call says whether any process still has a live episode."""
 
     def __init__(self, trainer):
         self.trainer, self.calls = trainer, 0
+        engine = trainer.vllm_generation
+        self.lockstep = trainer.accelerator.num_processes > 1 and (
+            engine.mode == "server" or getattr(engine, "tensor_parallel_size", 1) > 1)
+        self.width, self.filler = 0, None
 
-    def generate(self, batch, max_new_tokens, sampling, stop):
-        _, completions, logprobs, _ = self.trainer.vllm_generation.generate(prompts=[list(r) for r in batch],
+    def start_rollout(self) -> None:
+        self.width, self.filler = 0, None
+
+    def any_process_live(self, live: bool) -> bool:
+        accelerator = self.trainer.accelerator
+        return bool(accelerator.reduce(torch.tensor([float(live)], device=accelerator.device), "sum").item() > 0)
+
+    def engine_call(self, rows: list[list[int]]):
+        _, completions, logprobs, _ = self.trainer.vllm_generation.generate(prompts=[list(r) for r in rows],
                                                                             images=None, num_generations=1)
         self.calls += 1
+        return completions, logprobs
+
+    def generate(self, batch, max_new_tokens, sampling, stop):
+        rows = [list(r) for r in batch]
+        if self.lockstep:
+            self.any_process_live(True)  # every process takes part in every round's all-reduce
+            if not self.width:  # the rollout's first call: every episode is live
+                accelerator = self.trainer.accelerator
+                self.width = int(accelerator.gather(torch.tensor([len(rows)], device=accelerator.device)).max())
+                self.filler = rows[0]
+            rows = rows + [self.filler] * (self.width - len(rows))
+        completions, logprobs = self.engine_call(rows)
         tok = self.trainer.processing_class
-        rows = [env.cut_turn(c, tok, stop, max_new_tokens) for c in completions]
-        self.last_logprobs = [[lp[0] for lp in seq[:len(row)]] for seq, row in zip(logprobs, rows)]
-        return rows
+        cut = [env.cut_turn(c, tok, stop, max_new_tokens) for c in completions[:len(batch)]]
+        self.last_logprobs = [[math.nan if lp[0] is None else lp[0] for lp in seq[:len(row)]]
+                              for seq, row in zip(logprobs, cut)]
+        return cut
+
+    def end_rollout(self) -> None:
+        if not self.lockstep or not self.width:
+            return
+        while self.any_process_live(False):  # another process still samples: call with it, discard
+            self.engine_call([self.filler] * self.width)
 
 
 class MTGRPOTrainer(GRPOTrainer):
@@ -100,11 +175,19 @@ class MTGRPOTrainer(GRPOTrainer):
         if args.mask_truncated_completions:
             raise ValueError("mask_truncated_completions would drop every episode (each ends with the chat template's "
                              "close, not an end-of-turn id; the environment cuts them to the budget): leave it False")
+        problem = ignored_setting(args)
+        if problem:
+            raise ValueError(problem)
         self.searcher, self.method, self.lam, self.convention, self.k_turn = searcher, method, lam, convention, k_turn
         self.make_sampler, self.trajectories = sampler, []
         super().__init__(model, reward_funcs=[reward_function(n) for n in rewards.REWARD_FUNCS], args=args,
                          train_dataset=train_dataset, processing_class=processing_class, rollout_func=self.rollout,
                          **kwargs)
+        if sampler is None and not self.use_vllm and shards_weights(self):
+            raise ValueError("DeepSpeed ZeRO-3 and FSDP shard the weights: sampling with HF generate would gather "
+                             "every layer for every token, and the processes' generate calls (one per round of live "
+                             "episodes) would not match, so their collective gathers hang. Pass use_vllm=True "
+                             "(TRL's vLLM), or train with DDP or ZeRO-1/2")
 
     # ------------------------------------------------------------------ the rollouts
     def sampler(self) -> env.Sampler:
@@ -128,7 +211,7 @@ class MTGRPOTrainer(GRPOTrainer):
         model.train(was_training)
         trajs = self.trajectories
         return {"prompt_ids": [t.prompt_ids for t in trajs], "completion_ids": [t.completion_ids for t in trajs],
-                "logprobs": [[0.0 if math.isnan(x) else x for x in t.sampler_logprobs] for t in trajs],
+                "logprobs": [[0.0 if x is None or math.isnan(x) else x for x in t.sampler_logprobs] for t in trajs],
                 "env_mask": [[int(k > 0) for k in t.turn_idx] for t in trajs],  # the environment's ids: no loss
                 "messages": [t.messages for t in trajs]}  # for the reward functions
 
@@ -152,7 +235,8 @@ class MTGRPOTrainer(GRPOTrainer):
         """Per-turn advantages (B, K) of this process's rollouts, each group normalised whole: the reward levels
         of every process's rollouts are gathered (TRL's batch is question-major across processes, as train.py's)."""
         scores = rewards.compute([t.messages for t in trajectories], aliases)
-        R_T, R_O = rewards.level_sums(scores)
+        weights = dict(zip(rewards.REWARD_FUNCS, self.reward_weights.tolist()))  # TRL's reward_weights, in order
+        R_T, R_O = rewards.level_sums({k: [weights[k] * x for x in v] for k, v in scores.items()})
         turns = None
         if self.k_turn:
             R_T, turns = rewards.k_turn_levels([t.messages for t in trajectories], aliases, supports,
@@ -163,11 +247,12 @@ class MTGRPOTrainer(GRPOTrainer):
                             dtype=torch.float32, device=device).T
         every = self.accelerator.gather(torch.cat([R_T, rest], 1)).cpu()
         R_T, (R_O, has_result, turns) = every[:, :R_T.shape[1]], every[:, R_T.shape[1]:].T
+        G = self.num_generations if self.model.training else self.num_generations_eval  # TRL's groups, by mode
         if self.k_turn:
-            A = mt_grpo.k_turn_advantages(R_T, R_O, turns.long(), self.num_generations, self.method, lam=self.lam,
+            A = mt_grpo.k_turn_advantages(R_T, R_O, turns.long(), G, self.method, lam=self.lam,
                                           convention=self.convention, has_result=has_result.bool())
         else:
-            A = mt_grpo.turn_advantages(R_T[:, 0], R_O, self.num_generations, self.method, lam=self.lam,
+            A = mt_grpo.turn_advantages(R_T[:, 0], R_O, G, self.method, lam=self.lam,
                                         convention=self.convention, has_result=has_result.bool())
         first = self.accelerator.process_index * len(trajectories)
         return A[first:first + len(trajectories)]

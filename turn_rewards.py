@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 import env
+from data import DataError
 from policy import load_policy, pack, token_logprobs
 
 TURN_REWARDS = ("verifiable", "info_gain", "judge")
@@ -25,6 +26,13 @@ JUDGE_QUESTION = ("A search agent must answer the question: {question}\n"
                   "The search returned:\n{result}\n\n"
                   "Does this search result help answer the question? Answer yes or no.")
 RESULT_CHARS = 1500  # of a result shown to the judge
+YES, NO = ("yes", "Yes", " yes", " Yes"), ("no", "No", " no", " No")  # the spellings of the judge's verdict
+
+
+def single_token_ids(tokenizer, words) -> list[int]:
+    """The ids of those ``words`` that the tokenizer writes as exactly one token, sorted."""
+    pieces = [tokenizer(w, add_special_tokens=False)["input_ids"] for w in words]
+    return sorted({ids[0] for ids in pieces if len(ids) == 1})
 
 
 def before_and_after(t: env.Trajectory) -> tuple[list[int], list[int]] | None:
@@ -71,17 +79,24 @@ def info_gain(model, tokenizer, trajectories, answers: list[str], micro_batch: i
 
 class Judge:
     """A causal LM that scores a search turn: P(yes) / (P(yes) + P(no)) of its next token after JUDGE_QUESTION
-    in its chat template ("yes"/"Yes" against "no"/"No")."""
+    in its chat template, "yes" summed over the spellings of it that are one token of the judge's vocabulary
+    (yes, Yes, and with a leading space), "no" likewise. A spelling that its tokenizer splits into pieces is
+    left out: its first piece ("Y") would also count every other word that starts with it."""
 
     def __init__(self, model_path: str | None, device: torch.device | str = "cpu"):
         self.model, self.tokenizer = load_policy(model_path)
         self.model.to(device).eval()
-        def first_ids(words):
-            return sorted({self.tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in words})
-
-        self.yes, self.no = first_ids(["yes", "Yes", " yes", " Yes"]), first_ids(["no", "No", " no", " No"])
-        if set(self.yes) & set(self.no):
-            raise ValueError(f"{model_path}: its tokenizer does not tell 'yes' from 'no' by their first token")
+        name = model_path or "the embedded model"
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise DataError(f"{name}: its tokenizer has no chat template, and the judge asks its question as a chat "
+                            "turn: pass --judge-model with an instruction-tuned checkpoint")
+        self.pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        if self.pad is None:
+            raise DataError(f"{name}: its tokenizer has neither a pad nor an EOS token to pad a batch with")
+        self.yes, self.no = single_token_ids(self.tokenizer, YES), single_token_ids(self.tokenizer, NO)
+        if not self.yes or not self.no or set(self.yes) & set(self.no):
+            raise DataError(f"{name}: its tokenizer writes neither {' nor '.join(YES)} or neither {' nor '.join(NO)} "
+                            "as one token, so the judge cannot read P(yes) off one next-token distribution")
 
     def prompt_ids(self, question: str, query: str, result: str) -> list[int]:
         text = JUDGE_QUESTION.format(question=question, query=query, result=result[:RESULT_CHARS])
@@ -94,7 +109,7 @@ class Judge:
         for i in range(0, len(questions), micro_batch):
             part = slice(i, i + micro_batch)
             prompts = [self.prompt_ids(q, c, r) for q, c, r in zip(questions[part], queries[part], results[part])]
-            ids, attn = (x.to(self.model.device) for x in env.left_pad(prompts, self.tokenizer.pad_token_id))
+            ids, attn = (x.to(self.model.device) for x in env.left_pad(prompts, self.pad))
             positions = (attn.cumsum(1) - 1).clamp(min=0)  # each prompt from position 0, padding or not
             logits = self.model(input_ids=ids, attention_mask=attn, position_ids=positions).logits[:, -1]
             logp = torch.log_softmax(logits.float(), -1)

@@ -175,6 +175,57 @@ def test_the_judge_scores_p_yes_whatever_the_padding(tok, tiny_model_dir):
     assert flat[0] == pytest.approx(len(judge.yes) / (len(judge.yes) + len(judge.no)), abs=1e-6)
 
 
+def bpe_judge_folder(folder, tok, chat_template=True, pad=True):
+    """A judge checkpoint with a tokenizer of its own: a byte-level BPE trained on a few sentences, so small that
+    "Yes" and " Yes" are not one token ("Y" + "es") while yes, no, No and their spaced forms are; a tiny random
+    Llama over its vocabulary. ``chat_template``: SmolLM2's, or none; ``pad``: a pad token, or none (EOS only)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    text = ["yes no No yes no", "the search says no", "yes it does", "No it does not", "yes"] * 20
+    bpe.train_from_iterator(text, trainers.BpeTrainer(vocab_size=300, special_tokens=["<|im_start|>", "<|im_end|>"],
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|im_end|>" if pad else None,
+                                   chat_template=tok.chat_template if chat_template else None)
+    folder.mkdir()
+    fast.save_pretrained(folder)
+    tiny_llama(fast, kv_heads=2, max_position_embeddings=1024).save_pretrained(folder)
+    return folder
+
+
+def test_the_judge_counts_only_the_verdicts_its_tokenizer_writes_as_one_token(tok, tmp_path):
+    """A "Yes" that its tokenizer splits into pieces is left out of P(yes): its first piece, "Y", would count
+    every word that starts with it. With uniform logits the score is then 2 yes ids against 4 no ids."""
+    folder = bpe_judge_folder(tmp_path / "judge", tok)
+    judge = turn_rewards.Judge(str(folder))
+    pieces = {w: judge.tokenizer(w, add_special_tokens=False)["input_ids"] for w in turn_rewards.YES + turn_rewards.NO}
+    assert len(pieces["Yes"]) > 1 and len(pieces[" Yes"]) > 1 and all(len(pieces[w]) == 1 for w in turn_rewards.NO)
+    assert judge.yes == sorted({pieces["yes"][0], pieces[" yes"][0]}) and pieces["Yes"][0] not in judge.yes
+    torch.nn.init.zeros_(judge.model.model.norm.weight)
+    assert judge.score(["Who wrote Dracula?"], ["Dracula"], ["Bram Stoker"]) == [pytest.approx(2 / 6, abs=1e-6)]
+
+
+def test_a_judge_without_a_pad_token_pads_with_eos(tok, tmp_path):
+    folder = bpe_judge_folder(tmp_path / "judge", tok, pad=False)
+    judge = turn_rewards.Judge(str(folder))
+    assert judge.pad == judge.tokenizer.eos_token_id
+    batch = judge.score(["Who wrote Dracula?", "Which river runs through Paris, the capital of France?"],
+                        ["Dracula", "Paris river"], ["Bram Stoker", "The Seine runs through Paris."])
+    alone = judge.score(["Who wrote Dracula?"], ["Dracula"], ["Bram Stoker"])
+    assert alone[0] == pytest.approx(batch[0], abs=1e-5)  # the shorter prompt, left-padded, scores as alone
+
+
+def test_a_judge_without_a_chat_template_is_one_clear_error(tok, tmp_path):
+    from data import DataError
+
+    folder = bpe_judge_folder(tmp_path / "judge", tok, chat_template=False)
+    with pytest.raises(DataError, match="no chat template.*--judge-model"):
+        turn_rewards.Judge(str(folder))
+
+
 # ----------------------------------------------------------------------------- through train.py
 ROOM = ["--max-turn-tokens", "40", "--max-completion-tokens", "300", "--result-max-tokens", "40"]  # for a search
 

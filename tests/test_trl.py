@@ -175,3 +175,55 @@ def test_the_example_runs(tmp_path, tiny_model_dir):
     spec.loader.exec_module(demo)
     assert demo.main(["--model", str(tiny_model_dir), "--max-steps", "1", "--warmstart-steps", "1",
                       "--output-dir", str(tmp_path / "out")]) == 0
+
+
+@pytest.mark.parametrize("setting, value", [("scale_rewards", "batch"), ("scale_rewards", "none"),
+                                            ("multi_objective_aggregation", "normalize_then_sum"),
+                                            ("num_generations_eval", 1)])
+def test_a_trl_setting_the_advantage_would_ignore_is_refused(tok, tmp_path, setting, value):
+    """MTGRPOTrainer replaces the advantage TRL derives from the rewards: a setting that only changes that
+    advantage is refused, naming itself, rather than ignored."""
+    from datasets import Dataset
+
+    with pytest.raises(ValueError, match=setting):
+        MTGRPOTrainer(tiny_llama(tok), trl_args(tmp_path, **{setting: value}), Dataset.from_list(QUESTIONS),
+                      FakeSearcher(), processing_class=tok)
+
+
+def test_reward_weights_weigh_each_reward_inside_its_level(tok, tmp_path):
+    """TRL's reward_weights (one per reward function, in rewards.REWARD_FUNCS's order) are honoured: R^T and R^O
+    are the weighted sums of their rewards."""
+    from datasets import Dataset
+
+    weights = [2.0, 0.5, 1.0, 3.0, 1.0, 0.0]
+    trainer = MTGRPOTrainer(tiny_llama(tok, kv_heads=2), trl_args(tmp_path, reward_weights=weights),
+                            Dataset.from_list(QUESTIONS), FakeSearcher(), processing_class=tok,
+                            sampler=lambda trainer: env.ScriptedPolicy(tok, SCRIPTS))
+    trainer.model.train()
+    trainer._generate_and_score_completions([q for q in QUESTIONS for _ in range(G)])
+    trajs = trainer.trajectories
+    scores = rewards.compute([t.messages for t in trajs], [q["aliases"] for q in QUESTIONS for _ in range(G)])
+    w = dict(zip(rewards.REWARD_FUNCS, weights))
+    R_T, R_O = (torch.tensor(r) for r in rewards.level_sums({k: [w[k] * x for x in v] for k, v in scores.items()}))
+    want = mt_grpo.turn_advantages(R_T, R_O, G, has_result=torch.tensor([t.has_result for t in trajs]))
+    got = trainer.turn_advantages(trajs, [q["aliases"] for q in QUESTIONS for _ in range(G)], [None] * len(trajs))
+    assert torch.equal(got, want) and not torch.equal(got, expected_advantages(trajs))
+
+
+def test_evaluation_groups_are_num_generations_eval(tok, tmp_path):
+    """TRL evaluates with groups of num_generations_eval: so does the MT-GRPO advantage, in eval mode."""
+    from datasets import Dataset
+
+    trainer = MTGRPOTrainer(tiny_llama(tok, kv_heads=2), trl_args(tmp_path, num_generations_eval=2),
+                            Dataset.from_list(QUESTIONS), FakeSearcher(), processing_class=tok,
+                            sampler=lambda trainer: env.ScriptedPolicy(tok, SCRIPTS))
+    trainer.model.train()
+    trainer._generate_and_score_completions([q for q in QUESTIONS for _ in range(G)])
+    trajs, aliases = trainer.trajectories, [q["aliases"] for q in QUESTIONS for _ in range(G)]
+    trainer.model.eval()
+    got = trainer.turn_advantages(trajs, aliases, [None] * len(trajs))
+    R_T, R_O = (torch.tensor(r) for r in rewards.level_sums(rewards.compute([t.messages for t in trajs], aliases)))
+    has_result = torch.tensor([t.has_result for t in trajs])
+    assert torch.equal(got, mt_grpo.turn_advantages(R_T, R_O, 2, has_result=has_result))
+    trainer.model.train()
+    assert torch.equal(trainer.turn_advantages(trajs, aliases, [None] * len(trajs)), expected_advantages(trajs))
