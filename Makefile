@@ -30,7 +30,7 @@ $(STAMP): $(RUN_STAMP) requirements-extra.txt
 	# DS_BUILD_OPS=0: DeepSpeed installs as pure Python (its CUDA/C++ ops are built only where asked for)
 	DS_BUILD_OPS=0 $(PY) -m pip install -q --no-compile -r requirements-extra.txt
 	-env -u PYTHONDONTWRITEBYTECODE $(PY) -c "$$TEST_IMPORTS"
-	# A headless browser for tests/test_look.py (it renders viewer.html and plot.py's PNGs), as above: the
+	# A headless browser for tests/test_look.py (it renders viewer.html and tools/plot.py's PNGs), as above: the
 	# test skips and says why where it cannot be installed.
 	-command -v chromium >/dev/null || $(call optional_apt,chromium,tests/test_look.py will skip)
 	touch $@
@@ -44,10 +44,10 @@ optional_apt = ! command -v apt-get >/dev/null || { SUDO=$$( [ $$(id -u) = 0 ] |
 
 # What the set-up byte-compiles by importing it once: the project's modules and what they load (the model
 # classes transformers imports lazily included); then what the tests and the optional tools load.
-export RUN_IMPORTS = import sys; sys.path.insert(0, "."); import train, evaluate, viewer, walkthrough; \
+export RUN_IMPORTS = import sys; sys.path.insert(0, "."); import train, eval; from tools import viewer, walkthrough; \
   from transformers import LlamaForCausalLM, Qwen2ForCausalLM; \
   from transformers.integrations import sdpa_attention; from transformers import masking_utils
-export TEST_IMPORTS = import sys; sys.path.insert(0, "."); import plot, vllm_backend; \
+export TEST_IMPORTS = import sys; sys.path.insert(0, "."); from tools import plot; from infra import vllm_backend; \
   import deepspeed, peft, trl, pytest, matplotlib.pyplot, datasets, rank_bm25
 
 setup: $(STAMP)

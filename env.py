@@ -26,9 +26,10 @@ message answered by a format reminder keeps the turn it is in.
 Token-exactness. ``completion_ids`` are the ids the policy sampled, with the environment's text
 appended *as ids*, wrapped in the chat template's role markers; nothing is ever re-tokenised from
 decoded text, because re-tokenising can change token boundaries and silently corrupt log-probs.
-A model message is the decode of its ids (less a trailing end-of-turn token). When an episode
-ends the environment appends the template's close (``<|im_end|>\\n``), so ``decode(completion_ids)``
-is exactly the chat template's rendering of ``messages`` after the prompt, truncated or not.
+A model message is the decode of its ids (less a trailing end-of-turn token), up to the end of its stop
+string (``message_text``: the seed's text drops a token's overhang past it, the ids keep it). When an
+episode ends the environment appends the template's close (``<|im_end|>\\n``), so ``decode(completion_ids)``
+is the chat template's rendering of ``messages`` after the prompt, overhangs aside.
 ``turn_idx`` marks every id: 0 = environment, k = the model's turn k.
 """
 from __future__ import annotations
@@ -37,11 +38,9 @@ import functools
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Protocol
-
-import torch
 
 import rewards
+from config import EnvConfig
 
 STOP = ["</tool>", "</answer>"]
 TOOL_NAME = "wiki_search"
@@ -93,65 +92,6 @@ FEW_SHOT = [
 ]
 
 
-@dataclass(frozen=True)
-class Sampling:
-    """How a policy draws each id: softmax(logits / temperature), kept to its ``top_k`` most likely ids
-    (0 = all) and then to the smallest set whose probability reaches ``top_p``, renormalised; temperature
-    0 = greedy. The seed sets none of these, so TRL's defaults of its pinned commit apply: 0.9, 50, 1.0.
-    Every policy reports the log-prob of a drawn id under the *whole* tempered distribution,
-    log softmax(logits / temperature), before the top-k and top-p cut: the number the trainer computes."""
-    temperature: float = 0.9
-    top_k: int = 50
-    top_p: float = 1.0
-
-
-GREEDY = Sampling(temperature=0.0, top_k=0)
-
-
-def _doc(default, doc: str):
-    return field(default=default, metadata={"doc": doc})
-
-
-@dataclass
-class EnvConfig:
-    """One episode's settings: the one source of their defaults and docs (config.Config's episode fields and
-    evaluate.py's flags read them; ``check`` holds their limits). The defaults are the CPU run's; the seed's
-    values are beside them (DEVIATIONS.md, items 9-13)."""
-    max_tool_calls: int = _doc(1, "searches an episode may run; a call past them ends it unexecuted (seed: "
-                                  "ToolEnv(max_steps=2), one search)")
-    max_turn_tokens: int = _doc(64, "new tokens per model message (seed: 1,024; DEVIATIONS.md, item 13)")
-    max_completion_tokens: int = _doc(256, "model + environment tokens of one episode; the episode ends at the "
-                                           "limit, cut there (seed: 1,024; DEVIATIONS.md, item 24)")
-    passages: int = _doc(1, "passages a search returns (seed: the top-1 article; DEVIATIONS.md, item 9)")
-    result_max_tokens: int = _doc(96, "token budget of the text inside <result>...</result>; 0 = no cut of its own "
-                                      "(seed: none but the episode's)")
-    temperature: float = _doc(Sampling.temperature, "sampling temperature; the trainer's log-probs use it too "
-                                                    "(seed: 0.9, TRL's default)")
-    top_k: int = _doc(Sampling.top_k, "sample among the k most likely ids; 0 = all (seed: 50, TRL's default)")
-    top_p: float = _doc(Sampling.top_p, "nucleus sampling; 1 = off (seed: 1.0, TRL's default)")
-    few_shot: bool = _doc(False, "one worked exchange as prior chat turns (seed: none; DEVIATIONS.md, item 11)")
-
-    def sampling(self) -> Sampling:
-        return Sampling(self.temperature, self.top_k, self.top_p)
-
-
-def check(cfg: EnvConfig, training: bool = False) -> str | None:
-    """What is wrong with an episode's settings, as one message naming the flag, or None. ``training``: the
-    temperature must be positive (RL samples; greedy episodes, temperature 0, are for evaluation)."""
-    least = {"max_tool_calls": 0, "max_turn_tokens": 1, "max_completion_tokens": 8, "passages": 1,
-             "result_max_tokens": 0, "top_k": 0}
-    for name, lo in least.items():
-        v = getattr(cfg, name)
-        if not isinstance(v, int) or isinstance(v, bool) or v < lo:
-            return f"{name} = {v!r}: pass --{name.replace('_', '-')} N with N >= {lo}"
-    t = cfg.temperature
-    if not isinstance(t, (int, float)) or t < 0 or (training and t == 0):
-        return f"temperature = {t!r}: pass --temperature T with T {'>' if training else '>='} 0"
-    if not isinstance(cfg.top_p, (int, float)) or not 0 < cfg.top_p <= 1:
-        return f"top_p = {cfg.top_p!r}: pass --top-p P with 0 < P <= 1"
-    return None
-
-
 @dataclass
 class Trajectory:
     prompt_ids: list[int]
@@ -159,11 +99,9 @@ class Trajectory:
     turn_idx: list[int]                # per completion id: 0 = environment, k = model turn k
     messages: list[dict]               # {"role": "assistant"|"user", "content"} after the prompt
     tool_calls: list[str | None]       # per assistant turn: the raw <tool> content or None
-    results: list[str]                 # the inner text of each <result> the environment returned, in order
-                                       # (format reminders are not results: they are in messages only)
+    results: list[str]                 # the text inside each <result> the environment returned (not the reminders)
     truncated: bool = False
-    # per completion id: the sampler's log-prob of it (the policy's ``last_logprobs``), NaN on environment
-    # ids and where the policy reports none; train.py compares it with the trainer's (the mismatch meter)
+    # per completion id: the sampler's log-prob of it, NaN on environment ids (train.py's mismatch meter)
     sampler_logprobs: list[float] = field(default_factory=list)
 
     @property
@@ -215,6 +153,14 @@ def _markers(tokenizer) -> _Markers:
 def end_ids(tokenizer) -> set[int]:
     """Ids that end a model turn: the template's end-of-turn token and the tokenizer's EOS."""
     return {_markers(tokenizer).close[0], tokenizer.eos_token_id} - {None}
+
+
+def message_text(decoded: str) -> str:
+    """A model message's text: its ids decoded, up to the end of the first stop string in them. The seed's text
+    (vLLM's, which ends at the stop string) drops what the token that completed it overhangs (a "." after
+    "</answer>"), which its format reward would read; the ids, which the loss trains on, keep that token."""
+    ends = [decoded.find(s) + len(s) for s in STOP if s in decoded]
+    return decoded[:min(ends)] if ends else decoded
 
 
 def cut_turn(ids, tokenizer, stop: list[str], max_new_tokens: int) -> list[int]:
@@ -276,12 +222,14 @@ def _run_tool(tool_text, searcher, k: int) -> str:
     if name != TOOL_NAME:  # echo at most 40 characters of the model's text
         return f"Error: unknown tool {str(name)[:40]!r}; the only tool is {TOOL_NAME}."
     args = command.get("args", {})
-    if not isinstance(args, dict) or not isinstance(args.get("query"), str) or not args["query"].strip():
-        return f"Error: {TOOL_NAME} needs \"args\": {{\"query\": \"...\"}} with a non-empty text query."
+    if not isinstance(args, dict) or "query" not in args:  # the seed's tool(**args) fails: an Error: reply
+        return f"Error: {TOOL_NAME} needs \"args\": {{\"query\": \"...\"}}."
     if set(args) != {"query"}:  # the seed called tool(**args): extra arguments were an error there too
         return f"Error: {TOOL_NAME} takes only the argument \"query\"."
+    if not isinstance(args["query"], str):  # the seed hands it to its search, which fails and replies this
+        return "Error during search: the query is not text."  # (not "Error:": the seed's reward counts it as run)
     try:
-        hits = searcher.search(args["query"], k)
+        hits = searcher.search(args["query"], k)  # an empty query finds nothing, as the seed's does
     except Exception as e:  # a broken index must not kill a training run
         return f"Error: the search failed ({type(e).__name__})."
     if not hits:
@@ -291,30 +239,12 @@ def _run_tool(tool_text, searcher, k: int) -> str:
 
 
 # ----------------------------------------------------------------------------- rollout
-class Sampler(Protocol):
-    """What ``rollout`` needs of a policy: env.HFPolicy (the reference), env.ScriptedPolicy (tests),
-    fast.CachedPolicy (the speed path), vllm_backend.VLLMPolicy. Subclass it for the no-op defaults."""
-    last_logprobs: list[list[float]] | None = None  # per row of the last call: each returned id's log-prob
-                                                    # (Sampling's contract); None = not reported
-
-    def start_rollout(self) -> None:
-        """Before a rollout's first ``generate`` (a sampler that keeps state per rollout starts it afresh)."""
-
-    def generate(self, batch: list[list[int]], max_new_tokens: int, sampling: Sampling, stop: list[str]) -> list[list[int]]:
-        """The ids each row of ``batch`` writes next, one message each: cut after a stop string or an
-        end-of-turn id (kept), and to ``max_new_tokens``; drawn as ``sampling`` says."""
-        ...
-
-    def end_rollout(self) -> None:
-        """After a rollout's last ``generate`` (free what only the rollout needed)."""
-
-
 def _step(traj: Trajectory, new: list[int], new_logprobs: list[float], tokenizer, searcher, cfg: EnvConfig) -> bool:
     """Append one model message (its ids and the sampler's log-probs of them) and the environment's reaction;
     returns whether the episode goes on."""
     m = _markers(tokenizer)
     ends_turn = bool(new) and new[-1] == m.close[0]
-    text = _decode(tokenizer, new[:-1] if ends_turn else new)
+    text = message_text(_decode(tokenizer, new[:-1] if ends_turn else new))
     calls_run = len(traj.results)  # tool calls executed so far (each got a <result>)
     # MT-GRPO's turn k is everything the model writes after k-1 tool results (the seed splits at the
     # first <result>); a message answered with a format reminder instead of a result does not start a new one.
@@ -328,10 +258,13 @@ def _step(traj: Trajectory, new: list[int], new_logprobs: list[float], tokenizer
     close = list(m.close[1:] if ends_turn else m.close)  # the model's EOS already wrote "<|im_end|>"
 
     stopped = bool(new) and (new[-1] in end_ids(tokenizer) or any(s in text for s in STOP))
-    out_of_room = len(traj.completion_ids) + len(m.close) >= cfg.max_completion_tokens
+    if cfg.budget == "seed":  # the seed's: the episode ends after a message that took it past the budget
+        out_of_room = len(traj.completion_ids) > cfg.max_completion_tokens
+    else:  # the budget, not the model, ended this message
+        out_of_room = not stopped and len(traj.completion_ids) + len(m.close) >= cfg.max_completion_tokens
     reply = None
-    if out_of_room and not stopped:
-        traj.truncated = True  # the budget, not the model, ended this message
+    if out_of_room:
+        traj.truncated = True
     elif parsed["answer"] is not None:
         pass  # answered
     elif parsed["tool"] is not None and calls_run >= cfg.max_tool_calls:
@@ -345,8 +278,9 @@ def _step(traj: Trajectory, new: list[int], new_logprobs: list[float], tokenizer
         # The message is what the ids say: a vocabulary without some byte tokens drops characters.
         reply = _decode(tokenizer, reply_ids)
         env = close + list(m.user_open) + reply_ids + list(m.model_open)
-        # The reply must leave room for one more model token and the final close, else we stop here.
-        if len(traj.completion_ids) + len(env) + 1 + len(m.close) <= cfg.max_completion_tokens:
+        # The reply must leave room for one more model token and the final close, else we stop here (the
+        # seed's budget appends it whatever its length: the next message may still answer)
+        if cfg.budget == "seed" or len(traj.completion_ids) + len(env) + 1 + len(m.close) <= cfg.max_completion_tokens:
             traj.completion_ids += env
             traj.turn_idx += [0] * len(env)
             traj.sampler_logprobs += [math.nan] * len(env)
@@ -358,10 +292,15 @@ def _step(traj: Trajectory, new: list[int], new_logprobs: list[float], tokenizer
     traj.completion_ids += close
     traj.turn_idx += [0] * len(close)
     traj.sampler_logprobs += [math.nan] * len(close)
+    if len(traj.completion_ids) > cfg.max_completion_tokens:  # (the seed's budget) train on the ids within it
+        n = cfg.max_completion_tokens
+        traj.completion_ids, traj.turn_idx, traj.sampler_logprobs = (traj.completion_ids[:n], traj.turn_idx[:n],
+                                                                     traj.sampler_logprobs[:n])
+        traj.truncated = True
     return False
 
 
-def rollout(policy: Sampler, tokenizer, questions: list[str], G: int, searcher, cfg: EnvConfig) -> list[Trajectory]:
+def rollout(policy, tokenizer, questions: list[str], G: int, searcher, cfg: EnvConfig) -> list[Trajectory]:
     """G episodes per question, run in lock-step: each round, one ``policy.generate`` call over the
     episodes still live (in episode order), then the environment's step for each. Returns
     ``len(questions) * G`` trajectories, question-major: ``[i*G:(i+1)*G]`` belong to ``questions[i]``
@@ -374,8 +313,9 @@ def rollout(policy: Sampler, tokenizer, questions: list[str], G: int, searcher, 
              (build_prompt(tokenizer, q, cfg) for q in questions) for _ in range(G)]
     live = list(trajs)
     while live:
-        # Room for this turn: the budget minus what is used and the final close.
-        limits = [min(cfg.max_turn_tokens, cfg.max_completion_tokens - len(t.completion_ids) - close_len) for t in live]
+        # Room for this turn: the budget minus what is used and the final close (the seed's budget: a whole turn)
+        limits = [cfg.max_turn_tokens if cfg.budget == "seed" else
+                  min(cfg.max_turn_tokens, cfg.max_completion_tokens - len(t.completion_ids) - close_len) for t in live]
         outs = policy.generate([t.prompt_ids + t.completion_ids for t in live], max(limits), cfg.sampling(), STOP)
         if len(outs) != len(live):
             raise RuntimeError(f"policy returned {len(outs)} rows for {len(live)} live episodes")
@@ -392,7 +332,7 @@ def rollout(policy: Sampler, tokenizer, questions: list[str], G: int, searcher, 
 def episode_stats(trajectories: list[Trajectory], aliases: list[list[str]] | None = None) -> dict:
     """How a batch of episodes went, beyond the rewards: the share that called the tool, calls per
     episode, the share whose searches found an answer alias, the share cut by the budget, mean
-    completion length, and the model's own tokens in all (train.py logs these, evaluate.py reports them)."""
+    completion length, and the model's own tokens in all (train.py logs these, eval.py reports them)."""
     aliases = aliases if aliases is not None else [[] for _ in trajectories]
     found = [any(a.strip() and a.lower().strip() in r.lower() for a in al for r in t.results)
              for t, al in zip(trajectories, aliases)]
@@ -402,123 +342,3 @@ def episode_stats(trajectories: list[Trajectory], aliases: list[list[str]] | Non
             "truncated": sum(t.truncated for t in trajectories) / n,
             "completion_tokens": sum(len(t.completion_ids) for t in trajectories) / n,
             "model_tokens": sum(t.model_tokens for t in trajectories)}
-
-
-# ----------------------------------------------------------------------------- policies
-class SampledLogprobs:
-    """A ``generate`` logits processor that keeps the log-prob of each sampled token under the whole tempered
-    distribution, log softmax(logits / temperature) before top-k and top-p: the number the trainer computes
-    for the same token (Sampling's contract). transformers runs user processors before its temperature,
-    top-k and top-p warpers, so ``scores`` here are the raw logits. A call sees the token sampled by the
-    previous step as ``input_ids[:, -1]``; ``finish`` adds the last one. Memory: one (rows x vocabulary)
-    tensor, not one per step."""
-
-    def __init__(self, temperature: float = 1.0):
-        self.prev, self.steps, self.temperature = None, [], temperature if temperature > 0 else 1.0
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        if self.prev is not None:
-            self.steps.append(self.prev.gather(1, input_ids[:, -1:]).squeeze(1))
-        self.prev = torch.log_softmax(scores.float() / self.temperature, dim=-1)
-        return scores
-
-    def finish(self, sequences: torch.Tensor, new_tokens: int) -> list[list[float]]:
-        if self.prev is not None and len(self.steps) < new_tokens:
-            self.steps.append(self.prev.gather(1, sequences[:, -1:]).squeeze(1))
-        if not self.steps:
-            return [[] for _ in range(sequences.shape[0])]
-        return torch.stack(self.steps, dim=1).tolist()
-
-
-def left_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``rows`` left-padded into one batch: (ids, attention mask), each (B, longest), every row's last id in
-    the last column (where a causal LM's next-token logits are read)."""
-    width = max(len(row) for row in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, width - len(row):], mask[i, width - len(row):] = torch.tensor(row, dtype=torch.long), 1
-    return ids, mask
-
-
-class HFPolicy(Sampler):
-    """Batched sampling with ``transformers`` ``generate`` (KV cache within a message; each message
-    re-reads its context). Rows are left-padded; ``pad == eos`` for SmolLM2, so each row is cut by
-    ``cut_turn`` afterwards. ``seed`` gives a private, reproducible random stream. After each call
-    ``last_logprobs`` holds, per row, the sampler's log-prob of each returned id (Sampling's contract)."""
-
-    def __init__(self, model, tokenizer, seed: int | None = None):
-        self.model, self.tokenizer, self.seed, self.calls = model, tokenizer, seed, 0
-        self.last_logprobs: list[list[float]] | None = None
-        self.stopping: dict[tuple, object] = {}  # stop strings -> StoppingCriteriaList, built once
-
-    def stop_criteria(self, stop):
-        """``generate(stop_strings=...)`` rebuilds its StopStringCriteria, a pass over the whole
-        vocabulary (~0.5 s for SmolLM2's 49k tokens), on every call; build it once per stop set."""
-        from transformers import StoppingCriteriaList, StopStringCriteria
-        if tuple(stop) not in self.stopping:
-            self.stopping[tuple(stop)] = StoppingCriteriaList([StopStringCriteria(self.tokenizer, list(stop))])
-        return self.stopping[tuple(stop)]
-
-    @torch.no_grad()
-    def generate(self, batch, max_new_tokens: int, sampling: Sampling, stop) -> list[list[int]]:
-        device = self.model.device
-        ends = sorted(end_ids(self.tokenizer))
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else ends[0]
-        ids, mask = left_pad(batch, pad)
-        width = ids.shape[1]
-        # Exactly the asked distribution: override what a checkpoint's generation_config may add
-        # (Qwen2.5-Instruct: top_k 20, repetition_penalty 1.05), or the ids would be off-policy.
-        greedy = sampling.temperature <= 0
-        kw = (dict(do_sample=False, temperature=None, top_p=None, top_k=None) if greedy else
-              dict(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k))
-        kw.update(repetition_penalty=1.0, min_p=None)
-        devices = [device] if device.type == "cuda" else []
-        from transformers import LogitsProcessorList
-        record = SampledLogprobs(sampling.temperature)
-        with torch.random.fork_rng(devices=devices, enabled=self.seed is not None):
-            if self.seed is not None:  # one derived seed per call: reproducible, never touches global RNG
-                torch.manual_seed(self.seed * 100_003 + self.calls)
-            out = self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                      max_new_tokens=max_new_tokens,
-                                      stopping_criteria=self.stop_criteria(stop) if stop else None,
-                                      eos_token_id=ends, pad_token_id=pad, logits_processor=LogitsProcessorList([record]),
-                                      use_cache=True, **kw)
-        self.calls += 1
-        rows = [cut_turn(row, self.tokenizer, stop, max_new_tokens) for row in out[:, width:].tolist()]
-        self.last_logprobs = [lp[:len(row)] for lp, row in zip(record.finish(out, out.shape[1] - width), rows)]
-        return rows
-
-
-class ScriptedPolicy(Sampler):
-    """Writes given texts instead of sampling (tests). ``turns[r]`` are the texts of episode ``r``,
-    turn by turn, where episodes are numbered as ``rollout`` returns them (question-major:
-    ``r = i*G + g``). Each text is tokenised and cut like a sampled turn (stop strings, end-of-turn
-    token, ``max_new_tokens``); ``<|im_end|>`` in a text is the EOS token, and a script that has
-    run out writes just that token.
-    Rows are matched to episodes by their context (the ids an episode was last given plus what it
-    wrote is a prefix of its next row), so finished episodes may drop out of the batch. Use one
-    ScriptedPolicy per rollout."""
-
-    def __init__(self, tokenizer, turns: list[list[str]]):
-        self.tokenizer, self.turns = tokenizer, [list(t) for t in turns]
-        self.context: list[list[int]] = [[] for _ in turns]
-        self.done = [0] * len(turns)  # turns written per episode
-
-    def generate(self, batch, max_new_tokens: int, sampling: Sampling, stop) -> list[list[int]]:
-        outs, r = [], 0
-        for row in batch:
-            while r < len(self.context) and row[:len(self.context[r])] != self.context[r]:
-                r += 1  # episode r has finished: its context is not a prefix of this row
-            if r == len(self.context):
-                raise ValueError("a batch row matches no scripted episode (one ScriptedPolicy per rollout)")
-            script = self.turns[r]
-            if self.done[r] < len(script):
-                ids = _encode(self.tokenizer, script[self.done[r]])
-            else:
-                ids = [_markers(self.tokenizer).close[0]]
-            ids = cut_turn(ids, self.tokenizer, stop, max_new_tokens)
-            self.context[r], self.done[r] = list(row) + ids, self.done[r] + 1
-            outs.append(ids)
-            r += 1
-        return outs

@@ -25,7 +25,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-METHODS = ("mt_grpo", "grpo_or", "grpo_mr")
+# The values these functions take (config.py offers the same ones as settings; tests/test_mt_grpo.py pins them equal).
+# The paper's three methods are computed here; the field's other estimators are extensions/estimators.py's.
+PAPER_METHODS = ("mt_grpo", "grpo_or", "grpo_mr")
 CONVENTIONS = ("seed", "paper")  # which advantage lam multiplies on turn 1, see turn_advantages
 AGGREGATIONS = ("token", "micro_batch", "sequence")  # how the per-token loss is averaged, see policy_loss
 NORMALISATIONS = ("masked", "naive")  # how k_turn_advantages normalises turn k's reward, see there
@@ -34,19 +36,18 @@ STD_EPS = 1e-4  # the eps in (R - mean) / (std + eps): see DEVIATIONS.md, item 3
 
 @dataclass
 class Levels:
-    """A batch's rewards by level, one row per rollout (train.reward_levels builds it from rewards.py's)."""
+    """A batch's rewards by level, one row per rollout (advantages.reward_levels builds it from rewards.py's)."""
     R_T: Tensor                   # (N,) the turn-level reward R^T; K-turn: (N, K-1), one per tool call
     R_O: Tensor                   # (N,) the outcome reward R^O
     has_result: Tensor            # (N,) bool: a <result> came back, so MT-GRPO's turn 1 exists
     turns: Tensor | None = None   # (N,) the turns each rollout took (K-turn only)
-    turn2_groups: Tensor | None = None  # (N,) GiGPO: rollouts that saw the same result (estimators.anchor_groups)
-    values: Tensor | None = None  # (N, 2) MT-PPO: the critic's value of each turn's start
+    first_results: list | None = None  # (N,) each rollout's first search result, or None (GiGPO's anchor states)
 
 
 def check_method(method: str) -> str:
-    """Return `method` if it is one of METHODS, else raise ValueError naming the valid ones."""
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; valid methods are {', '.join(METHODS)}")
+    """Return `method` if it is one of the paper's methods computed here, else raise ValueError naming them."""
+    if method not in PAPER_METHODS:
+        raise ValueError(f"unknown method {method!r}; mt_grpo.py computes {', '.join(PAPER_METHODS)}")
     return method
 
 
@@ -164,10 +165,8 @@ def policy_loss(logp_new: Tensor, logp_old: Tensor, logp_ref: Tensor | None, A_t
     same token mean, taken per micro-batch; train.update then averages the micro-batches' losses, so
     a token weighs 1 / (tokens of its micro-batch). "sequence" (GRPO paper): mean over each
     rollout's tokens, then over rollouts (a rollout with no tokens counts as 0, like TRL).
-    See DEVIATIONS.md, item 4.
-    With one pass over a batch (mu = 1) logp_old is logp_new detached: the ratio is exactly 1, nothing is
-    ever clipped, and the loss is the plain policy gradient -A_t * logp_t (whose gradient it has); the clip
-    acts only on the later passes of mu > 1.
+    See DEVIATIONS.md, item 4. With one pass over a batch (mu = 1) logp_old is logp_new detached: the ratio
+    is 1 and the loss the plain policy gradient -A_t * logp_t; the clip acts on the later passes of mu > 1.
     Returns the loss and diagnostics as python floats: clip_frac (share of tokens whose gradient
     the clip removed) and kl (mean KL_t; only if beta > 0).
     """

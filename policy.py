@@ -1,13 +1,16 @@
-"""The policy model as the training loop sees it: loading, packing trajectories into tensors, and
-per-token log-probabilities of the tokens the model wrote."""
+"""The policy: the model (loading it), how it samples an episode's messages (the samplers), and the per-token
+log-probabilities of the ids it wrote (packing trajectories into tensors, the update's forward)."""
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
 import data
+import env
+from config import Sampling
 
 
 def load_policy(model_path: str | None, gradient_checkpointing: bool = False, flash_attention: bool = False):
@@ -60,6 +63,24 @@ def pack(trajectories, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.T
     return ids, attn, turn
 
 
+@dataclass
+class Batch:
+    """One process's rollouts as tensors (``pack_batch``): what train.update trains on."""
+    ids: torch.Tensor                         # (N, L) prompt + completion ids, right-padded
+    attn: torch.Tensor                        # (N, L) 1 on real ids
+    turn: torch.Tensor                        # (N, L) 0 on prompt, environment and padding ids, k on model turn k
+    A: torch.Tensor | None = None             # (N, L-1) the advantage of each predicted id (advantages.py)
+    sampler_logp: torch.Tensor | None = None  # (N, L-1) the sampler's log-prob of each id (the mismatch meter)
+    prompt_lens: torch.Tensor | None = None   # (N,) each row's prompt length: the speed path computes each prompt once
+
+
+def pack_batch(trajectories, pad_id: int, prompt_lens: bool = False) -> Batch:
+    """``trajectories`` as a Batch, without advantages yet; ``prompt_lens``: for the speed path's update."""
+    ids, attn, turn = pack(trajectories, pad_id)
+    return Batch(ids, attn, turn, sampler_logp=pack_sampler_logprobs(trajectories, ids.shape[1]),
+                 prompt_lens=torch.tensor([len(t.prompt_ids) for t in trajectories]) if prompt_lens else None)
+
+
 def pack_sampler_logprobs(trajectories, width: int) -> torch.Tensor:
     """The sampler's log-probs of the ids ``pack`` laid out, (N, width - 1) aligned with token_logprobs
     (column t - 1 holds the log-prob of id t); NaN on prompt, environment and padding ids and where the
@@ -84,15 +105,10 @@ def mismatch_sums(logp_trainer: torch.Tensor, logp_sampler: torch.Tensor, mask: 
 
 
 class LogProbs(torch.nn.Module):
-    """token_logprobs as a module's forward, at the sampling ``temperature`` (a call may ask for another).
-    DDP and DeepSpeed hook their work into the forward of the module they wrap (DDP readies its gradient
-    all-reduce, ZeRO-3 gathers each layer's shards), and token_logprobs calls the model's parts
-    (base_model, output embeddings) rather than its forward: so the training loop hands accelerate this
-    module, whose forward is the whole computation.
-
-    ``shared_prefix`` (optional): a function with token_logprobs's arguments plus each row's prompt length
-    that returns the same numbers faster (the speed path's fast.shared_prefix.shared_prefix_logprobs); the
-    forward uses it when it is given ``prompt_lens``."""
+    """token_logprobs as a module's forward, at the sampling ``temperature`` (a call may ask for another): DDP and
+    DeepSpeed hook their work (the gradient all-reduce, ZeRO-3's gathers) into the forward of what they wrap, and
+    token_logprobs calls the model's parts, so accelerate wraps this module. ``shared_prefix``: the speed path's
+    faster function of the same numbers (fast.shared_prefix_logprobs), used when a call gives ``prompt_lens``."""
 
     def __init__(self, model, bf16: bool = True, temperature: float = 1.0, shared_prefix=None):
         super().__init__()
@@ -153,3 +169,138 @@ def selected_logprobs(head, h: torch.Tensor, targets: torch.Tensor, bf16: bool, 
         logits = head(h)
     logits = logits.float() if temperature == 1 else logits.float() / temperature
     return -torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+
+
+# ----------------------------------------------------------------------------- sampling
+class Sampler:
+    """What env.rollout needs of a policy, and what a checkpoint keeps of it: HFPolicy (the reference), ScriptedPolicy
+    (tests), fast.CachedPolicy (the speed path), infra.vllm_backend.VLLMPolicy. ``calls`` counts generate calls:
+    each call's draws are seeded from (seed, calls), and a checkpoint saves it, so --resume samples what the
+    uninterrupted run would have. ``last_logprobs``: each returned id's log-prob, per row of the last call."""
+    calls: int = 0
+    last_logprobs: list[list[float]] | None = None
+
+    def start_rollout(self) -> None:
+        """Before a rollout's first ``generate`` (a sampler that keeps state per rollout starts it afresh)."""
+
+    def generate(self, batch: list[list[int]], max_new_tokens: int, sampling: Sampling, stop: list[str]) -> list[list[int]]:
+        """The ids each row of ``batch`` writes next, one message each: cut after a stop string or an
+        end-of-turn id (kept), and to ``max_new_tokens``; drawn as ``sampling`` says."""
+        raise NotImplementedError
+
+    def end_rollout(self) -> None:
+        """After a rollout's last ``generate`` (free what only the rollout needed)."""
+
+
+class SampledLogprobs:
+    """A ``generate`` logits processor that keeps each sampled token's log-prob under the whole tempered distribution
+    (Sampling's contract): transformers runs it before its own warpers, on the raw logits. A call sees the token
+    the previous step sampled as ``input_ids[:, -1]``; ``finish`` adds the last one. Memory: one (rows x
+    vocabulary) tensor, not one per step."""
+
+    def __init__(self, temperature: float = 1.0):
+        self.prev, self.steps, self.temperature = None, [], temperature if temperature > 0 else 1.0
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.prev is not None:
+            self.steps.append(self.prev.gather(1, input_ids[:, -1:]).squeeze(1))
+        self.prev = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        return scores
+
+    def finish(self, sequences: torch.Tensor, new_tokens: int) -> list[list[float]]:
+        if self.prev is not None and len(self.steps) < new_tokens:
+            self.steps.append(self.prev.gather(1, sequences[:, -1:]).squeeze(1))
+        if not self.steps:
+            return [[] for _ in range(sequences.shape[0])]
+        return torch.stack(self.steps, dim=1).tolist()
+
+
+def left_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rows`` left-padded into one batch: (ids, attention mask), each (B, longest), every row's last id in
+    the last column (where a causal LM's next-token logits are read)."""
+    width = max(len(row) for row in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row):], mask[i, width - len(row):] = torch.tensor(row, dtype=torch.long), 1
+    return ids, mask
+
+
+class HFPolicy(Sampler):
+    """Batched sampling with transformers' ``generate``: the reference sampler. Rows are left-padded and each is cut
+    by ``cut_turn`` afterwards (``pad == eos`` for SmolLM2); ``seed`` gives a private, reproducible random stream."""
+
+    def __init__(self, model, tokenizer, seed: int | None = None):
+        self.model, self.tokenizer, self.seed, self.calls = model, tokenizer, seed, 0
+        self.last_logprobs: list[list[float]] | None = None
+        self.stopping: dict[tuple, object] = {}  # stop strings -> StoppingCriteriaList, built once
+
+    def stop_criteria(self, stop):
+        """Built once per stop set: ``generate(stop_strings=...)`` would rebuild it, a pass over the vocabulary, every call."""
+        from transformers import StoppingCriteriaList, StopStringCriteria
+        if tuple(stop) not in self.stopping:
+            self.stopping[tuple(stop)] = StoppingCriteriaList([StopStringCriteria(self.tokenizer, list(stop))])
+        return self.stopping[tuple(stop)]
+
+    @torch.no_grad()
+    def generate(self, batch, max_new_tokens: int, sampling: Sampling, stop) -> list[list[int]]:
+        device = self.model.device
+        ends = sorted(env.end_ids(self.tokenizer))
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else ends[0]
+        ids, mask = left_pad(batch, pad)
+        width = ids.shape[1]
+        # Exactly the asked distribution: override what a checkpoint's generation_config may add
+        # (Qwen2.5-Instruct: top_k 20, repetition_penalty 1.05), or the ids would be off-policy.
+        greedy = sampling.temperature <= 0
+        kw = (dict(do_sample=False, temperature=None, top_p=None, top_k=None) if greedy else
+              dict(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k))
+        kw.update(repetition_penalty=1.0, min_p=None)
+        devices = [device] if device.type == "cuda" else []
+        from transformers import LogitsProcessorList
+        record = SampledLogprobs(sampling.temperature)
+        with torch.random.fork_rng(devices=devices, enabled=self.seed is not None):
+            if self.seed is not None:  # one derived seed per call: reproducible, never touches global RNG
+                torch.manual_seed(self.seed * 100_003 + self.calls)
+            out = self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                      max_new_tokens=max_new_tokens,
+                                      stopping_criteria=self.stop_criteria(stop) if stop else None,
+                                      eos_token_id=ends, pad_token_id=pad, logits_processor=LogitsProcessorList([record]),
+                                      use_cache=True, **kw)
+        self.calls += 1
+        rows = [env.cut_turn(row, self.tokenizer, stop, max_new_tokens) for row in out[:, width:].tolist()]
+        self.last_logprobs = [lp[:len(row)] for lp, row in zip(record.finish(out, out.shape[1] - width), rows)]
+        return rows
+
+
+class ScriptedPolicy(Sampler):
+    """Writes given texts instead of sampling (tests). ``turns[r]`` are the texts of episode ``r``,
+    turn by turn, where episodes are numbered as ``rollout`` returns them (question-major:
+    ``r = i*G + g``). Each text is tokenised and cut like a sampled turn (stop strings, end-of-turn
+    token, ``max_new_tokens``); ``<|im_end|>`` in a text is the EOS token, and a script that has
+    run out writes just that token.
+    Rows are matched to episodes by their context (the ids an episode was last given plus what it
+    wrote is a prefix of its next row), so finished episodes may drop out of the batch. Use one
+    ScriptedPolicy per rollout."""
+
+    def __init__(self, tokenizer, turns: list[list[str]]):
+        self.tokenizer, self.turns = tokenizer, [list(t) for t in turns]
+        self.context: list[list[int]] = [[] for _ in turns]
+        self.done = [0] * len(turns)  # turns written per episode
+
+    def generate(self, batch, max_new_tokens: int, sampling: Sampling, stop) -> list[list[int]]:
+        outs, r = [], 0
+        for row in batch:
+            while r < len(self.context) and row[:len(self.context[r])] != self.context[r]:
+                r += 1  # episode r has finished: its context is not a prefix of this row
+            if r == len(self.context):
+                raise ValueError("a batch row matches no scripted episode (one ScriptedPolicy per rollout)")
+            script = self.turns[r]
+            if self.done[r] < len(script):
+                ids = env._encode(self.tokenizer, script[self.done[r]])
+            else:
+                ids = [env._markers(self.tokenizer).close[0]]
+            ids = env.cut_turn(ids, self.tokenizer, stop, max_new_tokens)
+            self.context[r], self.done[r] = list(row) + ids, self.done[r] + 1
+            outs.append(ids)
+            r += 1
+        return outs

@@ -3,7 +3,7 @@
     python bench/bench_cpu_step.py                       # SmolLM2-135M, train.py's defaults, 3 timed steps an arm
     python bench/bench_cpu_step.py --steps 1 --warmup 0  # quicker
 
-Every arm is train.py's own loop (train.setup + train.train_step) on the same Config, the CPU default
+Every arm is train.py's own loop (assemble.setup + train.train_step) on the same Config, the CPU default
 (2 questions x G 8 rollouts a step, 64-token turns, a 256-token episode budget, the demo world), from the
 same warm-started weights, with the same seed, so the same question stream. Each arm is its own process
 (its own allocator, its own peak memory):
@@ -41,7 +41,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import ROOT, allocator, mean, quiet_transformers, set_threads, write_result  # first: puts the repository root on sys.path
+from common import (ROOT, allocator, mean, quiet_transformers,  # first: puts the repository root on sys.path
+                   set_threads, write_result)
 
 # arm -> (train.py flags, preload tcmalloc)
 ARMS = {"before": ({"fast": False}, False), "after-libc": ({}, False), "after": ({}, True)}
@@ -58,14 +59,14 @@ def warm_started(folder: Path, cfg) -> str:
     import torch
 
     import config
-    import train
-    import warmstart
+    from extensions import warmstart
+    from infra import assemble
     from policy import load_policy
 
     model, tok = load_policy(cfg.model)
-    questions, index = train.load_task(cfg)
+    questions, index = assemble.load_task(cfg)
     torch.manual_seed(cfg.seed)
-    warmstart.run(model, tok, index, questions, config.env_config(cfg), steps=cfg.warmstart_steps,
+    warmstart.run(model, tok, index, questions, config.episode(cfg), steps=cfg.warmstart_steps,
                   lr=cfg.warmstart_lr, seed=cfg.seed, bf16=cfg.bf16, micro_batch=cfg.micro_batch)
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
@@ -80,15 +81,17 @@ def base_config(args):
 
 
 def worker(args) -> int:
-    """One arm's process: train.setup from the warm start, then one train_step per line on stdin, its metrics
+    """One arm's process: assemble.setup from the warm start, then one train_step per line on stdin, its metrics
     row (with the plain update's FLOPs) printed as one JSON line after ``ROW``."""
-    import train
     from bench_step import update_flops
+
+    import train
+    from infra import assemble
     from policy import pack
 
     cfg = dataclasses.replace(base_config(args), model=args.start, warmstart_steps=0,
                               output_dir=str(Path(args.start).parent / args.worker), **ARMS[args.worker][0])
-    run = train.setup(cfg)
+    run = assemble.setup(cfg)
     for line in sys.stdin:
         row, trajs, _ = train.train_step(cfg, run, int(line))
         _, attn, turn = pack(trajs, run.tokenizer.pad_token_id)
@@ -184,7 +187,6 @@ def main(argv=None) -> int:
     if args.worker:
         return worker(args)
     import torch
-
     from bench_step import matmul_peak
 
     rows = timed_steps(args)

@@ -6,7 +6,7 @@
     python bench/bench_credit.py --part k3 --seeds 0 1 2 3 --methods mt_grpo mt_grpo_naive   # a subset
     python bench/bench_credit.py --part workbench --out runs/bench-credit --jobs 2 --threads 1  # every estimator
 
-THE TASK (data.credit_world, from ``--world-seed``). Each person's passage names three towns by relation
+THE TASK (bench/credit/world.py, credit_world, from ``--world-seed``). Each person's passage names three towns by relation
 (born in, studied in, worked in); a question names its subject only by its work and most name a decoy
 person too. (a) A good first turn does not guarantee the outcome: the right passage names three towns,
 so R^O is 0 after a perfect search whenever turn 2 picks the wrong one. (b) The question as the query
@@ -153,8 +153,8 @@ from pathlib import Path
 from common import ROOT, as_flags  # first: puts the repo root on sys.path
 import config
 import data
-import plot
 from credit.world import CREDIT_RELATIONS, WORLD_VARIANTS, credit_facts, credit_world, one_token_names
+from tools import plot
 
 
 @dataclass
@@ -381,8 +381,8 @@ def build_drilled(args, paths: dict) -> Path:
     with logged(Path(args.out) / "logs" / "drilled.log"):
         import torch
 
-        import warmstart
         from common import random_llama, tokenizer
+        from extensions import warmstart
 
         t0 = time.time()
         tok = world_tokenizer(paths, args.world_seed) if args.vocab == "world" else tokenizer()
@@ -413,13 +413,13 @@ def build_instrument(args, paths: dict) -> Path:
     drilled = build_drilled(args, paths)
     with logged(Path(args.out) / "logs" / "instrument.log"):
         import search
-        import warmstart
         from credit.demonstrator import warm_start_demos
+        from extensions import warmstart
         from policy import load_policy
 
         t0 = time.time()
         model, tok = load_policy(str(drilled))
-        env_cfg = config.env_config(config.Config(**K3_ENV))
+        env_cfg = config.episode(config.Config(**K3_ENV))
         questions = data.load_questions(paths["train"]) + data.load_questions(paths["hops_train"])
         index = search.load_index(paths["corpus"])
         ws = warmstart.run(model.train(), tok, index, questions, env_cfg, steps=args.instrument_steps,
@@ -457,18 +457,18 @@ def seed_start(job) -> str:
     with logged(Path(args.out) / "logs" / f"{part_root(args, part.name).name}-warmstart-seed{seed}.log"):
         if not (folder / "stage.json").is_file():
             import search
-            import train
-            import warmstart
             from credit.demonstrator import warm_start_demos
+            from extensions import warmstart
+            from infra import assemble
             from policy import load_policy
 
             t0 = time.time()
-            train.seed_everything(seed)
+            assemble.seed_everything(seed)
             model, tok = load_policy(str(policy_start(args)))
             ws = {"steps": 0}
             if args.warmstart_steps:
                 index, questions = search.load_index(paths["corpus"]), data.load_questions(paths[part.train_key])
-                env_cfg = config.env_config(config.Config(**part.env))
+                env_cfg = config.episode(config.Config(**part.env))
                 ws = warmstart.run(model, tok, index, questions, env_cfg, steps=args.warmstart_steps,
                                    lr=args.warmstart_lr, batch=16, seed=1000 + seed, micro_batch=4, bf16=False,
                                    demos=warm_start_demos(tok, index, questions, env_cfg, args.warmstart_steps, 16,
@@ -482,7 +482,7 @@ def seed_start(job) -> str:
 
 
 def evaluate_point(args, part: Part, model_dir: Path, path: Path, step: int, paths: dict) -> dict:
-    """evaluate.evaluate (greedy, the part's episode) on the first --eval-n held-out questions, cached in
+    """eval.evaluate (greedy, the part's episode) on the first --eval-n held-out questions, cached in
     ``path``. The k3 part is scored per kind as well (one-hop, two-hop)."""
     if path.is_file():
         return json.loads(path.read_text())
@@ -490,14 +490,14 @@ def evaluate_point(args, part: Part, model_dir: Path, path: Path, step: int, pat
 
     import torch
 
-    import evaluate as ev
+    import eval as ev
     import search
     from fast import CachedPolicy
     from policy import load_policy
 
     rows = data.load_questions(paths[part.eval_key])[:args.eval_n]
     index = search.load_index(paths["corpus"])
-    env_cfg = dataclasses.replace(config.env_config(config.Config(**part.env)), temperature=0.0)
+    env_cfg = dataclasses.replace(config.episode(config.Config(**part.env)), temperature=0.0)
     model, tok = load_policy(str(model_dir))
     policy = CachedPolicy(model.eval(), tok, seed=0, dtype=torch.float32)
     groups = {"all": rows}
@@ -511,7 +511,7 @@ def evaluate_point(args, part: Part, model_dir: Path, path: Path, step: int, pat
 
 
 def endpoints(part: Part, scores: dict) -> dict:
-    """The numbers a part reports, from evaluate.evaluate's means."""
+    """The numbers a part reports, from eval.evaluate's means."""
     if part.name != "k3":
         r = scores["all"]
         found = r["search_answer"] / 0.5  # the share of episodes whose first result held the answer
@@ -856,7 +856,7 @@ def properties(args, paths: dict) -> str:
     model, tok = load_policy(str(Path(args.out) / "credit" / "warmstart-seed0"))
     policy = CachedPolicy(model.eval(), tok, seed=0, dtype=torch.float32)
     rows = random.Random(0).sample(train_rows, min(args.property_n, len(train_rows)))
-    cfg = config.env_config(config.Config(**CREDIT_ENV))
+    cfg = config.episode(config.Config(**CREDIT_ENV))
     trajs = env.rollout(policy, tok, [q["question"] for q in rows], 1, index, cfg)
     scores = rewards.compute([t.messages for t in trajs], [q["aliases"] for q in rows])
     stats = env.episode_stats(trajs, [q["aliases"] for q in rows])

@@ -6,8 +6,8 @@
 
 Every method starts from the same warm-started SmolLM2-135M (warmstart.py, seed 0, on training
 questions only), trains with the same seeds, step budget, G and lengths, and is evaluated greedily by
-evaluate.py on questions train.py never saw (``--holdout``), beside the untrained model and the warm
-start. Training runs and evaluations are the real ``train.py`` / ``evaluate.py`` commands, run as
+eval.py on questions train.py never saw (``--holdout``), beside the untrained model and the warm
+start. Training runs and evaluations are the real ``train.py`` / ``eval.py`` commands, run as
 subprocesses; each is skipped when its output already exists, so a killed benchmark continues where
 it stopped. Writes ``--results``/learning.md (its set-up, a table shaped like the paper's Table 5,
 per-seed figures) and learning_curves.png.
@@ -19,7 +19,7 @@ carries signal that real trivia, out of a 135M model's reach, does not.
 
 The committed learning.md, learning_demo.md and two_hop.md were written by earlier versions of this
 script and extended by hand after their runs (how the runs were scheduled, the reading of the
-results; learning.md's base-model row came from a separate ``evaluate.py base`` run). A rerun writes
+results; learning.md's base-model row came from a separate ``eval.py base`` run). A rerun writes
 the set-up, the base row and the per-seed figures itself and drops the hand-written paragraphs.
 """
 from __future__ import annotations
@@ -38,7 +38,7 @@ from pathlib import Path
 from common import ROOT  # first: puts the repo root on sys.path
 import config
 import data
-import plot
+from tools import plot
 
 METHODS = {"grpo_or": "GRPO-OR", "grpo_mr": "GRPO-MR", "mt_grpo": "MT-GRPO"}
 CURVES = [("tool_execution", "tool execution (0-0.2)"), ("search_answer", "search answer (0-0.5)"),
@@ -55,9 +55,9 @@ class Comparison:
     questions: str               # training questions (JSONL)
     corpus: str                  # passages (JSONL(.gz))
     eval_questions: str | None   # held-out questions; None: the --holdout split of ``questions``
-    holdout: int                 # train.py / evaluate.py --holdout
+    holdout: int                 # train.py / eval.py --holdout
     task_flags: list[str]        # train.py flags that set the task (a preset, or the environment)
-    env_flags: list[str]         # evaluate.py flags that give every evaluation training's environment
+    env_flags: list[str]         # eval.py flags that give every evaluation training's environment
     methods: dict[str, str] = field(default_factory=lambda: dict(METHODS))  # method -> label
     seeds: list[int] = field(default_factory=lambda: [0, 1])
     steps: int = 4
@@ -83,14 +83,14 @@ def shared_warm_start(c: Comparison, cfg, load_task) -> tuple[Path, dict]:
     atomically as out/warmstart (reused when it exists); returns the folder and its warm-start stats."""
     folder = c.out / "warmstart"
     if not (folder / "config.json").is_file():
-        import train
-        import warmstart
+        from extensions import warmstart
+        from infra import assemble
         from policy import load_policy
 
         questions, index = load_task()
-        train.seed_everything(0)
+        assemble.seed_everything(0)
         model, tok = load_policy(c.model)
-        ws = warmstart.run(model, tok, index, questions, config.env_config(cfg), steps=cfg.warmstart_steps,
+        ws = warmstart.run(model, tok, index, questions, config.episode(cfg), steps=cfg.warmstart_steps,
                            lr=cfg.warmstart_lr, seed=0, bf16=cfg.bf16, micro_batch=cfg.micro_batch)
         print(f"warm start: {ws['demonstrations']} demonstrations, loss {ws['first_loss']:.3f} -> {ws['last_loss']:.3f}")
         tmp = c.out / ".warmstart-tmp"
@@ -120,12 +120,12 @@ def train_run(c: Comparison, start: Path, method: str, seed: int) -> Path:
 
 
 def evaluate(c: Comparison, models: dict[str, str], name: str) -> dict[str, dict]:
-    """evaluate.py on ``models`` (label -> 'base' or a folder) in one call, cached as out/eval-<name>.json."""
+    """eval.py on ``models`` (label -> 'base' or a folder) in one call, cached as out/eval-<name>.json."""
     path = c.out / f"eval-{name}.json"
     if not path.is_file():
-        # evaluate.py is greedy: the training run's sampling flags do not apply to it
+        # eval.py is greedy: the training run's sampling flags do not apply to it
         flags = [x for k, v in zip(c.env_flags[::2], c.env_flags[1::2]) if k not in SAMPLING_FLAGS for x in (k, v)]
-        run([sys.executable, "evaluate.py", *models.values(), "--questions", c.eval_questions or c.questions,
+        run([sys.executable, "eval.py", *models.values(), "--questions", c.eval_questions or c.questions,
              "--corpus", c.corpus, "--holdout", str(c.holdout), "--n", str(c.eval_n), *flags,
              "--batch", "16", "--threads", str(c.threads), "--json", str(path)], c.out / "eval.log")
     results = json.loads(path.read_text())["results"]
@@ -167,7 +167,7 @@ def setup_text(c: Comparison, ws: dict, lr: float) -> str:
 def summarise(c: Comparison, first: dict, evals: dict, curves: dict, curve_keys=CURVES) -> str:
     import numpy as np
 
-    from evaluate import COLUMNS
+    from eval import COLUMNS
 
     def cell(values, key):
         v = np.array([r[key] for r in values])
@@ -233,7 +233,7 @@ def main(argv=None) -> int:
     ap.add_argument("--model", help="the model to warm-start (default: the embedded SmolLM2-135M-Instruct)")
     ap.add_argument("--warmstart-steps", type=int, help="default: the preset's")
     args = ap.parse_args(argv)
-    import train
+    from infra import assemble
 
     if args.world == "demo":  # train on the demo world's train split, evaluate on its eval split
         world = data.demo_world()
@@ -255,7 +255,7 @@ def main(argv=None) -> int:
     cfg = config.Config(**{**config.PRESETS[preset], "questions": c.questions, "corpus": c.corpus,
                           "holdout": c.holdout, "seed": 0, **overrides})
     t0 = time.time()
-    start, ws = shared_warm_start(c, cfg, lambda: train.load_task(cfg))
+    start, ws = shared_warm_start(c, cfg, lambda: assemble.load_task(cfg))
     first, evals, curves = run_comparison(c, start)
     report = summarise(c, first, evals, curves)
     write_results(Path(args.results), name, title, "bench_learning.py", setup_text(c, ws, cfg.lr), report,

@@ -6,7 +6,7 @@
 One update is what train.update runs on the CPU default's batch (common.synthetic_batch: 16 rows shaped
 like its rollouts): length-grouped micro-batches (train.micro_batches), a forward and backward of
 policy.token_logprobs on each, gradient clipping and an AdamW step over the trainable parameters
-(train.prepare's optimizer: under LoRA the adapter only). LoRA is lora.wrap with --lora-r/--lora-alpha on
+(infra.assemble.prepare's optimizer: under LoRA the adapter only). LoRA is lora.wrap with --lora-r/--lora-alpha on
 every linear projection of each block (config.Config's default targets).
 
 Peak memory is a process's ru_maxrss, which only grows: so every measurement runs in a fresh
@@ -25,8 +25,16 @@ import sys
 import time
 from pathlib import Path
 
-from common import (ROOT, mean, quiet_transformers, random_llama, set_threads, synthetic_batch, tokenizer,  # first: the repo root
-                    write_result)  # first: the repo root
+from common import (  # first: the repo root
+    ROOT,
+    mean,
+    quiet_transformers,
+    random_llama,
+    set_threads,
+    synthetic_batch,
+    tokenizer,
+    write_result,  # first: the repo root
+)
 
 
 def peak_gb() -> float:
@@ -37,9 +45,9 @@ def worker(args) -> dict:
     """One measurement in this (fresh) process: load, warm up, time ``args.updates`` updates."""
     import torch
 
-    import lora
     import config
     import train
+    from infra import lora
     from policy import load_policy, token_logprobs
 
     set_threads(args.threads)
@@ -48,7 +56,7 @@ def worker(args) -> dict:
     torch.manual_seed(0)
     model = random_llama(tok, args.hidden, args.layers) if args.hidden else load_policy(None)[0]
     if args.worker == "lora":
-        model, _ = lora.wrap(model, args.lora_r, args.lora_alpha, lora.DEFAULT_TARGETS)
+        model, _ = lora.wrap(model, args.lora_r, args.lora_alpha, config.LORA_TARGETS)
     model.train()
     cfg = config.Config()
     params = lora.trainable(model)

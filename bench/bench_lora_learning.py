@@ -36,7 +36,7 @@ from pathlib import Path
 
 from common import ROOT, as_flags  # first: puts the repo root on sys.path
 import config
-import plot
+from tools import plot
 
 ARMS = {"full": [], "lora": ["--preset", "lora"]}
 LABELS = {"full": "full fine-tuning", "lora": "LoRA"}

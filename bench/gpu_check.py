@@ -14,8 +14,8 @@ Rows:
      vocabulary projection of the model's own tokens; the checkpointing recompute is not counted);
   3. ZeRO-3: train.main under `accelerate launch --use_deepspeed --zero_stage 3` with 1 process, the
      tests' scripted rollouts and stand-in engine (tests/distributed_worker.py), 2 steps, mu 2;
-  4. HF rollouts: the sampler train.make_sampler builds for --rollout-backend hf on this device (on CUDA
-     env.HFPolicy, under the bf16 autocast of train.sample_batch), at the seed's sampling.
+  4. HF rollouts: the sampler assemble.make_sampler builds for --rollout-backend hf on this device (on CUDA
+     policy.HFPolicy, under the bf16 autocast of train.sample_batch), at the seed's sampling.
 --tokenizer: any chat tokenizer folder (the embedded SmolLM2's is the default where it can be built).
 """
 from __future__ import annotations
@@ -36,7 +36,9 @@ sys.path.insert(0, str(ROOT))
 
 import env  # noqa: E402
 import train  # noqa: E402
-from config import Config, env_config  # noqa: E402
+from config import Config, episode  # noqa: E402
+from infra import assemble  # noqa: E402
+from policy import Batch  # noqa: E402
 
 # Qwen2.5 base models' shapes (their config.json): name -> hidden, intermediate, layers, heads, KV heads, tied
 QWEN25 = {"0.5B": (896, 4864, 24, 14, 2, True), "1.5B": (1536, 8960, 28, 12, 2, True),
@@ -115,20 +117,20 @@ def time_update(config, device, rows: int, length: int, micro_batch: int, steps:
     model.train()
     cfg = Config(micro_batch=micro_batch, mu=1, bf16=True, max_grad_norm=0.1, batch_size=rows, G=rows, lr=1e-6)
     accelerator = Accelerator(cpu=device.type == "cpu")
-    trainer, optimizer, scheduler = train.prepare(cfg, accelerator, model, rows)
+    trainer, optimizer, scheduler = assemble.prepare(cfg, accelerator, model, rows)
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, config.vocab_size, (rows, length), generator=gen)
     attn = torch.ones_like(ids)
     turn = torch.zeros_like(ids)
     turn[:, length // 2:] = 1  # half prompt, half the model's turn (about what a CPU-default row is)
-    A = torch.randn(rows, 2, generator=gen)
+    A = torch.randn(rows, length - 1, generator=gen)  # the advantage of each predicted id
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(steps + 1):  # the first one warms up (allocator, kernels)
         sync(device)
         t = time.perf_counter()
-        train.update(cfg, trainer, optimizer, scheduler, accelerator, train.Batch(ids, attn, turn, A))
+        train.update(cfg, trainer, optimizer, scheduler, accelerator, Batch(ids, attn, turn, A))
         sync(device)
         times.append(time.perf_counter() - t)
     seconds = min(times[1:])
@@ -181,7 +183,7 @@ def zero3_step(tokenizer, folder: Path, config, bf16: bool) -> dict:
 
 # ----------------------------------------------------------------------------- 4. rollouts
 def hf_rollout(tokenizer, config, device, rows: int, new_tokens: int) -> dict:
-    """The sampler train.py builds for --rollout-backend hf on this device (train.make_sampler), under the
+    """The sampler train.py builds for --rollout-backend hf on this device (assemble.make_sampler), under the
     autocast train.sample_batch runs it in, at the seed's sampling (T 0.9, top-k 50)."""
     from accelerate import Accelerator
     from transformers import AutoModelForCausalLM
@@ -190,8 +192,8 @@ def hf_rollout(tokenizer, config, device, rows: int, new_tokens: int) -> dict:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).to(device).eval()
     cfg = Config(rollout_backend="hf")
     accelerator = Accelerator(cpu=device.type == "cpu")
-    env_cfg = env_config(cfg)
-    policy = train.make_sampler(cfg, accelerator, model, tokenizer, [], env_cfg, "unused")
+    env_cfg = episode(cfg)
+    policy = assemble.make_sampler(cfg, accelerator, model, tokenizer, [], env_cfg, "unused")
     prompt = env.build_prompt(tokenizer, "Who wrote the novel Dracula?", env_cfg)
     with train.sampling_autocast(cfg, device):
         policy.start_rollout()
@@ -248,7 +250,7 @@ def main(argv=None) -> int:
 
     r = hf_rollout(tokenizer, qwen_config("0.5B", vocab=len(tokenizer)) if cuda else small, device,
                    64 if cuda else 4, 128 if cuda else 8)
-    rows.append((f"HF rollouts ({r['sampler']}, train.make_sampler)", f"{r['tokens_per_s']:.0f} tok/s",
+    rows.append((f"HF rollouts ({r['sampler']}, assemble.make_sampler)", f"{r['tokens_per_s']:.0f} tok/s",
                  "Qwen2.5-0.5B shape" if cuda else "tiny"))
 
     device_name = torch.cuda.get_device_name() if cuda else "CPU (dry run)"

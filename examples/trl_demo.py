@@ -21,14 +21,14 @@ import config  # noqa: E402
 import data  # noqa: E402
 import mt_grpo  # noqa: E402
 import search  # noqa: E402
-import warmstart  # noqa: E402
+from extensions import warmstart  # noqa: E402
 from policy import load_policy  # noqa: E402
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="a model folder (default: the embedded SmolLM2-135M-Instruct)")
-    ap.add_argument("--method", default="mt_grpo", choices=mt_grpo.METHODS)
+    ap.add_argument("--method", default="mt_grpo", choices=mt_grpo.PAPER_METHODS)
     ap.add_argument("--max-steps", type=int, default=4)
     ap.add_argument("--warmstart-steps", type=int, default=config.Config.warmstart_steps)
     ap.add_argument("--output-dir", default="runs/trl-demo")
@@ -36,7 +36,7 @@ def main(argv=None) -> int:
     from datasets import Dataset
     from trl import GRPOConfig
 
-    from trl_mt_grpo import MTGRPOTrainer, episode_config
+    from extensions.trl_mt_grpo import MTGRPOTrainer, episode_config
 
     cfg = config.Config()  # train.py's defaults: the batch, the optimizer, the episode
     world = data.demo_world()

@@ -1,6 +1,6 @@
 """SPEED PATH. Nothing in this package is part of the algorithm: skip it on a first reading.
 
-The reference path of a training step is env.HFPolicy (transformers' generate) for the rollouts and
+The reference path of a training step is policy.HFPolicy (transformers' generate) for the rollouts and
 policy.token_logprobs for the update. On a CPU both redo work a rollout makes avoidable, and this package
 does the same computations without it:
 

@@ -33,6 +33,8 @@ import copy
 import torch
 
 import env
+from config import Sampling
+from policy import Sampler
 
 ATTENTION = "mtgrpo_grouped_decode"  # the sampling copy's attention (registered below)
 
@@ -122,8 +124,8 @@ class PackedLinear:
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, rows: int = 16):
         self.weight, self.bias = weight, bias
-        self.packed = weight.device.type == "cpu" and weight.dtype in (torch.bfloat16, torch.float32) and \
-            torch.backends.mkldnn.is_available()
+        self.packed = (weight.device.type == "cpu" and weight.dtype in (torch.bfloat16, torch.float32)
+                       and torch.backends.mkldnn.is_available())
         if self.packed:
             self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, rows)
 
@@ -167,10 +169,10 @@ class CpuForward:
     def supports(model) -> bool:
         c = model.config
         # the fused projections read plain weights: LoRA-wrapped projections take the model's own forward
-        plain = all(type(getattr(layer.self_attn, n, None)) is torch.nn.Linear for layer in model.model.layers
-                    for n in ("q_proj", "k_proj", "v_proj", "o_proj")) and \
-            all(type(getattr(layer.mlp, n, None)) is torch.nn.Linear for layer in model.model.layers
-                for n in ("gate_proj", "up_proj", "down_proj"))
+        plain = (all(type(getattr(layer.self_attn, n, None)) is torch.nn.Linear for layer in model.model.layers
+                     for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
+                 and all(type(getattr(layer.mlp, n, None)) is torch.nn.Linear for layer in model.model.layers
+                         for n in ("gate_proj", "up_proj", "down_proj")))
         on_cpu = model.model.embed_tokens.weight.device.type == "cpu"  # written for a CPU (oneDNN): elsewhere the model's own
         return (on_cpu and c.model_type in CpuForward.FAMILIES and c.hidden_act == "silu" and plain
                 and not getattr(c, "mlp_bias", False) and not getattr(c, "use_sliding_window", False)
@@ -260,7 +262,7 @@ def rms_norm(x: torch.Tensor, norm) -> torch.Tensor:
     return torch.nn.functional.rms_norm(x, x.shape[-1:], eps=norm.variance_epsilon) * norm.weight
 
 
-class CachedPolicy(env.Sampler):
+class CachedPolicy(Sampler):
     """``policy.generate`` for ``env.rollout`` with prefix-shared KV caches and a bf16 sampling copy.
 
     ``model`` is the trained model (any dtype); with ``dtype`` None the sampler uses it as it is, else a
@@ -268,7 +270,7 @@ class CachedPolicy(env.Sampler):
     stream (one generator per call). ``fast_decode``: every forward through ``CpuForward`` where the
     model's family allows it (else the model's own forward). After each
     call ``last_logprobs`` holds, per row, the log-prob of each returned id under the sampling model's whole
-    tempered distribution (env.Sampling's contract)."""
+    tempered distribution (config.Sampling's contract)."""
 
     def __init__(self, model, tokenizer, seed: int | None = None, dtype: torch.dtype | None = torch.bfloat16,
                  fast_decode: bool = True):
@@ -386,8 +388,8 @@ class CachedPolicy(env.Sampler):
         return ids, real, positions
 
     # ------------------------------------------------------------------ sampling
-    def _sample(self, logits: torch.Tensor, sampling: env.Sampling, gen) -> tuple[torch.Tensor, torch.Tensor]:
-        """One id per row, and its log-prob under the whole tempered distribution (env.Sampling's contract).
+    def _sample(self, logits: torch.Tensor, sampling: Sampling, gen) -> tuple[torch.Tensor, torch.Tensor]:
+        """One id per row, and its log-prob under the whole tempered distribution (Sampling's contract).
         Drawn by inverting the cumulative distribution at a uniform draw: the same distribution as
         torch.multinomial, which on a CPU costs 16 ms for 16 rows of a 49k vocabulary (a quarter of a
         decode step) against 0.4 ms for a cumsum and a binary search. The probabilities are fp32, their
@@ -425,7 +427,7 @@ class CachedPolicy(env.Sampler):
         return self._forward(token[:, None], seen[:, :length].long(), position[:, None], past)[0]
 
     @torch.no_grad()
-    def generate(self, batch, max_new_tokens: int, sampling: env.Sampling, stop) -> list[list[int]]:
+    def generate(self, batch, max_new_tokens: int, sampling: Sampling, stop) -> list[list[int]]:
         if self.model is None:
             self.start_rollout()
         rows = [list(r) for r in batch]

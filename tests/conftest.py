@@ -21,7 +21,7 @@ def tiny_model(tok):
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, tok):
-    """A tiny random Llama saved like any checkpoint, so train.py and evaluate.py load it through --model:
+    """A tiny random Llama saved like any checkpoint, so train.py and eval.py load it through --model:
     tiny_model's size, with grouped-query attention (2 KV heads, as SmolLM2 has), 1,024 positions
     and the tokenizer's special ids in its config."""
     folder = tmp_path_factory.mktemp("tiny-model")

@@ -10,7 +10,7 @@ process runs it, and the rollouts of the two runs are identical by construction.
 sampling (gathering, rewards, advantages, the update, logging, checkpoints) is train.py's own.
 
 Each process also writes ``<output-dir>/record-<process index>.json``: per step, the advantages its
-update received, and how accelerate set the process up.
+update received (each row's, over its model tokens), and how accelerate set the process up.
 """
 import json
 import os
@@ -26,6 +26,8 @@ sys.path.insert(0, str(ROOT))
 import env  # noqa: E402
 import train  # noqa: E402
 from data import read_jsonl  # noqa: E402
+from infra import launch  # noqa: E402
+from policy import ScriptedPolicy  # noqa: E402
 
 # The questions both distributed tests train on (written to --questions by the tests)
 QUESTIONS = [
@@ -55,18 +57,18 @@ def turns(step: int, row: int, question: str) -> list[str]:
 
 
 def scripted_rollout(policy, tokenizer, questions, G, searcher, cfg):
-    """Stands in for env.rollout inside train.rollout: ``questions`` are this process's rows, or with
-    --rollout-backend vllm the whole batch, sampled by the main process's engine."""
+    """Stands in for env.rollout inside train.sample_batch: ``questions`` are this process's rows, or with
+    --rollout-backend vllm the whole batch, sampled by the main process's engine (infra.vllm_backend.sample_on_main)."""
     from accelerate import PartialState
 
     state = PartialState()
-    first_row = 0 if isinstance(policy, StubEngine) else \
-        train.process_rows(len(questions) * state.num_processes, state.num_processes, state.process_index).start
+    first_row = (0 if isinstance(policy, StubEngine) else
+                 launch.process_rows(len(questions) * state.num_processes, state.num_processes, state.process_index).start)
     # the policy's call counter numbers the rollouts: checkpoints keep it, so a resumed run goes on with
     # the turns the uninterrupted run has at the same step
     script = [turns(policy.calls, first_row + i, q) for i, q in enumerate(questions)]
     policy.calls += 1
-    return real_rollout(env.ScriptedPolicy(tokenizer, script), tokenizer, questions, G, searcher, cfg)
+    return real_rollout(ScriptedPolicy(tokenizer, script), tokenizer, questions, G, searcher, cfg)
 
 
 def collective_timeout():
@@ -83,7 +85,9 @@ def recording_update(cfg, logprobs, optimizer, scheduler, accelerator, batch, *r
     from accelerate import PartialState
 
     params = list(logprobs.parameters())
-    RECORD.append({"A": batch.A.tolist(), "rows": batch.ids.shape[0], "num_processes": accelerator.num_processes,
+    # each row's advantages over its own model tokens (the rows' padding differs between processes)
+    A = [[a for a, k in zip(row, turn) if k > 0] for row, turn in zip(batch.A.tolist(), batch.turn[:, 1:].tolist())]
+    RECORD.append({"A": A, "rows": batch.ids.shape[0], "num_processes": accelerator.num_processes,
                    # ZeRO-3: every parameter is a DeepSpeed-partitioned one, and (2+ processes) this
                    # process holds only its shards
                    "zero3_params": all(hasattr(p, "ds_id") for p in params),
@@ -157,8 +161,8 @@ def slow_rank_in_save_state(out: Path):
 
     Markers, in ``<out>/race``: ``saved-<n>`` holds how many barriers the main process had entered when its
     n-th save_state returned; ``barriers`` how many it has entered so far."""
-    from accelerate import Accelerator
     import accelerate.accelerator as accelerate_module
+    from accelerate import Accelerator
 
     race = out / "race"
     race.mkdir(parents=True, exist_ok=True)
@@ -225,7 +229,7 @@ if __name__ == "__main__":
     OUT.mkdir(parents=True, exist_ok=True)
     if "vllm" in argv:  # --rollout-backend vllm: the stub engine, the real sync
         import config
-        import vllm_backend
+        from infra import vllm_backend
 
         vllm_backend.VLLMPolicy, config.vllm_installed = StubEngine, lambda: True
     copy_each_checkpoint()

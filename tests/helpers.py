@@ -10,6 +10,8 @@ import torch
 import data
 import env
 import rewards
+from config import EnvConfig, Sampling
+from policy import Sampler
 
 SHARED = data.SHARED_DATA
 TRIVIAQA = SHARED / "triviaqa" / "questions.jsonl"
@@ -48,7 +50,7 @@ class FakeSearcher:
 WARMSTART_QUESTIONS = [{"question": "Who wrote Dracula?", "answer": "Bram Stoker", "aliases": ["Bram Stoker"]},
                        {"question": "Which river flows through Paris?", "answer": "Seine", "aliases": ["Seine", "the Seine"]},
                        {"question": "Who painted the Mona Lisa?", "answer": "Leonardo", "aliases": ["Leonardo"]}]
-WARMSTART_CFG = env.EnvConfig(max_turn_tokens=80, max_completion_tokens=400, few_shot=False)
+WARMSTART_CFG = EnvConfig(max_turn_tokens=80, max_completion_tokens=400, few_shot=False)
 
 
 def tiny_llama(tok, hidden: int = 64, layers: int = 2, kv_heads: int = 4, seed: int = 0, **config):
@@ -76,7 +78,8 @@ def check_trajectory(t, tok, question, cfg):
       - ``completion_ids`` and ``turn_idx`` have the same length; environment ids are turn 0, the ids of
         the model's k-th turn are turn k and decode to the k-th assistant message;
       - ``decode(prompt_ids + completion_ids)`` is exactly the chat template's rendering of
-        system + few-shot + question + ``messages`` (so the ids were never re-tokenised);
+        system + few-shot + question + ``messages`` (so the ids were never re-tokenised), each message as its ids
+        say (a model message's text drops what its last id overhangs past a stop string: env.message_text);
       - the completion fits ``max_completion_tokens``."""
     assert len(t.completion_ids) == len(t.turn_idx)
     assert len(t.completion_ids) <= cfg.max_completion_tokens
@@ -100,29 +103,32 @@ def check_trajectory(t, tok, question, cfg):
             q += 1
         runs.append((t.turn_idx[p], t.completion_ids[p:q]))
         p = q
-    n_results = 0
+    n_results, as_ids = 0, []  # as_ids: the messages as their ids say (overhangs kept)
     for m in t.messages:
         if m["role"] == "user":
             n_results += m["content"].startswith("<result>")
+            as_ids.append(m)
             continue
         k, ids = runs[0] if runs else (None, [])
         if ids and ids[-1] == tok.eos_token_id:
             ids = ids[:-1]
         if m["content"] == "" and (not runs or env._decode(tok, ids) != ""):
+            as_ids.append(m)
             continue  # a turn of zero ids (its budget was used up) has no run of its own
         runs.pop(0)
         assert k == 1 + n_results
-        assert env._decode(tok, ids) == m["content"]
+        assert env.message_text(env._decode(tok, ids)) == m["content"]
+        as_ids.append({"role": "assistant", "content": env._decode(tok, ids)})
     assert not runs
     # The whole text is the chat template's rendering: nothing was re-tokenised.
     msgs = prompt_messages(question, cfg)
     prompt_text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-    full_text = tok.apply_chat_template(msgs + t.messages, tokenize=False)
+    full_text = tok.apply_chat_template(msgs + as_ids, tokenize=False)
     assert env._decode(tok, t.prompt_ids) == prompt_text
     assert env._decode(tok, t.completion_ids) == full_text[len(prompt_text):]
 
 
-class Recorder(env.Sampler):
+class Recorder(Sampler):
     """Wraps a sampler and records each generate call's batch."""
 
     def __init__(self, policy):
@@ -155,7 +161,7 @@ def make_bigram(model, chain):
     return model
 
 
-def mismatch(model, trajectories, bf16: bool, temperature: float = env.Sampling.temperature) -> tuple[float, float, int]:
+def mismatch(model, trajectories, bf16: bool, temperature: float = Sampling.temperature) -> tuple[float, float, int]:
     """The sampler-trainer mismatch meter as train.update computes it, for ``model`` as the trainer at the
     sampling ``temperature``: (mean |log p_trainer - log p_sampler|, KL estimate, tokens compared)."""
     from policy import mismatch_sums, pack, pack_sampler_logprobs, token_logprobs
@@ -202,8 +208,8 @@ def kill_after_first_checkpoint(proc, out) -> None:
 
 
 # ----------------------------------------------------------------------------- a designed next-token distribution
-# The sampling contract (env.Sampling) is tested on every sampler with a model whose next-token logits are known.
-SEED_SAMPLING = env.Sampling(temperature=0.9, top_k=50, top_p=1.0)
+# The sampling contract (Sampling) is tested on every sampler with a model whose next-token logits are known.
+SEED_SAMPLING = Sampling(temperature=0.9, top_k=50, top_p=1.0)
 VOCAB = 200  # ids the SmolLM2 tokenizer decodes, few enough to count every one
 SOURCE = 7   # the prompt's last id; what comes before it does not matter (every layer is zeroed)
 PROMPT = [5, SOURCE]
@@ -233,7 +239,7 @@ def designed_model(tok, logits: torch.Tensor, hidden: int = 64):
     return model.eval()
 
 
-def truncated(logits: torch.Tensor, s: env.Sampling) -> torch.Tensor:
+def truncated(logits: torch.Tensor, s: Sampling) -> torch.Tensor:
     """The distribution the contract asks for: tempered, top-k cut, renormalised."""
     p = torch.softmax(logits.double() / s.temperature, -1)
     if s.top_k:
@@ -251,7 +257,7 @@ def chi2(counts: torch.Tensor, p: torch.Tensor) -> float:
     return float(((counts[kept] - expected) ** 2 / expected).sum())
 
 
-def draw_counts(sampler, n: int, s: env.Sampling, rows_per_call: int = 1000) -> tuple[torch.Tensor, list[float]]:
+def draw_counts(sampler, n: int, s: Sampling, rows_per_call: int = 1000) -> tuple[torch.Tensor, list[float]]:
     counts, logprobs = torch.zeros(VOCAB, dtype=torch.float64), []
     for _ in range(n // rows_per_call):
         if hasattr(sampler, "start_rollout"):

@@ -2,13 +2,13 @@
 config really gives two model turns of the requested length (what the TRL comparison relies on)."""
 from __future__ import annotations
 
+import bench_step  # bench/ is on the path (pytest.ini)
 from torch.utils.flop_counter import FlopCounterMode
 
-import bench_step  # bench/ is on the path (pytest.ini)
 import env
 import train
 from common import save_random_llama, synthetic_batch
-from policy import load_policy, pack, token_logprobs
+from policy import HFPolicy, load_policy, pack, token_logprobs
 
 
 def test_update_flops_matches_torch_flop_counter(tmp_path, tok):
@@ -31,7 +31,7 @@ def test_episode_config_gives_two_full_turns(tiny_model, tok, searcher):
     """A random model never answers nor calls the tool: each episode is turn 1 (T tokens), the
     format reminder, turn 2 (T tokens), then the close."""
     cfg = bench_step.episode_config(tok, turn_tokens=6)
-    trajs = env.rollout(env.HFPolicy(tiny_model, tok, seed=0), tok, ["Who wrote Dracula?"], 2, searcher, cfg)
+    trajs = env.rollout(HFPolicy(tiny_model, tok, seed=0), tok, ["Who wrote Dracula?"], 2, searcher, cfg)
     for t in trajs:
         assert [m["role"] for m in t.messages] == ["assistant", "user", "assistant"]
         assert t.messages[1]["content"] == env.NO_TOOL_REPLY and t.truncated

@@ -4,17 +4,18 @@ import json
 import math
 import random
 
+import bench_credit
 import pytest
 
-import bench_credit
-import credit.world as world_module
 import config
+import credit.world as world_module
 import data
 import env
-import plot
 import rewards
 import search
+from config import EnvConfig
 from credit.demonstrator import varied_demonstrations
+from tools import plot
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +141,7 @@ def test_the_copy_drill_trains_the_repeat_and_the_lookups_value(world_tok):
 
 
 def test_the_varied_demonstrator_does_every_thing_some_of_the_time(tok, world, index):
-    cfg = env.EnvConfig(**bench_credit.K3_ENV)
+    cfg = EnvConfig(**bench_credit.K3_ENV)
     rows = random.Random(0).choices(data.read_jsonl(world["train"]), k=120)
     demos = varied_demonstrations(tok, index, rows, cfg, seed=0)
     assert len(demos) == len(rows)  # every episode kept (none cut by the budget)

@@ -5,6 +5,7 @@ line up with the messages; the ids decode to exactly the chat template's renderi
 re-tokenised; the completion fits its budget). Scripted policies make the model turns known in
 advance; a tiny random Llama makes them sampled.
 """
+import dataclasses
 import math
 import random
 
@@ -15,8 +16,10 @@ import config
 import env
 import rewards
 import search
-from env import EnvConfig, HFPolicy, ScriptedPolicy, rollout
+from config import GREEDY, EnvConfig, Sampling
+from env import rollout
 from helpers import Recorder, check_trajectory, enc, make_bigram, prompt_messages, tiny_llama
+from policy import HFPolicy, ScriptedPolicy
 
 # ----------------------------------------------------------------------------- fixtures
 # tok (real SmolLM2 tokenizer), tiny_model (random 2-layer Llama), passages, searcher (a FakeSearcher
@@ -110,12 +113,18 @@ def test_model_eos_is_a_model_token_and_env_adds_only_the_rest(tok, searcher):
 # ----------------------------------------------------------------------------- end conditions
 def test_stop_strings_cut_the_turn(tok, searcher):
     """A turn ends right after the token that completes </tool> or </answer>, even when that token
-    overhangs (">." is one token); the rest of the scripted text is never seen."""
+    overhangs (">." is one token); the rest of the scripted text is never seen. The message's text ends at the
+    stop string, as the seed's does (its format reward reads it ending with the closing tag); the ids keep the
+    overhanging token, which the model did write."""
     turns = [call("Paris") + "\n<answer>Paris</answer> trailing", answer("Paris") + "." + "junk " * 50]
     (t,) = rollout(ScriptedPolicy(tok, [turns]), tok, ["Capital of France?"], 1, searcher, EnvConfig())
     assert t.messages[0]["content"] == call("Paris")
     assert enc(tok, ">.") == [19369]  # the overhanging token
-    assert t.messages[2]["content"] == answer("Paris") + "."
+    assert t.messages[2]["content"] == answer("Paris")
+    answer_ids = [i for i, k in zip(t.completion_ids, t.turn_idx) if k == 2]
+    assert env._decode(tok, answer_ids) == answer("Paris") + "." and answer_ids[-1] == 19369
+    assert rewards.format_reward(t.messages) == rewards.format_reward(
+        [m if m["role"] == "user" else {**m, "content": env.message_text(m["content"] + ".")} for m in t.messages])
     ids = env.cut_turn(enc(tok, "<answer>x</answer>. more"), tok, env.STOP, 100)
     assert env._decode(tok, ids) == "<answer>x</answer>."
     assert env.cut_turn(enc(tok, "a b c d e f"), tok, env.STOP, 3) == enc(tok, "a b c d e f")[:3]
@@ -187,10 +196,10 @@ def test_a_message_with_neither_gets_the_error_reply_and_the_episode_goes_on(tok
 
 
 def test_the_1024_token_cut(tok, searcher):
-    """The paper preset's episode: 1,024 new tokens a message and 1,024 for the whole completion, model and
-    environment tokens together (the seed's cut). Messages that never answer run on, reminder after reminder,
-    until the budget ends the episode: never a token past it, closed by the template."""
-    cfg = config.env_config(config.Config(**config.PRESETS["paper"]))
+    """The paper preset's sizes under the "cut" budget (the CPU default's): 1,024 new tokens a message and 1,024 for
+    the whole completion, model and environment tokens together. Messages that never answer run on, reminder after
+    reminder, until the budget ends the episode: never a token past it, closed by the template."""
+    cfg = dataclasses.replace(config.episode(config.Config(**config.PRESETS["paper"])), budget="cut")
     assert (cfg.max_turn_tokens, cfg.max_completion_tokens, cfg.max_tool_calls) == (1024, 1024, 1)
     (t,) = rollout(ScriptedPolicy(tok, [["word " * 150] * 20]), tok, ["Q?"], 1, searcher, cfg)
     assert t.truncated and 1024 - 160 < len(t.completion_ids) <= 1024
@@ -251,8 +260,10 @@ def test_truncation_keeps_the_budget_and_the_invariants(tok, searcher):
     ('{"name": "wiki_search"}', "Error: wiki_search needs"),
     ('{"name": "wiki_search", "args": "Paris"}', "Error: wiki_search needs"),
     ('{"name": "wiki_search", "args": {"q": "Paris"}}', "Error: wiki_search needs"),
-    ('{"name": "wiki_search", "args": {"query": 42}}', "Error: wiki_search needs"),
-    ('{"name": "wiki_search", "args": {"query": "  "}}', "Error: wiki_search needs"),
+    # the seed's: a query that is not text reaches its search, whose failure reply its reward counts as a call
+    # that ran (it does not start with "Error:"); an empty one is searched and finds nothing
+    ('{"name": "wiki_search", "args": {"query": 42}}', "Error during search: the query is not text."),
+    ('{"name": "wiki_search", "args": {"query": "  "}}', "No relevant passage found."),
     ('{"name": "wiki_search", "args": {"query": "Paris", "k": 5}}', "Error: wiki_search takes only"),
     ("[" * 100_000, "Error: the tool command is not valid JSON"),
     ('{"name": "wiki_search", "args": {"query": "zzz qqq"}}', "No relevant passage found."),
@@ -353,20 +364,20 @@ def test_hf_policy_cuts_rows_at_stop_strings_eos_and_length(tok):
     chain = {nl: slash, slash: word, word: gt, gt: a, a: b, b: tok.eos_token_id, c: c}
     policy = HFPolicy(bigram_model(tok, chain), tok, seed=0)
     batch = [[5, 6, 7, nl], [a], [9, c]]  # different lengths: left padding
-    for sampling in (env.Sampling(), env.GREEDY):
+    for sampling in (Sampling(), GREEDY):
         out = policy.generate(batch, 6, sampling, env.STOP)
         assert out == [[slash, word, gt], [b, tok.eos_token_id], [c] * 6]
     assert len(policy.stopping) == 1  # the stop-string criteria were built once, reused by both calls
     # Without stop strings the first row runs on until EOS; never a pad token after it.
-    assert policy.generate(batch[:1], 10, env.Sampling(), []) == [[slash, word, gt, a, b, tok.eos_token_id]]
+    assert policy.generate(batch[:1], 10, Sampling(), []) == [[slash, word, gt, a, b, tok.eos_token_id]]
 
 
 def test_hf_policy_left_padding_matches_unpadded_generation(tok, tiny_model):
     policy = HFPolicy(tiny_model, tok)
     short, long = enc(tok, "Hello there"), enc(tok, "A much longer prompt than the other one, by far.")
-    together = policy.generate([short, long], 12, env.GREEDY, env.STOP)
-    assert together == [policy.generate([short], 12, env.GREEDY, env.STOP)[0],
-                        policy.generate([long], 12, env.GREEDY, env.STOP)[0]]
+    together = policy.generate([short, long], 12, GREEDY, env.STOP)
+    assert together == [policy.generate([short], 12, GREEDY, env.STOP)[0],
+                        policy.generate([long], 12, GREEDY, env.STOP)[0]]
 
 
 # ----------------------------------------------------------------------------- fuzz
@@ -433,3 +444,37 @@ def test_fuzz_rollouts_never_raise_and_rewards_stay_in_range(tok, searcher):
                 out = env.call_tool(rewards.parse(text)["tool"], searcher, cfg, tok)
                 assert isinstance(out, str) and out
         n += len(trajs)
+
+
+def test_the_seeds_budget_appends_the_reply_whole_and_rewards_the_answer_past_the_cut(tok, fake_searcher):
+    """The seed's budget (--budget seed, the paper preset's; verifiers/envs/multiturn_env.py, step): the search
+    result is appended whatever its length, still earns tool_execution and search_answer, the answer is still
+    generated and rewarded, and only the ids the loss trains on are cut at the budget. The "cut" budget drops the
+    reply that does not fit: no result, no answer."""
+    long = [{"id": "p", "title": "Paris", "text": "Paris is the capital of France. " + "It has many bridges. " * 60}]
+    script = [[call("Paris capital"), answer("Paris")]]
+    seed_cfg = EnvConfig(max_turn_tokens=64, max_completion_tokens=120, result_max_tokens=0, budget="seed")
+    (t,) = rollout(ScriptedPolicy(tok, script), tok, ["Capital of France?"], 1, fake_searcher(long), seed_cfg)
+    assert [m["role"] for m in t.messages] == ["assistant", "user", "assistant"] and t.has_result
+    assert t.messages[-1]["content"] == answer("Paris") and t.truncated
+    assert len(t.completion_ids) == len(t.turn_idx) == len(t.sampler_logprobs) == 120  # trained on: the first 120
+    assert 2 not in t.turn_idx  # the answer's ids lie past the cut ...
+    scores = rewards.compute([t.messages], [["Paris"]])
+    assert (scores["tool_execution"], scores["search_answer"], scores["exact_match"]) == ([0.2], [0.5], [1.0])  # ... rewarded
+    full = env._decode(tok, t.prompt_ids + t.completion_ids)
+    assert full.endswith(env._decode(tok, t.completion_ids)) and "It has many bridges." in full
+    cut_cfg = dataclasses.replace(seed_cfg, budget="cut")
+    (c,) = rollout(ScriptedPolicy(tok, script), tok, ["Capital of France?"], 1, fake_searcher(long), cut_cfg)
+    assert len(c.messages) == 1 and not c.has_result and c.truncated
+    assert rewards.compute([c.messages], [["Paris"]])["exact_match"] == [0.0]
+
+
+def test_the_seeds_reward_counts_its_own_search_failure_as_a_call_that_ran(tok, searcher):
+    """A query that is not text: the seed's search fails inside pyserini and replies "Error during search: ...",
+    which its tool_execution (like ours: the reply must not start with "Error:") counts as executed. So do we,
+    with the seed's text; search_answer finds no alias in it."""
+    (t,) = rollout(ScriptedPolicy(tok, [['<tool>{"name": "wiki_search", "args": {"query": 42}}</tool>',
+                                        answer("Paris")]]), tok, ["Q?"], 1, searcher, EnvConfig())
+    assert t.results == ["Error during search: the query is not text."]
+    scores = rewards.compute([t.messages], [["Paris"]])
+    assert (scores["tool_execution"], scores["search_answer"]) == ([0.2], [0.0])

@@ -1,4 +1,4 @@
-"""evaluate.py: the held-out split matches train.py's, the table has the paper's columns, scores come
+"""eval.py: the held-out split matches train.py's, the table has the paper's columns, scores come
 from real rollouts, a run is evaluated with its own episode settings unless a flag says otherwise,
 progress is shown, and bad input is one clear error."""
 from __future__ import annotations
@@ -14,8 +14,10 @@ import pytest
 import config
 import data
 import env
-import evaluate as evaluation
-import train
+import eval as evaluation
+from config import EnvConfig
+from infra import assemble
+from policy import ScriptedPolicy
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -31,7 +33,7 @@ def test_holdout_is_exactly_what_training_left_out(tmp_path, passages):
     qs = write_questions(tmp_path / "q.jsonl", 50)
     corpus = tmp_path / "c.jsonl"
     data.write_jsonl_atomic(corpus, passages)
-    trained, _ = train.load_task(config.Config(questions=str(qs), corpus=str(corpus), holdout=12))
+    trained, _ = assemble.load_task(config.Config(questions=str(qs), corpus=str(corpus), holdout=12))
     held = evaluation.load_questions(str(qs), holdout=12, n=0)
     assert len(held) == 12 and len(trained) == 38
     assert {q["question"] for q in held}.isdisjoint(q["question"] for q in trained)
@@ -43,7 +45,7 @@ def test_holdout_larger_than_the_file_is_a_config_error(tmp_path, passages):
     corpus = tmp_path / "c.jsonl"
     data.write_jsonl_atomic(corpus, passages)
     with pytest.raises(config.ConfigError, match="leaves no training question"):
-        train.load_task(config.Config(questions=str(qs), corpus=str(corpus), holdout=5))
+        assemble.load_task(config.Config(questions=str(qs), corpus=str(corpus), holdout=5))
     with pytest.raises(evaluation.EvalError, match="exceeds"):
         evaluation.load_questions(str(qs), holdout=6, n=0)
 
@@ -56,8 +58,8 @@ def test_scores_come_from_the_rollouts(tok, searcher):
     call = '<tool>{"name": "wiki_search", "args": {"query": "Dracula novel"}}</tool>'
     script = [[call, "<answer>Bram Stoker</answer>"], ["<answer>Lyon</answer>"]]
 
-    r = evaluation.evaluate(env.ScriptedPolicy(tok, script), tok, questions, searcher,
-                            env.EnvConfig(few_shot=False, temperature=0.0), batch=8)
+    r = evaluation.evaluate(ScriptedPolicy(tok, script), tok, questions, searcher,
+                            EnvConfig(few_shot=False, temperature=0.0), batch=8)
     assert r["episodes"] == 2
     assert r["tool_call_rate"] == 0.5
     assert r["tool_execution"] == pytest.approx(0.1)      # 0.2 for the episode that searched, / 2
@@ -77,7 +79,7 @@ def test_table_has_the_papers_columns():
 def test_command_line_on_the_demo_world(tmp_path, tiny_model_dir):
     """Two models side by side through the real command; JSON written; a real model folder works."""
     out = tmp_path / "r.json"
-    proc = subprocess.run([sys.executable, "evaluate.py", str(tiny_model_dir), str(tiny_model_dir) + "/",
+    proc = subprocess.run([sys.executable, "eval.py", str(tiny_model_dir), str(tiny_model_dir) + "/",
                            "--n", "3", "--max-turn-tokens", "6", "--max-completion-tokens", "60", "--threads", "1",
                            "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -156,7 +158,7 @@ def test_a_run_is_evaluated_with_its_own_settings(tmp_path, tiny_model_dir, monk
     turns = [n for t in trajs for n in model_turns(t)]
     assert len(trajs) == 2 and max(turns) == 8 and turns.count(8) >= 2
     assert all(len(t.completion_ids) <= 40 for t in trajs)
-    assert result["settings"][str(run)] == dict(dataclasses.asdict(config.env_config(config.Config(
+    assert result["settings"][str(run)] == dict(dataclasses.asdict(config.episode(config.Config(
         max_turn_tokens=8, max_completion_tokens=40, max_tool_calls=1, top_k=2))), temperature=0.0)
 
     # runs/x/checkpoint is the same run; a model folder has no run settings: config.Config's defaults

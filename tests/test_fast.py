@@ -9,8 +9,10 @@ import torch
 import env
 import fast.shared_prefix as shared_prefix
 import policy
+from config import EnvConfig
 from fast import CachedPolicy, common_head_logprobs
 from helpers import FakeSearcher, tiny_llama
+from policy import HFPolicy
 
 
 def grouped_batch(tok, G=3, seed=0):
@@ -92,7 +94,7 @@ def test_cached_sampler_matches_a_plain_forward(tok, temperature, monkeypatch):
     the plain full-context forward's (so the KV cache it reused, across the G rows and across turns, was
     the right one), and greedy ids equal HF generate's."""
     model = tiny_llama(tok, kv_heads=2)
-    cfg = env.EnvConfig(max_turn_tokens=6, max_completion_tokens=120, temperature=temperature)
+    cfg = EnvConfig(max_turn_tokens=6, max_completion_tokens=120, temperature=temperature)
     questions = ["Who wrote Dracula?", "Where is Paris?"]
     cached = CachedPolicy(model, tok, seed=3, dtype=None)
     steps = count_cpu_forwards(monkeypatch)
@@ -108,13 +110,13 @@ def test_cached_sampler_matches_a_plain_forward(tok, temperature, monkeypatch):
             if not math.isnan(lp):
                 assert abs(lp - ref[k].item()) < 1e-4, (k, lp, ref[k].item())
     if temperature == 0:
-        hf = env.rollout(env.HFPolicy(model, tok, seed=3), tok, questions, 3, FakeSearcher(), cfg)
+        hf = env.rollout(HFPolicy(model, tok, seed=3), tok, questions, 3, FakeSearcher(), cfg)
         assert [t.completion_ids for t in trajs] == [t.completion_ids for t in hf]
 
 
 def test_cached_sampler_is_reproducible_and_its_bf16_copy_follows_the_model(tok):
     model = tiny_llama(tok)
-    cfg = env.EnvConfig(max_turn_tokens=5, max_completion_tokens=60)
+    cfg = EnvConfig(max_turn_tokens=5, max_completion_tokens=60)
 
     def run(pol):
         return [t.completion_ids for t in env.rollout(pol, tok, ["Who wrote Dracula?"], 4, FakeSearcher(), cfg)]
@@ -133,6 +135,7 @@ def test_grouped_decode_attention_equals_sdpa(tok):
     against transformers' SDPA path (which repeats the keys and values), with padding masked."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import sdpa_mask  # noqa: F401  (the mask format both read)
+
     import fast.sampler as sampler
 
     model = tiny_llama(tok, kv_heads=2)
@@ -154,7 +157,7 @@ def test_cached_sampler_copy_with_its_own_attention_matches_the_model(tok):
     """A float64 sampling copy (so rounding is not the question) runs the grouped decode attention and the
     in-place cache: its reported log-probs are the fp32 model's full forward's."""
     model = tiny_llama(tok, kv_heads=2)
-    cfg = env.EnvConfig(max_turn_tokens=6, max_completion_tokens=100)
+    cfg = EnvConfig(max_turn_tokens=6, max_completion_tokens=100)
     pol = CachedPolicy(model, tok, seed=5, dtype=torch.float64)
     trajs = env.rollout(pol, tok, ["Who wrote Dracula?", "Where is Paris?"], 3, FakeSearcher(), cfg)
     assert pol.model.config._attn_implementation == "mtgrpo_grouped_decode"
@@ -228,8 +231,9 @@ def test_the_warm_starts_shared_system_prompt_is_computed_once_with_the_same_los
     """The speed path's warm-start log-probs (fast.common_head_logprobs) forward the system prompt all rows share
     once: in fp32 the warm start's loss and every gradient equal the reference's (policy.token_logprobs); a head
     a few ids too long (into the question) does not."""
-    import warmstart
-    from helpers import WARMSTART_CFG as CFG, WARMSTART_QUESTIONS as QUESTIONS
+    from extensions import warmstart
+    from helpers import WARMSTART_CFG as CFG
+    from helpers import WARMSTART_QUESTIONS as QUESTIONS
 
     demos = warmstart.demonstrations(tok, searcher, QUESTIONS, CFG)
     ids, attn, turn = policy.pack(demos, tok.pad_token_id)
@@ -255,7 +259,7 @@ def test_the_warm_starts_shared_system_prompt_is_computed_once_with_the_same_los
 
 def test_without_the_speed_package_the_default_job_runs_on_the_reference_path(tmp_path, tiny_model_dir):
     """train.py with fast/ hidden (as if the package were deleted): the run completes, every step on the
-    reference path (env.HFPolicy, policy.token_logprobs), and no module of fast/ was ever imported."""
+    reference path (policy.HFPolicy, policy.token_logprobs), and no module of fast/ was ever imported."""
     import json
     import subprocess
     import sys

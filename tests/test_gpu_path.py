@@ -14,9 +14,10 @@ import torch
 import config
 import env
 import policy
-import vllm_backend
-from env import EnvConfig, HFPolicy
+from config import EnvConfig, Sampling
 from helpers import mismatch, tiny_llama
+from infra import assemble, vllm_backend
+from policy import HFPolicy
 
 
 # ----------------------------------------------------------------------------- chunked log-probs
@@ -115,17 +116,16 @@ def test_engine_kwargs_on_cpu_are_sized_by_the_episode():
 
 def test_the_hf_backend_chooses_its_sampler_by_device(tok, tiny_model):
     """On CUDA the hf backend samples with transformers' generate under bf16 autocast (what bench/gpu_check.py
-    measures, through train.make_sampler itself); on CPU with the speed path's cached sampler, whose
+    measures, through assemble.make_sampler itself); on CPU with the speed path's cached sampler, whose
     CPU-written forward never runs on another device; --no-fast gives generate on both."""
     import fast
-    import train
     from fast import CpuForward
 
     cfg = config.Config()
-    on = {d: type(train.hf_sampler(cfg, tiny_model, tok, torch.device(d), seed=0)) for d in ("cpu", "cuda")}
-    assert on == {"cpu": fast.CachedPolicy, "cuda": env.HFPolicy}  # nothing is moved to CUDA: only the choice
+    on = {d: type(assemble.hf_sampler(cfg, tiny_model, tok, torch.device(d), seed=0)) for d in ("cpu", "cuda")}
+    assert on == {"cpu": fast.CachedPolicy, "cuda": HFPolicy}  # nothing is moved to CUDA: only the choice
     reference = dataclasses.replace(cfg, fast=False)
-    assert type(train.hf_sampler(reference, tiny_model, tok, torch.device("cpu"), seed=0)) is env.HFPolicy
+    assert type(assemble.hf_sampler(reference, tiny_model, tok, torch.device("cpu"), seed=0)) is HFPolicy
     assert CpuForward.supports(tiny_llama(tok))
     with torch.device("meta"):
         assert not CpuForward.supports(tiny_llama(tok))  # any device but the CPU: the model's own forward
@@ -178,7 +178,7 @@ def test_a_rollout_longer_than_the_engine_is_a_clear_error(tok):
     p = object.__new__(vllm_backend.VLLMPolicy)
     p.max_model_len, p.asleep, p.calls = 100, set(), 0
     with pytest.raises(ValueError, match="--vllm-max-model-len"):
-        p.generate([[1] * 90], 20, env.Sampling(), [])
+        p.generate([[1] * 90], 20, Sampling(), [])
 
 
 # ----------------------------------------------------------------------------- weight channel
@@ -246,7 +246,7 @@ def test_hf_sampler_logprobs_are_the_models_own(tok, tiny_model):
     model = copy.deepcopy(tiny_model).float().eval()
     pol = HFPolicy(model, tok, seed=0)
     prompts = [env.build_prompt(tok, q, EnvConfig(few_shot=False)) for q in ("Who wrote Dracula?", "Why?")]
-    rows = pol.generate(prompts, 12, env.Sampling(0.7, 50, 1.0), env.STOP)
+    rows = pol.generate(prompts, 12, Sampling(0.7, 50, 1.0), env.STOP)
     for prompt, row, lp in zip(prompts, rows, pol.last_logprobs):
         assert len(lp) == len(row) > 0
         ids = torch.tensor([prompt + row])
@@ -283,5 +283,5 @@ def test_the_gpu_check_dry_run_passes(tmp_path):
     rows = {r[0]: r for r in json.loads((tmp_path / "check.json").read_text())["rows"]}
     assert rows["ZeRO-3, 1 process, train.main"][1].startswith("ok")
     assert any(name.startswith("update:") and "of peak" in r[2] for name, r in rows.items())
-    # on CPU train.make_sampler builds the cached sampler; on CUDA the same call gives env.HFPolicy
-    assert rows["HF rollouts (CachedPolicy, train.make_sampler)"][1].endswith("tok/s")
+    # on CPU assemble.make_sampler builds the cached sampler; on CUDA the same call gives HFPolicy
+    assert rows["HF rollouts (CachedPolicy, assemble.make_sampler)"][1].endswith("tok/s")

@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-import plot
-import viewer
+from tools import plot, viewer
 
 BROWSERS = ("chromium", "chromium-headless-shell", "chromium-browser", "google-chrome")
 BROWSER = next((b for b in map(shutil.which, BROWSERS) if b), None)

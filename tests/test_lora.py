@@ -6,12 +6,13 @@ import json
 
 import pytest
 import torch
-from helpers import REWARD_KEYS, kill_after_first_checkpoint, run_train, tiny_args
 from safetensors.torch import load_file
 
 import config
-import lora
 import train
+from helpers import REWARD_KEYS, kill_after_first_checkpoint, run_train, tiny_args
+from infra import assemble, lora
+from infra.launch import validate_launch
 from policy import LogProbs, token_logprobs
 
 LORA = ["--lora-r", "4", "--lora-alpha", "8"]
@@ -21,7 +22,7 @@ def lora_model(tiny_model_dir, r=4, alpha=8.0):
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    model, peft_model = lora.wrap(base, r, alpha, lora.DEFAULT_TARGETS)
+    model, peft_model = lora.wrap(base, r, alpha, config.LORA_TARGETS)
     with torch.no_grad():  # B starts at zero (the update is 0): give it a value, so the merge has work to do
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -35,8 +36,8 @@ def test_only_the_adapter_trains(tiny_model_dir):
     assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
     # every linear projection of every block got an adapter; lm_head (tied to the embedding) did not
     adapted = {n.split(".base_layer")[0].rsplit(".", 1)[-1] for n, _ in model.named_parameters() if ".base_layer." in n}
-    assert adapted == set(lora.DEFAULT_TARGETS.split(","))
-    opt = train.prepare(config.Config(lora_r=4), __import__("accelerate").Accelerator(cpu=True), model, 4)[1]
+    assert adapted == set(config.LORA_TARGETS.split(","))
+    opt = assemble.prepare(config.Config(lora_r=4), __import__("accelerate").Accelerator(cpu=True), model, 4)[1]
     in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
     assert in_opt == {id(p) for n, p in model.named_parameters() if p.requires_grad}
 
@@ -99,7 +100,7 @@ def test_lora_is_refused_under_zero3():
 
     cfg = config.Config(lora_r=8, rollout_backend="vllm", warmstart_steps=0)
     with pytest.raises(config.ConfigError, match="--lora-r is not supported"):
-        config.validate_launch(cfg, ZeRO3())
+        validate_launch(cfg, ZeRO3())
 
 
 def test_lora_resume_after_kill_is_bit_identical(tmp_path, tiny_model_dir, capsys):
@@ -130,7 +131,7 @@ def test_lora_resume_after_kill_is_bit_identical(tmp_path, tiny_model_dir, capsy
     assert any("lora_B" in k and v.abs().max() > 0 for k, v in adapter.items())  # it trained
     record = json.loads((full / "checkpoint" / "lora.json").read_text())
     assert record == {"start_model": str(tiny_model_dir), "lora": {"r": 4, "alpha": 8.0, "target_modules":
-                      lora.DEFAULT_TARGETS.split(","), "dropout": 0.0}}
+                      config.LORA_TARGETS.split(","), "dropout": 0.0}}
     merged, start = load_file(full / "checkpoint" / "model.safetensors"), load_file(tiny_model_dir / "model.safetensors")
     assert merged.keys() == start.keys()  # a plain model under plain names
     assert torch.equal(merged["model.embed_tokens.weight"], start["model.embed_tokens.weight"])  # frozen

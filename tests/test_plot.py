@@ -7,8 +7,8 @@ import matplotlib.pyplot as plt
 import pytest
 from PIL import Image
 
-import plot
 from helpers import fake_run
+from tools import plot
 
 
 def legend_texts(fig) -> list[str]:

@@ -1,4 +1,4 @@
-"""The sampling contract (env.Sampling), for every sampler train.py can use.
+"""The sampling contract (Sampling), for every sampler train.py can use.
 
 The seed samples with TRL's defaults of its pinned commit: temperature 0.9, top-k 50, top-p 1. A sampler
 must draw from the *truncated* tempered distribution: softmax(logits / 0.9) kept to its 50 most likely ids,
@@ -14,10 +14,22 @@ import torch
 
 import env
 import policy
-from env import HFPolicy
-from helpers import PROMPT, SEED_SAMPLING, VOCAB, FakeSearcher, chi2, designed_logits, designed_model, draw_counts, \
-    tiny_llama, truncated
+from config import GREEDY, EnvConfig, Sampling
 from fast import CachedPolicy
+from helpers import (
+    PROMPT,
+    SEED_SAMPLING,
+    VOCAB,
+    FakeSearcher,
+    chi2,
+    designed_logits,
+    designed_model,
+    draw_counts,
+    tiny_llama,
+    truncated,
+)
+from policy import HFPolicy
+
 
 @pytest.mark.parametrize("make", [lambda m, tok: HFPolicy(m, tok, seed=0),
                                   lambda m, tok: CachedPolicy(m, tok, seed=0, dtype=None)], ids=["hf", "cached"])
@@ -33,7 +45,7 @@ def test_samplers_draw_the_truncated_tempered_distribution(tok, make):
     assert int((counts > 0).sum()) <= 50 and counts[want == 0].sum() == 0
     df = 49
     assert chi2(counts, want) < df + 5 * math.sqrt(2 * df)
-    assert chi2(counts, truncated(logits, env.Sampling(1.0, 50, 1.0))) > df + 10 * math.sqrt(2 * df)
+    assert chi2(counts, truncated(logits, Sampling(1.0, 50, 1.0))) > df + 10 * math.sqrt(2 * df)
     # no id outside the 50 was drawn, where the uncut distribution would have drawn some 20 (P(none) < 1e-8)
     tail = torch.softmax(logits.double() / 0.9, -1)[want == 0].sum()
     assert counts.sum() * tail > 18
@@ -53,21 +65,21 @@ def test_inverse_cdf_sampling_draws_the_models_distribution(tok):
     pol = CachedPolicy(tiny_llama(tok), tok)
     logits = torch.tensor([[2.0, 1.0, 0.0, float("-inf"), -1.0]]).repeat(40_000, 1)
     p = torch.softmax(logits[0], -1)
-    draws, logp = pol._sample(logits, env.Sampling(1.0, 0, 1.0), torch.Generator().manual_seed(0))
+    draws, logp = pol._sample(logits, Sampling(1.0, 0, 1.0), torch.Generator().manual_seed(0))
     freq = torch.bincount(draws, minlength=5).double() / len(draws)
     assert freq[3] == 0 and (freq - p).abs().max() < 5 * (p * (1 - p) / len(draws)).sqrt().max()
     assert torch.allclose(logp, p.log()[draws], atol=1e-6)  # each draw's log-prob under the model
-    nucleus, logp = pol._sample(logits, env.Sampling(1.0, 0, 0.7), torch.Generator().manual_seed(0))
+    nucleus, logp = pol._sample(logits, Sampling(1.0, 0, 0.7), torch.Generator().manual_seed(0))
     assert set(nucleus.tolist()) == {0, 1}  # p = 0.64, 0.24: the smallest set reaching 0.7
     assert torch.allclose(logp, p.log()[nucleus], atol=1e-6)  # before top-p renormalises
-    top2, _ = pol._sample(logits, env.Sampling(1.0, 2, 1.0), torch.Generator().manual_seed(0))
+    top2, _ = pol._sample(logits, Sampling(1.0, 2, 1.0), torch.Generator().manual_seed(0))
     assert set(top2.tolist()) == {0, 1}  # the two most likely
     # top-p reads what top-k kept, renormalised: (0.73, 0.27), so 0.7 is reached by id 0 alone
-    both, _ = pol._sample(logits, env.Sampling(1.0, 2, 0.7), torch.Generator().manual_seed(0))
+    both, _ = pol._sample(logits, Sampling(1.0, 2, 0.7), torch.Generator().manual_seed(0))
     assert set(both.tolist()) == {0}
-    hot, logp = pol._sample(logits, env.Sampling(2.0, 0, 1.0), torch.Generator().manual_seed(0))
+    hot, logp = pol._sample(logits, Sampling(2.0, 0, 1.0), torch.Generator().manual_seed(0))
     assert torch.allclose(logp, torch.log_softmax(logits[0] / 2.0, -1)[hot], atol=1e-6)  # tempered
-    assert pol._sample(logits[:2], env.GREEDY, None)[0].tolist() == [0, 0]
+    assert pol._sample(logits[:2], GREEDY, None)[0].tolist() == [0, 0]
 
 
 @pytest.mark.parametrize("make", [lambda m, tok: HFPolicy(m, tok, seed=1),
@@ -76,7 +88,7 @@ def test_the_trainers_logprobs_of_sampled_ids_equal_the_samplers(tok, make):
     """Multi-message rollouts at the seed's sampling: the trainer's log-prob of every sampled id, at the same
     temperature, is the one the sampler reported (fp32 on both sides, to 1e-4)."""
     model = tiny_llama(tok, kv_heads=2)
-    cfg = env.EnvConfig(max_turn_tokens=8, max_completion_tokens=120)
+    cfg = EnvConfig(max_turn_tokens=8, max_completion_tokens=120)
     assert cfg.sampling() == SEED_SAMPLING  # the defaults are the seed's
     trajs = env.rollout(make(model, tok), tok, ["Who wrote Dracula?", "Where is Paris?"], 3, FakeSearcher(), cfg)
     compared = 0

@@ -6,17 +6,22 @@ return can be checked by eye. They document the contract the agent relies on:
   - a query is model output, so nothing it contains (empty, only stop words, 100k characters,
     any unicode) is an error: at worst it finds nothing;
   - the bm25s index is built once, saved, and loaded again; a changed corpus gets a new index, and
-    a damaged one is rebuilt, so search never answers from a stale or broken index.
+    a damaged one is rebuilt, so search never answers from a stale or broken index;
+  - BM25's k1 and b and the stemmer are settings of an index: the defaults rank as they always did,
+    other settings really change the scores, and each setting has its own cached index.
 The last part runs on the real Wikipedia passages beside the repo (skipped, with the reason
 printed, where that data is absent).
 """
 import io
 import json
 import logging
+import math
 import os
 import re
+import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -58,9 +63,9 @@ def write_corpus(path: Path, passages=PASSAGES) -> Path:
     return path
 
 
-def index_folder(corpus: Path, cache: Path) -> Path:
-    """Where load_index keeps the bm25s index of ``corpus``: named after the file's sha256."""
-    return cache / "index" / f"{corpus.name}-{data.file_fingerprint(corpus)}-{search.INDEX_VERSION}"
+def index_folder(corpus: Path, cache: Path, **settings) -> Path:
+    """Where load_index keeps the bm25s index of ``corpus``: named after the file's sha256 and the settings."""
+    return search.index_folder(corpus, cache, **settings)
 
 
 def ids(hits):
@@ -230,6 +235,175 @@ def test_a_deleted_line_offset_file_is_recreated_by_bm25s(tmp_path):
     assert (index_folder(corpus, cache) / "corpus.mmindex.json").is_file()
 
 
+# --------------------------------------------------------------------------- BM25 settings: k1, b, stemmer
+
+# What the ten-passage corpus returned before k1, b and the stemmer became settings (recorded with the
+# code of INDEX_VERSION v1, which had no settings): the defaults must keep returning exactly this.
+BEFORE_SETTINGS = {
+    "bm25s": {
+        "Irish author novel": [("stoker", 1.350028157234192), ("dracula", 1.2587071657180786),
+                               ("frankenstein", 0.9198349118232727)],
+        "capital city": [("paris", 1.1484699249267578), ("tokyo", 1.1484699249267578),
+                         ("zurich", 0.5006782412528992)],
+        "river Seine Paris": [("paris", 2.1970324516296387), ("seine", 2.1150946617126465)],
+        "Switzerland": [("zurich", 0.6477916836738586), ("olympics", 0.5302962064743042)],
+    },
+    "rank_bm25": {
+        "Irish author novel": [("stoker", 2.4589614225269316), ("dracula", 2.2926280681282662),
+                               ("frankenstein", 1.5304847720887473)],
+        "capital city": [("paris", 2.1707200264624356), ("tokyo", 2.1707200264624356),
+                         ("zurich", 0.8330629815579076)],
+        "river Seine Paris": [("paris", 4.536760789501482), ("seine", 4.367563310562302)],
+        "Switzerland": [("zurich", 1.337657044904528), ("olympics", 1.0950348481261978)],
+    },
+}
+
+
+@pytest.mark.parametrize("engine", search.ENGINES)
+def test_bm25s_own_settings_rank_exactly_as_before(corpus, tmp_path, engine):
+    """bm25s's own settings (k1 1.5, b 0.75, no stemming: every index's before the retriever became a setting) rank
+    exactly as before; the default now is the seed's, and ranks otherwise."""
+    own = search.load_index(corpus, engine=engine, cache_dir=tmp_path, k1=1.5, b=0.75, stemmer="none")
+    default = search.load_index(corpus, engine=engine, cache_dir=tmp_path)
+    for query, expected in BEFORE_SETTINGS[engine].items():
+        hits = own.search(query, 10)
+        assert [(h["id"], h["score"]) for h in hits] == expected, query  # same ids, same order, same floats
+    assert (default.engine, default.stemmer) == (engine, "porter")
+    assert any([h["score"] for h in default.search(q, 10)] != [s for _, s in expected]
+               for q, expected in BEFORE_SETTINGS[engine].items())
+
+
+# Six passages: "mango" is in two (df 2 of N 6), so both engines give it a positive idf.
+MANGO = [
+    {"id": "m2", "title": "apple", "text": "mango mango"},  # 3 tokens with the title, tf 2
+    {"id": "m1", "title": "pear", "text": "mango peach peach peach peach peach peach"},  # 8 tokens, tf 1
+    {"id": "x1", "title": "plum", "text": "cherry"},
+    {"id": "x2", "title": "fig", "text": "grape"},
+    {"id": "x3", "title": "lime", "text": "lemon"},
+    {"id": "x4", "title": "kiwi", "text": "melon"},
+]
+
+
+def hand_bm25(engine: str, k1: float, b: float, tf: int, length: int) -> float:
+    """The score of "mango" in a MANGO passage, by the textbook formulas (N 6, df 2, mean length 19/6)."""
+    n, df, avg = 6, 2, 19 / 6
+    norm = k1 * (1 - b + b * length / avg)
+    if engine == "bm25s":  # method "lucene": idf log(1 + (N - df + .5) / (df + .5)), no (k1 + 1) factor
+        return math.log(1 + (n - df + 0.5) / (df + 0.5)) * tf / (tf + norm)
+    return math.log((n - df + 0.5) / (df + 0.5)) * tf * (k1 + 1) / (tf + norm)  # rank_bm25's BM25Okapi
+
+
+@pytest.mark.parametrize("engine", search.ENGINES)
+@pytest.mark.parametrize("k1, b", [(1.5, 0.75), (0.9, 0.4), (1.2, 0.0), (3.0, 1.0)])
+def test_k1_and_b_reach_the_scores(tmp_path, engine, k1, b):
+    corpus = write_corpus(tmp_path / "mango.jsonl", MANGO)
+    index = search.load_index(corpus, engine=engine, cache_dir=tmp_path, k1=k1, b=b)
+    scores = {h["id"]: h["score"] for h in index.search("mango", 10)}
+    assert scores == {"m2": pytest.approx(hand_bm25(engine, k1, b, tf=2, length=3), rel=1e-6),
+                      "m1": pytest.approx(hand_bm25(engine, k1, b, tf=1, length=8), rel=1e-6)}
+
+
+@pytest.mark.parametrize("engine", search.ENGINES)
+def test_b_decides_whether_a_long_passage_with_more_mentions_wins(tmp_path, engine):
+    """b is length normalisation: b 0 ranks by mentions alone (the long passage says "mango" 3 times),
+    b 1 divides them by the length (the short passage says it once, in 2 words)."""
+    filler = " ".join(f"filler{i}" for i in range(26))
+    passages = [{"id": "short", "title": "apple", "text": "mango"},
+                {"id": "long", "title": "pear", "text": f"mango mango mango {filler}"}, *MANGO[2:]]
+    corpus = write_corpus(tmp_path / "lengths.jsonl", passages)
+
+    def ranking(b):
+        return ids(search.load_index(corpus, engine=engine, cache_dir=tmp_path, k1=1.2, b=b).search("mango", 2))
+
+    assert ranking(0.0) == ["long", "short"]
+    assert ranking(1.0) == ["short", "long"]
+
+
+RUNNERS = [
+    {"id": "bolt", "title": "Usain Bolt", "text": "Bolt runs the 100 metres; he won the run of his life in Beijing."},
+    {"id": "swim", "title": "Michael Phelps", "text": "Phelps swims butterfly and won 23 Olympic gold medals."},
+    {"id": "chess", "title": "Chess", "text": "Chess is a board game for two players."},
+]
+
+
+@pytest.mark.parametrize("engine", search.ENGINES)
+def test_porter_stemming_matches_other_forms_of_a_word(tmp_path, engine):
+    corpus = write_corpus(tmp_path / "runners.jsonl", RUNNERS)
+    plain = search.load_index(corpus, engine=engine, cache_dir=tmp_path, k1=1.5, b=0.75, stemmer="none")
+    stemmed = search.load_index(corpus, engine=engine, cache_dir=tmp_path, k1=1.5, b=0.75, stemmer="porter")
+    assert plain.search("running", 3) == []  # "running" is not a word of the corpus ...
+    assert ids(stemmed.search("running", 3)) == ["bolt"]  # ... but its stem "run" is ("runs", "run")
+    assert ids(stemmed.search("Who SWIMMING?", 3)) == ["swim"]  # queries are lower-cased, then stemmed
+    assert ids(stemmed.search("board games", 3)) == ["chess"]
+    assert search.tokenize("running runs run", "porter") == ["run", "run", "run"]
+    assert search.tokenize("running runs run") == ["running", "runs", "run"]  # tokenize's default: no stemming
+    # Porter's original algorithm, like Lucene's PorterStemFilter (Snowball's "english": general generous fair sky)
+    assert search.tokenize("generalization generously fairly skies", "porter") == ["gener", "gener", "fairli", "ski"]
+
+
+def test_each_setting_has_its_own_cached_index(tmp_path, monkeypatch):
+    corpus, cache = write_corpus(tmp_path / "mango.jsonl", MANGO), tmp_path / "cache"
+    own = {"k1": 1.5, "b": 0.75, "stemmer": "none"}  # bm25s's own; the default is the seed's (the last)
+    settings = [own, {**own, "k1": 0.9, "b": 0.4}, {**own, "stemmer": "porter"}, {}]
+    query = "mangoes mango"  # one word only a stemmed index matches
+    first = [search.load_index(corpus, cache_dir=cache, **s).search(query, 2) for s in settings]
+    folders = [index_folder(corpus, cache, **s) for s in settings]
+    assert len(set(folders)) == len(settings) and all(f.is_dir() for f in folders)
+    assert folders[3].name.endswith(f"-{search.INDEX_VERSION}-k1_0.9-b_0.4-porter")
+    assert folders[0].name.endswith(f"-{search.INDEX_VERSION}-k1_1.5-b_0.75-none")
+    assert len({str(hits) for hits in first}) == len(settings)  # other scores: a shared folder would answer wrongly
+
+    def build(*args):
+        raise AssertionError("an index was built again")
+
+    monkeypatch.setattr(search, "_build_bm25s", build)  # now every setting must load its own folder
+    assert [search.load_index(corpus, cache_dir=cache, **s).search(query, 2) for s in settings] == first
+    assert index_folder(corpus, cache, k1=0.9) == index_folder(corpus, cache, k1=0.90, b=0.4)  # same floats
+    with pytest.raises(AssertionError, match="built again"):  # and an unseen setting is built, not borrowed
+        search.load_index(corpus, cache_dir=cache, k1=2.0)
+
+
+@pytest.mark.parametrize("manifest", [
+    {"version": "v1"},  # what an index cached before the settings existed says of itself
+    {"version": search.INDEX_VERSION, "k1": 0.9, "b": 0.4, "stemmer": "porter"},
+])
+def test_an_index_built_with_other_settings_is_rebuilt_never_used(tmp_path, caplog, manifest):
+    """Defence in depth beside the folder name: the manifest records the settings, and a load checks them."""
+    corpus, cache = write_corpus(tmp_path / "corpus.jsonl"), tmp_path / "cache"
+    search.load_index(corpus, cache_dir=cache, k1=0.9, b=0.4, stemmer="porter")
+    folder = index_folder(corpus, cache, k1=1.5, b=0.75, stemmer="none")  # bm25s's own settings' folder, filled with the seed-settings index
+    shutil.copytree(index_folder(corpus, cache, k1=0.9, b=0.4, stemmer="porter"), folder)
+    (folder / "manifest.json").write_text(json.dumps({"n_passages": len(PASSAGES), **manifest}))
+    with caplog.at_level(logging.WARNING):
+        index = search.load_index(corpus, cache_dir=cache, k1=1.5, b=0.75, stemmer="none")
+    assert "rebuilding" in caplog.text
+    for query, expected in BEFORE_SETTINGS["bm25s"].items():
+        assert [(h["id"], h["score"]) for h in index.search(query, 10)] == expected, query
+
+
+@pytest.mark.parametrize("engine", search.ENGINES)
+@pytest.mark.parametrize("settings, message", [
+    ({"stemmer": "snowball"}, "unknown stemmer 'snowball': choose one of none, porter"),
+    ({"stemmer": "Porter"}, "unknown stemmer 'Porter'"),
+    ({"k1": -1.0}, "k1 must be a number >= 0"),
+    ({"k1": float("nan")}, "k1 must be a number >= 0"),
+    ({"b": 1.5}, "b must be a number from 0 to 1"),
+    ({"b": "0.4"}, "b must be a number from 0 to 1"),
+])
+def test_bad_settings_are_one_clear_data_error(corpus, tmp_path, engine, settings, message):
+    with pytest.raises(DataError, match=re.escape(message)):
+        search.load_index(corpus, engine=engine, cache_dir=tmp_path, **settings)
+    assert not (tmp_path / "index").exists()  # refused before any work
+
+
+def test_missing_pystemmer_is_one_clear_error_naming_the_fix(corpus, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "Stemmer", None)  # import Stemmer now raises ImportError
+    monkeypatch.setattr(search, "_local", threading.local())  # forget the stemmers made so far
+    with pytest.raises(DataError, match=re.escape("stemmer 'porter' needs PyStemmer: pip install PyStemmer==2.2.0.3")):
+        search.load_index(corpus, cache_dir=tmp_path, stemmer="porter")
+    assert ids(search.load_index(corpus, cache_dir=tmp_path, k1=1.5, b=0.75, stemmer="none").search("Everest", 1)) == ["everest"]  # not needed
+
+
 # --------------------------------------------------------------------------- the command line
 
 
@@ -274,6 +448,21 @@ def test_cli_missing_corpus_is_one_clear_line_and_exit_code_2(tmp_path):
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert done.stderr.startswith(f"error: {tmp_path / 'nope.jsonl'}: corpus not found")
     assert "Traceback" not in done.stderr
+
+
+def test_cli_takes_the_bm25_settings(tmp_path):
+    corpus = write_corpus(tmp_path / "runners.jsonl", RUNNERS)
+    seed = run_cli(["--corpus", str(corpus), "--json", "--k1", "0.9", "--b", "0.4", "--stemmer", "porter"], tmp_path,
+                   stdin="running\n")
+    assert seed.returncode == 0, seed.stderr
+    assert ids(json.loads(seed.stdout)["hits"]) == ["bolt"]
+    assert (tmp_path / "cache" / "index" / index_folder(corpus, tmp_path, k1=0.9, b=0.4, stemmer="porter").name).is_dir()
+    plain = run_cli(["--corpus", str(corpus), "--json", "--k1", "1.5", "--b", "0.75", "--stemmer", "none"], tmp_path,
+                    stdin="running\n")
+    assert plain.returncode == 0 and json.loads(plain.stdout)["hits"] == []
+    bad = run_cli(["--corpus", str(corpus), "--b", "2", "running"], tmp_path)
+    assert (bad.returncode, bad.stderr) == (2, "error: BM25 b must be a number from 0 to 1, not 2.0\n")
+    assert run_cli(["--corpus", str(corpus), "--stemmer", "lancaster", "x"], tmp_path).returncode == 2  # argparse
 
 
 # --------------------------------------------------------------------------- the real corpus

@@ -14,15 +14,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REWARD_KEYS, kill_after_first_checkpoint, run_train, tiny_args
 from accelerate import Accelerator
 from safetensors.torch import load_file
 
+import advantages
 import config
 import env
+import mt_grpo
 import rewards
 import train
-from policy import pack
+from config import EnvConfig, Sampling
+from helpers import REWARD_KEYS, kill_after_first_checkpoint, run_train, tiny_args
+from infra import assemble
+from policy import Batch, HFPolicy, ScriptedPolicy, pack
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -82,7 +86,8 @@ class Hide:
         return None if name.split(".")[0] in hidden else self.finder.find_spec(name, path, target)
     def __getattr__(self, attr): return getattr(self.finder, attr)
 sys.meta_path[:] = [Hide(f) for f in sys.meta_path]
-import train, evaluate, viewer, walkthrough, data
+import train, eval, data
+from tools import viewer, walkthrough
 assert not hidden & set(sys.modules), hidden & set(sys.modules)
 print("report-to:", train.main(["--report-to", "wandb"]))
 try:
@@ -91,7 +96,7 @@ except data.DataError as e:
     print("triviaqa:", e)
 os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
 print("deepspeed:", train.main(["--warmstart-steps", "0", "--output-dir", sys.argv[2]]))
-import plot
+from tools import plot
 """
 
 
@@ -112,15 +117,15 @@ def test_the_run_needs_requirements_txt_alone(tmp_path):
 
 
 # ----------------------------------------------------------------------------- the update
-def ragged_batch(tok, tiny_model_dir, searcher, sampling=env.Sampling()):
+def ragged_batch(tok, tiny_model_dir, searcher, sampling=Sampling()):
     """8 sampled rollouts of 2 questions, cut by hand to 8 different lengths (the random model always writes to
     the budget), and the model that sampled them."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    cfg_env = env.EnvConfig(max_turn_tokens=10, max_completion_tokens=80, few_shot=False, temperature=sampling.temperature,
+    cfg_env = EnvConfig(max_turn_tokens=10, max_completion_tokens=80, few_shot=False, temperature=sampling.temperature,
                             top_k=sampling.top_k)
-    trajs = env.rollout(env.HFPolicy(model, tok, seed=0), tok, ["Who wrote Dracula?", "Where is Paris?"], 4, searcher,
+    trajs = env.rollout(HFPolicy(model, tok, seed=0), tok, ["Who wrote Dracula?", "Where is Paris?"], 4, searcher,
                         cfg_env)
     ids, attn, turn = pack(trajs, tok.pad_token_id)
     for r in range(8):
@@ -130,16 +135,17 @@ def ragged_batch(tok, tiny_model_dir, searcher, sampling=env.Sampling()):
 
 
 def gradient(cfg, tiny_model_dir, ids, attn, turn, A) -> tuple[torch.Tensor, dict]:
-    """The gradient train.update sums (lr 0: the weights stay), flattened, and its stats."""
+    """The gradient train.update sums (lr 0: the weights stay), flattened, and its stats; ``A`` per turn."""
     from transformers import AutoModelForCausalLM
 
     m = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     accelerator = Accelerator(cpu=True)
-    trainer, opt, sched = train.prepare(dataclasses.replace(cfg, lr=0.0), accelerator, m, ids.shape[0])
+    trainer, opt, sched = assemble.prepare(dataclasses.replace(cfg, lr=0.0), accelerator, m, ids.shape[0])
     seen = {}
     for name, p in m.named_parameters():
         p.register_hook(lambda g, name=name: seen.__setitem__(name, seen.get(name, 0) + g))
-    stats = train.update(cfg, trainer, opt, sched, accelerator, train.Batch(ids, attn, turn, A))
+    A_tok = mt_grpo.token_advantages(A, turn[:, 1:])[0]
+    stats = train.update(cfg, trainer, opt, sched, accelerator, Batch(ids, attn, turn, A_tok))
     return torch.cat([seen[n].flatten() for n in sorted(seen)]), stats
 
 
@@ -165,8 +171,9 @@ def test_micro_batch_aggregation_is_the_seeds_mean_of_micro_batch_token_means(to
     """--aggregation micro_batch (the seed's): consecutive rows of micro_batch rollouts, each a token mean, then
     the mean over micro-batches. By hand: with mu 1 the loss of a token is -A_t * exp(logp - logp.detach()),
     whose gradient is -A_t * grad logp; micro-batches of 3, 3 and 2 rows."""
-    from policy import token_logprobs
     from transformers import AutoModelForCausalLM
+
+    from policy import token_logprobs
 
     _, _, ids, attn, turn = ragged_batch(tok, tiny_model_dir, searcher)
     A = torch.randn(8, 2, generator=torch.Generator().manual_seed(1))
@@ -197,11 +204,11 @@ def test_the_schedule_is_the_seeds_stepped_per_optimizer_step(tiny_model_dir, to
     cfg = config.Config(micro_batch=4, G=4, batch_size=8, bf16=False, mu=2, lr=1.0, warmup_steps=4)
     m = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     accelerator = Accelerator(cpu=True)
-    trainer, opt, sched = train.prepare(cfg, accelerator, m, 8)
+    trainer, opt, sched = assemble.prepare(cfg, accelerator, m, 8)
     used = []
     step = opt.step
     opt.step = lambda *a, **k: used.append(opt.param_groups[0]["lr"]) or step(*a, **k)
-    logged = [train.update(cfg, trainer, opt, sched, accelerator, train.Batch(ids, attn, turn, torch.zeros(8, 2)))["lr"]
+    logged = [train.update(cfg, trainer, opt, sched, accelerator, Batch(ids, attn, turn, torch.zeros(8, ids.shape[1] - 1)))["lr"]
               for _ in range(3)]
     assert used == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0] and logged == [0.25, 0.75, 1.0]
 
@@ -223,8 +230,8 @@ def test_the_mismatch_meter_reads_the_samplers_temperature(tok, tiny_model_dir, 
     def meter(sampler_logp, sampler_temperature):
         m = type(model).from_pretrained(tiny_model_dir, dtype=torch.float32)
         accelerator = Accelerator(cpu=True)
-        trainer, opt, sched = train.prepare(cfg, accelerator, m, 8)
-        batch = train.Batch(ids, attn, turn, torch.zeros(8, 2), sampler_logp=sampler_logp)
+        trainer, opt, sched = assemble.prepare(cfg, accelerator, m, 8)
+        batch = Batch(ids, attn, turn, torch.zeros(8, ids.shape[1] - 1), sampler_logp=sampler_logp)
         return train.update(cfg, trainer, opt, sched, accelerator, batch,
                             sampler_temperature=sampler_temperature)["mismatch/abs_logp"]
 
@@ -272,17 +279,17 @@ def test_k_turn_with_one_call_gives_the_two_turn_advantages(tok, searcher):
     script = [['<tool>{"name": "wiki_search", "args": {"query": "Dracula"}}</tool>', "<answer>Bram Stoker</answer>"],
               ['<tool>{"name": "wiki_search", "args": {"query": "Paris"}}</tool>', "<answer>Lyon</answer>"],
               ["<answer>Bram Stoker</answer>"], ['<tool>{"name": "nope"}</tool>', "<answer>x</answer>"]]
-    cfg_env = env.EnvConfig(max_tool_calls=1, few_shot=False)
-    trajs = env.rollout(env.ScriptedPolicy(tok, script), tok, ["Who wrote Dracula?"], 4, searcher, cfg_env)
+    cfg_env = EnvConfig(max_tool_calls=1, few_shot=False)
+    trajs = env.rollout(ScriptedPolicy(tok, script), tok, ["Who wrote Dracula?"], 4, searcher, cfg_env)
     rows = [{"question": "Who wrote Dracula?", "aliases": ["Bram Stoker"]}] * 4
     scores = rewards.compute([t.messages for t in trajs], [r["aliases"] for r in rows])
     for method in ("mt_grpo", "grpo_mr", "grpo_or"):
-        two, k = (train.advantages(c, train.reward_levels(c, scores, trajs, rows)) for c in
+        two, k = (advantages.turn_advantages(c, advantages.reward_levels(c, scores, trajs, rows)) for c in
                   (config.Config(G=4, method=method, max_tool_calls=1),
                    config.Config(G=4, method=method, max_tool_calls=1, k_turn=True)))
         assert torch.equal(two, k)
     c3 = config.Config(G=4, max_tool_calls=2, k_turn=True)
-    three = train.advantages(c3, train.reward_levels(c3, scores, trajs, rows))
+    three = advantages.turn_advantages(c3, advantages.reward_levels(c3, scores, trajs, rows))
     assert three.shape == (4, 3)  # K = max_tool_calls + 1 columns, one per possible turn
 
 

@@ -21,11 +21,13 @@ import env  # noqa: E402
 import mt_grpo  # noqa: E402
 import rewards  # noqa: E402
 import train  # noqa: E402
+from config import EnvConfig  # noqa: E402
 from helpers import FakeSearcher, tiny_llama  # noqa: E402
-from policy import pack  # noqa: E402
+from infra import assemble  # noqa: E402
+from policy import Batch, ScriptedPolicy, pack  # noqa: E402
 
 trl = pytest.importorskip("trl")  # an extra: `make test` installs it
-from trl_mt_grpo import MTGRPOTrainer  # noqa: E402
+from extensions.trl_mt_grpo import MTGRPOTrainer  # noqa: E402
 
 G = 4
 QUESTIONS = [{"prompt": "Who wrote Dracula?", "aliases": ["Bram Stoker"]},
@@ -66,7 +68,7 @@ def scripted_trainer(tok, tmp_path, model, **kwargs):
     from datasets import Dataset
 
     return MTGRPOTrainer(model, trl_args(tmp_path), Dataset.from_list(QUESTIONS), FakeSearcher(), processing_class=tok,
-                         sampler=lambda trainer: env.ScriptedPolicy(tok, SCRIPTS), **kwargs)
+                         sampler=lambda trainer: ScriptedPolicy(tok, SCRIPTS), **kwargs)
 
 
 def expected_advantages(trajectories, method="mt_grpo"):
@@ -122,9 +124,10 @@ def test_one_trl_step_moves_the_weights_as_train_update_does(tok, tmp_path):
     cfg = config.Config(G=G, batch_size=2 * G, micro_batch=2 * G, bf16=False, mu=1, lr=1e-3, max_grad_norm=1e9,
                         temperature=0.9, aggregation="token")
     accelerator = Accelerator(cpu=True)
-    logprobs, optimizer, scheduler = train.prepare(cfg, accelerator, ours, 2 * G)
+    logprobs, optimizer, scheduler = assemble.prepare(cfg, accelerator, ours, 2 * G)
     g_ours = recorded_gradients(ours)
-    train.update(cfg, logprobs, optimizer, scheduler, accelerator, train.Batch(ids, attn, turn, expected_advantages(trajs)))
+    A_tok = mt_grpo.token_advantages(expected_advantages(trajs), turn[:, 1:])[0]
+    train.update(cfg, logprobs, optimizer, scheduler, accelerator, Batch(ids, attn, turn, A_tok))
     flat = lambda grads: torch.cat([grads[n].flatten() for n in sorted(grads)])  # noqa: E731
     assert flat(g_ours).abs().max() > 1e-3
     torch.testing.assert_close(flat(g_theirs), flat(g_ours), rtol=1e-4, atol=1e-7)
@@ -136,7 +139,7 @@ def test_one_trl_step_moves_the_weights_as_train_update_does(tok, tmp_path):
 
 
 def test_a_short_trl_run_samples_trains_and_logs_each_turns_advantage(tok, tmp_path, tiny_model_dir):
-    """GRPOTrainer.train() with the default sampler (env.HFPolicy on the model TRL trains): two steps on the
+    """GRPOTrainer.train() with the default sampler (HFPolicy on the model TRL trains): two steps on the
     project's demo-world-shaped episodes complete, and every step logs the six rewards and adv_mean/turn1."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM
@@ -159,7 +162,7 @@ def test_the_episode_must_sample_as_trl_trains(tok, tmp_path):
 
     with pytest.raises(ValueError, match="temperature"):
         MTGRPOTrainer(tiny_llama(tok), trl_args(tmp_path), Dataset.from_list(QUESTIONS), FakeSearcher(),
-                      processing_class=tok, env_cfg=env.EnvConfig(temperature=1.0))
+                      processing_class=tok, env_cfg=EnvConfig(temperature=1.0))
     with pytest.raises(ValueError, match="mask_truncated_completions"):
         MTGRPOTrainer(tiny_llama(tok), trl_args(tmp_path, mask_truncated_completions=True), Dataset.from_list(QUESTIONS),
                       FakeSearcher(), processing_class=tok)
@@ -198,7 +201,7 @@ def test_reward_weights_weigh_each_reward_inside_its_level(tok, tmp_path):
     weights = [2.0, 0.5, 1.0, 3.0, 1.0, 0.0]
     trainer = MTGRPOTrainer(tiny_llama(tok, kv_heads=2), trl_args(tmp_path, reward_weights=weights),
                             Dataset.from_list(QUESTIONS), FakeSearcher(), processing_class=tok,
-                            sampler=lambda trainer: env.ScriptedPolicy(tok, SCRIPTS))
+                            sampler=lambda trainer: ScriptedPolicy(tok, SCRIPTS))
     trainer.model.train()
     trainer._generate_and_score_completions([q for q in QUESTIONS for _ in range(G)])
     trajs = trainer.trajectories
@@ -216,7 +219,7 @@ def test_evaluation_groups_are_num_generations_eval(tok, tmp_path):
 
     trainer = MTGRPOTrainer(tiny_llama(tok, kv_heads=2), trl_args(tmp_path, num_generations_eval=2),
                             Dataset.from_list(QUESTIONS), FakeSearcher(), processing_class=tok,
-                            sampler=lambda trainer: env.ScriptedPolicy(tok, SCRIPTS))
+                            sampler=lambda trainer: ScriptedPolicy(tok, SCRIPTS))
     trainer.model.train()
     trainer._generate_and_score_completions([q for q in QUESTIONS for _ in range(G)])
     trajs, aliases = trainer.trajectories, [q["aliases"] for q in QUESTIONS for _ in range(G)]

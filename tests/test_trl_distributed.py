@@ -22,7 +22,7 @@ import torch
 
 pytest.importorskip("trl")  # an extra: `make test` installs it
 
-from trl_worker import G, QUESTIONS  # noqa: E402
+from trl_worker import QUESTIONS, G  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "trl_worker.py"

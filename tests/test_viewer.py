@@ -8,11 +8,11 @@ import re
 import pytest
 import torch
 
+import advantages
 import config
 import data
 import search
-import viewer
-import walkthrough
+from tools import viewer, walkthrough
 
 
 @pytest.fixture(scope="module")
@@ -82,14 +82,12 @@ def test_advantages_are_train_py_s_under_the_runs_settings(tok, group):
     """The viewer's numbers are train.advantages' under a run's lam / k_turn: lam 0 leaves MT-GRPO's
     turn 1 of a rollout that searched with A_O alone (the seed convention), and --k-turn gives one
     column per turn (max_tool_calls + 1)."""
-    import train
-
     q, trajs, scores, advs = group
     rows = [q] * len(trajs)
     half = viewer.method_advantages(trajs, scores, len(trajs), cfg=config.Config(lam=0.0), episodes=rows)
     for m in viewer.LABELS:
         c = config.Config(G=len(trajs), method=m, lam=0.0)
-        expect = train.advantages(c, train.reward_levels(c, scores, trajs, rows))
+        expect = advantages.turn_advantages(c, advantages.reward_levels(c, scores, trajs, rows))
         assert torch.equal(half[m], expect)
     assert not torch.equal(half["mt_grpo"], advs["mt_grpo"])  # lam moved turn 1...
     searched = torch.tensor([t.has_result for t in trajs])  # (the others fall back to GRPO-MR's)

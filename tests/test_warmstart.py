@@ -4,10 +4,10 @@ import pytest
 import torch
 
 import rewards
-import warmstart
 from data import DataError
-
-from helpers import WARMSTART_CFG as CFG, WARMSTART_QUESTIONS as QUESTIONS
+from extensions import warmstart
+from helpers import WARMSTART_CFG as CFG
+from helpers import WARMSTART_QUESTIONS as QUESTIONS
 
 
 def test_demonstrations_follow_the_protocol_and_never_guess(tok, searcher):

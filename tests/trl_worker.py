@@ -30,6 +30,7 @@ import torch  # noqa: E402
 
 import env  # noqa: E402
 from helpers import FakeSearcher  # noqa: E402
+from policy import ScriptedPolicy  # noqa: E402
 
 G = 4
 QUESTIONS = [{"prompt": "Who wrote Dracula?", "aliases": ["Bram Stoker"]},
@@ -111,8 +112,8 @@ def main(mode: str, out: Path, model_dir: str) -> int:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import trl_mt_grpo
-    from trl_mt_grpo import MTGRPOTrainer, TRLvLLMSampler
+    from extensions import trl_mt_grpo
+    from extensions.trl_mt_grpo import MTGRPOTrainer, TRLvLLMSampler
 
     out.mkdir(parents=True, exist_ok=True)
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -142,7 +143,7 @@ def main(mode: str, out: Path, model_dir: str) -> int:
 
         def sampler(trainer):
             first = trainer.accelerator.process_index * per_device  # this process's first global row
-            return env.ScriptedPolicy(tok, SCRIPTS[first:first + per_device])
+            return ScriptedPolicy(tok, SCRIPTS[first:first + per_device])
         questions = QUESTIONS
     else:
         per_device, questions, log = G, QUESTIONS[:processes], []

@@ -15,8 +15,10 @@ from __future__ import annotations
 import random
 
 import env
+from config import EnvConfig
 from credit.world import CREDIT_RELATIONS, credit_facts
-from warmstart import answer_turn, search_turn
+from extensions.warmstart import answer_turn, search_turn
+from policy import ScriptedPolicy
 
 STYLES = ("protocol", "varied")
 # The varied demonstrator's mix: P(search at all), P(each query | search), P(the asked one of the
@@ -75,7 +77,7 @@ def credit_turns(question: dict, index, passages: int, rng: random.Random, guess
     return turns + [answer_turn(answer, says(key, facts[key]))]
 
 
-def varied_demonstrations(tokenizer, index, questions: list[dict], env_cfg: env.EnvConfig,
+def varied_demonstrations(tokenizer, index, questions: list[dict], env_cfg: EnvConfig,
                           seed: int = 0) -> list[env.Trajectory]:
     """Episodes of the varied demonstrator through the real environment, one per row of ``questions``
     (repeats get their own draw), every one kept unless the budget cut it. A guess is the answer of
@@ -87,12 +89,12 @@ def varied_demonstrations(tokenizer, index, questions: list[dict], env_cfg: env.
         guesses.setdefault(hops, set()).add(f"river {q['answer']}" if hops == 2 else f"the town of {q['answer']}")
     guesses = {k: sorted(v) for k, v in guesses.items()}
     turns = [credit_turns(q, index, env_cfg.passages, rng, guesses[q.get("hops", 1)]) for q in questions]
-    policy = env.ScriptedPolicy(tokenizer, turns)
+    policy = ScriptedPolicy(tokenizer, turns)
     trajectories = env.rollout(policy, tokenizer, [q["question"] for q in questions], 1, index, env_cfg)
     return [t for t in trajectories if not t.truncated]
 
 
-def warm_start_demos(tokenizer, index, questions: list[dict], env_cfg: env.EnvConfig, steps: int, batch: int,
+def warm_start_demos(tokenizer, index, questions: list[dict], env_cfg: EnvConfig, steps: int, batch: int,
                      seed: int) -> list[env.Trajectory]:
     """The demonstrations of a varied warm start of ``steps`` x ``batch`` rows (warmstart.run's ``demos``): a
     fresh episode per row, on a seeded draw of the questions."""

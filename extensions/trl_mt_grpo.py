@@ -1,7 +1,7 @@
 """MT-GRPO inside TRL's GRPOTrainer: turn-level credit where users already train.
 
     from trl import GRPOConfig
-    from trl_mt_grpo import MTGRPOTrainer
+    from extensions.trl_mt_grpo import MTGRPOTrainer
     trainer = MTGRPOTrainer(model, GRPOConfig(...), train_dataset=questions, searcher=index)
     trainer.train()
 
@@ -12,9 +12,9 @@ of a completion one advantage. MTGRPOTrainer changes two things, and nothing els
 
   the rollouts     env.rollout's episodes: token-exact, the seed's protocol and prompt, the search tool; the
                    environment's tokens are masked out of the loss
-  the advantages   every completion token gets its turn's advantage: mt_grpo.turn_advantages (or
-                   k_turn_advantages) of rewards.py's two reward levels, spread over the tokens by
-                   mt_grpo.token_advantages, exactly as train.py computes them
+  the advantages   every completion token gets its turn's advantage: advantages.turn_advantages (mt_grpo.py's)
+                   of rewards.py's two reward levels, spread over the tokens by mt_grpo.token_advantages,
+                   through the same entry point as train.py
 
 TRL does the rest: the loss and its ``loss_type``, the optimizer and schedule, accelerate and DeepSpeed,
 logging. The six rewards are TRL reward functions too, so TRL logs each (``rewards/<name>/mean``); the one
@@ -26,7 +26,7 @@ fc4dae2, used what is "bnpo" now, so TRL's default is not the seed's loss.
 
 Several processes (accelerate: DDP, and DeepSpeed or FSDP with TRL's vLLM). Each process runs the episodes of
 its own rows; the reward levels of every process's rollouts are gathered, so a group split between processes
-is normalised whole and the step equals the 1-process step (tests/test_trl.py runs both over gloo). TRL's vLLM
+is normalised whole and the step equals the 1-process step (tests/test_trl_distributed.py runs both over gloo). TRL's vLLM
 generation in server mode, and in colocate mode with tensor parallelism, gathers the prompts of all processes
 and hands each its slice by position: so every process makes the same engine calls with the same number of
 prompts (TRLvLLMSampler pads the episodes that ended and keeps calling until every process's are done).
@@ -48,9 +48,12 @@ import math
 import torch
 from trl import GRPOConfig, GRPOTrainer
 
+import advantages
 import env
 import mt_grpo
 import rewards
+from config import METHODS, Config, EnvConfig, episode
+from policy import HFPolicy, Sampler
 
 
 def reward_function(name: str):
@@ -64,12 +67,12 @@ def reward_function(name: str):
     return score
 
 
-def episode_config(args: GRPOConfig, **overrides) -> env.EnvConfig:
+def episode_config(args: GRPOConfig, **overrides) -> EnvConfig:
     """The episode under TRL's settings: its sampling (which its loss divides the logits by) and its completion
-    budget, the rest env.EnvConfig's defaults; ``overrides`` change those."""
-    return env.EnvConfig(**{"max_turn_tokens": args.max_completion_length, "max_completion_tokens":
-                            args.max_completion_length, "temperature": args.temperature, "top_k": args.top_k or 0,
-                            "top_p": args.top_p, **overrides})
+    budget, the rest config.Config's defaults; ``overrides`` change those (config.episode builds it)."""
+    return episode(Config(**{"max_turn_tokens": args.max_completion_length, "max_completion_tokens":
+                             args.max_completion_length, "temperature": args.temperature, "top_k": args.top_k or 0,
+                             "top_p": args.top_p, **overrides}))
 
 
 def ignored_setting(args: GRPOConfig) -> str | None:
@@ -96,8 +99,8 @@ def shards_weights(trainer) -> bool:
     return bool(trainer.is_deepspeed_enabled and trainer.accelerator.state.deepspeed_plugin.zero_stage == 3)
 
 
-class TRLvLLMSampler(env.Sampler):
-    """env.Sampler over TRL's own vLLM generation (``use_vllm``: its server or colocate mode): each call asks
+class TRLvLLMSampler(Sampler):
+    """Sampler over TRL's own vLLM generation (``use_vllm``: its server or colocate mode): each call asks
     TRL for one completion per row and env.cut_turn cuts it where a message ends. TRL's vLLM generation takes
     neither stop strings nor a per-call length, so a message is sampled to TRL's max_completion_length and
     cut after; its log-probs are TRL's (vLLM's processed ones, of the truncated distribution; None, where vLLM
@@ -157,16 +160,19 @@ class TRLvLLMSampler(env.Sampler):
 class MTGRPOTrainer(GRPOTrainer):
     """GRPOTrainer with this project's episodes and MT-GRPO's per-token advantages (see the module's doc).
 
-    ``method``: mt_grpo | grpo_or | grpo_mr (mt_grpo.METHODS); ``lam``, ``convention``: as train.py's;
+    ``method``: mt_grpo | grpo_or | grpo_mr (mt_grpo.PAPER_METHODS); ``lam``, ``convention``: as train.py's;
     ``k_turn``: one turn-level reward per tool call and K = max_tool_calls + 1 turns (mt_grpo.k_turn_advantages);
     ``env_cfg``: the episode (default: ``episode_config(args)``; its sampling must be TRL's); ``sampler``: a
-    callable ``trainer -> env.Sampler`` (default: TRL's vLLM where ``use_vllm``, else env.HFPolicy on the
+    callable ``trainer -> policy.Sampler`` (default: TRL's vLLM where ``use_vllm``, else policy.HFPolicy on the
     trained model). Everything else goes to GRPOTrainer."""
 
     def __init__(self, model, args: GRPOConfig, train_dataset, searcher, processing_class=None, *, method="mt_grpo",
-                 lam: float = 1.0, convention: str = "seed", k_turn: bool = False, env_cfg: env.EnvConfig | None = None,
+                 lam: float = 1.0, convention: str = "seed", k_turn: bool = False, env_cfg: EnvConfig | None = None,
                  sampler=None, **kwargs):
-        mt_grpo.check_method(method)
+        if method not in mt_grpo.PAPER_METHODS:
+            raise ValueError(f"method={method!r}: MTGRPOTrainer trains the paper's methods, "
+                             f"{', '.join(mt_grpo.PAPER_METHODS)}; the field's other estimators "
+                             f"({', '.join(m for m in METHODS if m not in mt_grpo.PAPER_METHODS)}) train with train.py")
         self.env_cfg = env_cfg or episode_config(args)
         trl_sampling = (args.temperature, args.top_k or 0, args.top_p)
         if (self.env_cfg.temperature, self.env_cfg.top_k, self.env_cfg.top_p) != trl_sampling:
@@ -190,14 +196,14 @@ class MTGRPOTrainer(GRPOTrainer):
                              "(TRL's vLLM), or train with DDP or ZeRO-1/2")
 
     # ------------------------------------------------------------------ the rollouts
-    def sampler(self) -> env.Sampler:
+    def sampler(self) -> Sampler:
         if self.make_sampler is not None:
             return self.make_sampler(self)
         if self.use_vllm:
             return TRLvLLMSampler(self)
-        # a stream of its own per process and per call (env.HFPolicy seeds each call from its seed and count)
+        # a stream of its own per process and per call (HFPolicy seeds each call from its seed and count)
         seed = self.args.seed + 1_000_003 * self.accelerator.process_index + 7919 * self.state.global_step
-        return env.HFPolicy(self.accelerator.unwrap_model(self.model), self.processing_class, seed=seed)
+        return HFPolicy(self.accelerator.unwrap_model(self.model), self.processing_class, seed=seed)
 
     def rollout(self, prompts: list, trainer=None) -> dict:
         """TRL's rollout_func: one episode per prompt (TRL's sampler already repeats each num_generations times)."""
@@ -233,26 +239,22 @@ class MTGRPOTrainer(GRPOTrainer):
 
     def turn_advantages(self, trajectories, aliases, supports) -> torch.Tensor:
         """Per-turn advantages (B, K) of this process's rollouts, each group normalised whole: the reward levels
-        of every process's rollouts are gathered (TRL's batch is question-major across processes, as train.py's)."""
+        of every process's rollouts are gathered (TRL's batch is question-major across processes, as train.py's),
+        then advantages.turn_advantages computes them, as for train.py."""
+        G = self.num_generations if self.model.training else self.num_generations_eval  # TRL's groups, by mode
+        cfg = Config(method=self.method, lam=self.lam, convention=self.convention, k_turn=self.k_turn, G=G,
+                     max_tool_calls=self.env_cfg.max_tool_calls)
         scores = rewards.compute([t.messages for t in trajectories], aliases)
         weights = dict(zip(rewards.REWARD_FUNCS, self.reward_weights.tolist()))  # TRL's reward_weights, in order
-        R_T, R_O = rewards.level_sums({k: [weights[k] * x for x in v] for k, v in scores.items()})
-        turns = None
-        if self.k_turn:
-            R_T, turns = rewards.k_turn_levels([t.messages for t in trajectories], aliases, supports,
-                                               self.env_cfg.max_tool_calls)
-        device = self.accelerator.device
-        R_T = torch.tensor(R_T, dtype=torch.float32, device=device).reshape(len(trajectories), -1)
-        rest = torch.tensor([R_O, [t.has_result for t in trajectories], turns or [0] * len(trajectories)],
-                            dtype=torch.float32, device=device).T
-        every = self.accelerator.gather(torch.cat([R_T, rest], 1)).cpu()
-        R_T, (R_O, has_result, turns) = every[:, :R_T.shape[1]], every[:, R_T.shape[1]:].T
-        G = self.num_generations if self.model.training else self.num_generations_eval  # TRL's groups, by mode
-        if self.k_turn:
-            A = mt_grpo.k_turn_advantages(R_T, R_O, turns.long(), G, self.method, lam=self.lam,
-                                          convention=self.convention, has_result=has_result.bool())
-        else:
-            A = mt_grpo.turn_advantages(R_T[:, 0], R_O, G, self.method, lam=self.lam,
-                                        convention=self.convention, has_result=has_result.bool())
-        first = self.accelerator.process_index * len(trajectories)
-        return A[first:first + len(trajectories)]
+        episodes = [{"aliases": a, "support": s} for a, s in zip(aliases, supports)]
+        mine = advantages.reward_levels(cfg, {k: [weights[k] * x for x in v] for k, v in scores.items()},
+                                        trajectories, episodes)
+        n, device = len(trajectories), self.accelerator.device
+        turns = mine.turns if mine.turns is not None else torch.zeros(n)
+        rows = torch.cat([mine.R_T.reshape(n, -1), torch.stack([mine.R_O, mine.has_result.float(), turns.float()], 1)], 1)
+        every = self.accelerator.gather(rows.to(device)).cpu()
+        K1 = rows.shape[1] - 3  # R_T's columns: 1, or one per tool call
+        levels = mt_grpo.Levels(R_T=every[:, :K1] if self.k_turn else every[:, 0], R_O=every[:, K1],
+                                has_result=every[:, K1 + 1].bool(), turns=every[:, K1 + 2].long() if self.k_turn else None)
+        first = self.accelerator.process_index * n
+        return advantages.turn_advantages(cfg, levels)[first:first + n]

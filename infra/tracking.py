@@ -3,28 +3,11 @@ the line each step prints, and the process's peak memory."""
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import os
 from pathlib import Path
 
-REPORT_TO = ("none", "wandb", "tensorboard")
-# the package each --report-to value needs (requirements-extra.txt pins both)
-REPORT_PACKAGES = {"wandb": "wandb", "tensorboard": "tensorboard"}
-
-
-class ReportError(ValueError):
-    """A --report-to this run cannot serve; the message names the fix."""
-
-
-def check_report_to(name: str) -> None:
-    """Fail before any heavy work on a --report-to value that is unknown or whose package is missing."""
-    if name not in REPORT_TO:
-        raise ReportError(f"--report-to {name!r}: choose none, wandb or tensorboard")
-    package = REPORT_PACKAGES.get(name)
-    if package and importlib.util.find_spec(package) is None:
-        raise ReportError(f"--report-to {name} needs the {package} package: run `make setup` (or pip install -r "
-                          f"requirements-extra.txt), or pass --report-to none")
+from config import check_report_to
 
 
 class Logger:

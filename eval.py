@@ -1,9 +1,9 @@
 """Evaluate policies on held-out questions: the paper's Table 5 columns, side by side.
 
-    python evaluate.py base runs/mt_grpo-seed0-X                 # demo world's eval split, greedy
-    python evaluate.py base runs/r1 --questions ../shared/data/triviaqa/questions.jsonl \\
+    python eval.py base runs/mt_grpo-seed0-X                 # demo world's eval split, greedy
+    python eval.py base runs/r1 --questions ../shared/data/triviaqa/questions.jsonl \\
         --corpus ../shared/data/wiki/passages.jsonl.gz --holdout 400   # real data
-    python evaluate.py base --sampled --samples 4 --json out.json
+    python eval.py base --sampled --samples 4 --json out.json
 
 A model is ``base`` (the embedded SmolLM2-135M-Instruct), a run folder (its ``checkpoint/``), or any
 model folder. Each is rolled out through the same environment as training (env.py) with one episode
@@ -30,8 +30,9 @@ import data
 import env
 import rewards
 import search
-import train
-from config import Config, env_config
+import config
+from config import Config, EnvConfig, episode
+from infra.assemble import hf_sampler
 from policy import load_policy
 
 # (key, header) in the order of the paper's Table 5, then ours
@@ -40,12 +41,12 @@ COLUMNS = [("tool_execution", "Tool exec (0-.2)"), ("search_answer", "Search ans
            ("answer_presence", "Ans present (0-.5)"), ("tool_call_rate", "Tool-call rate"), ("em_percent", "EM %")]
 
 
-# The episode settings a flag can override: the Config fields of env.EnvConfig.
-EPISODE_FIELDS = tuple(f.name for f in dataclasses.fields(env.EnvConfig))
+# The episode settings a flag can override: the Config fields of EnvConfig.
+EPISODE_FIELDS = tuple(f.name for f in dataclasses.fields(EnvConfig))
 
 
 class EvalError(ValueError):
-    """Bad input to evaluate.py; the message names the fix."""
+    """Bad input to eval.py; the message names the fix."""
 
 
 def resolve_model(name: str) -> str | None:
@@ -84,15 +85,15 @@ def run_config(name: str, overrides: dict | None = None) -> Config:
 
 
 def check_episode(cfg: Config, where: str = "") -> None:
-    """env.rollout's own limits (env.check), as one clear message naming the flag, before any model is loaded."""
-    problem = env.check(env_config(cfg))
+    """env.rollout's own limits (config.check_episode), as one clear message naming the flag, before any model is loaded."""
+    problem = config.check_episode(episode(cfg))
     if problem:
         raise EvalError(where + problem)
 
 
-def episode_config(cfg: Config, sampled: bool) -> env.EnvConfig:
-    """The run's episode (config.env_config), greedy unless --sampled (then as the run or the flags sample)."""
-    env_cfg = env_config(cfg)
+def episode_config(cfg: Config, sampled: bool) -> EnvConfig:
+    """The run's episode (config.episode), greedy unless --sampled (then as the run or the flags sample)."""
+    env_cfg = episode(cfg)
     return env_cfg if sampled else dataclasses.replace(env_cfg, temperature=0.0)
 
 
@@ -110,9 +111,9 @@ def load_questions(questions: str | None, holdout: int, n: int | None) -> list[d
     return rows[:n] if n else rows
 
 
-def evaluate(policy, tokenizer, questions: list[dict], index, env_cfg: env.EnvConfig, samples: int = 1,
+def evaluate(policy, tokenizer, questions: list[dict], index, env_cfg: EnvConfig, samples: int = 1,
              batch: int = 64, desc: str | None = None) -> dict:
-    """Roll out ``samples`` episodes per question with ``policy`` (env.HFPolicy or any object with
+    """Roll out ``samples`` episodes per question with ``policy`` (HFPolicy or any object with
     its ``generate``; ``env_cfg.temperature`` 0 = greedy) in chunks of ``batch`` episodes and
     average each reward over all episodes. ``desc``: show a progress bar (episodes) under that name.
 
@@ -202,13 +203,13 @@ def parse_args(argv=None):
     return args
 
 
-def episode_settings(args) -> dict[str, env.EnvConfig]:
+def episode_settings(args) -> dict[str, EnvConfig]:
     """Each model's EnvConfig, all resolved (and checked) before any model is loaded."""
     overrides = {k: getattr(args, k) for k in EPISODE_FIELDS}
     return {name: episode_config(run_config(name, overrides), args.sampled) for name in args.models}
 
 
-def run(args) -> tuple[dict[str, dict], dict[str, env.EnvConfig]]:
+def run(args) -> tuple[dict[str, dict], dict[str, EnvConfig]]:
     models = {name: resolve_model(name) for name in args.models}  # fail on a bad name before any work
     settings = episode_settings(args)
     if len({dataclasses.astuple(c) for c in settings.values()}) > 1:
@@ -218,21 +219,26 @@ def run(args) -> tuple[dict[str, dict], dict[str, env.EnvConfig]]:
     if args.threads:
         torch.set_num_threads(args.threads)
     questions = load_questions(args.questions, args.holdout, args.n)
-    index = search.load_index(args.corpus or data.demo_world()["corpus"])
-    results = {}
+    indexes, results = {}, {}  # one search index per retriever setting the models were trained with
     for name, path in models.items():
-        env_cfg = settings[name]
-        print(f"{name}: {describe(env_cfg)}", file=sys.stderr)
+        env_cfg, cfg = settings[name], run_config(name)
+        retriever = (cfg.bm25_k1, cfg.bm25_b, cfg.stemmer)
+        if retriever not in indexes:
+            indexes[retriever] = search.load_index(args.corpus or data.demo_world()["corpus"], k1=cfg.bm25_k1,
+                                                   b=cfg.bm25_b, stemmer=cfg.stemmer)
+        index = indexes[retriever]
+        print(f"{name}: {describe(env_cfg)} bm25_k1={cfg.bm25_k1} bm25_b={cfg.bm25_b} stemmer={cfg.stemmer}",
+              file=sys.stderr)
         model, tokenizer = load_policy(path)
         # the sampler train.py runs on this machine (on a CPU, the speed path's unless --no-fast)
-        policy = train.hf_sampler(run_config(name), model.eval(), tokenizer, model.device, args.seed)
+        policy = hf_sampler(run_config(name), model.eval(), tokenizer, model.device, args.seed)
         results[name] = evaluate(policy, tokenizer, questions, index, env_cfg, args.samples if args.sampled else 1,
                                  args.batch, desc=name)
         print(f"{name}: {json.dumps({k: round(v, 4) for k, v in results[name].items()})}", file=sys.stderr)
     return results, settings
 
 
-def describe(env_cfg: env.EnvConfig) -> str:
+def describe(env_cfg: EnvConfig) -> str:
     return " ".join(f"{k}={v}" for k, v in dataclasses.asdict(env_cfg).items())
 
 

@@ -1,8 +1,8 @@
 """Per-token advantage viewer: the picture that explains MT-GRPO.
 
-    python viewer.py --scripted                       # the walkthrough's hand-written group (no model)
-    python viewer.py --model runs/final --G 6         # a group sampled from a checkpoint (demo world)
-    python viewer.py --scripted --html viewer.html    # also write an HTML page
+    python tools/viewer.py --scripted                       # the walkthrough's hand-written group (no model)
+    python tools/viewer.py --model runs/final --G 6         # a group sampled from a checkpoint (demo world)
+    python tools/viewer.py --scripted --html viewer.html    # also write an HTML page
 
 For one group of G rollouts of one question, every completion token is coloured by the advantage
 each method gives it (green > 0, red < 0, stronger = larger |A|; one scale for all methods), and
@@ -21,25 +21,28 @@ from pathlib import Path
 
 import torch
 
-import data
-import env
-import evaluate as evaluation
-import rewards
-import search
-import train
-from config import Config, env_config
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repository's modules
+
+import advantages  # noqa: E402
+import data  # noqa: E402
+import env  # noqa: E402
+import eval as evaluation  # noqa: E402
+import rewards  # noqa: E402
+import search  # noqa: E402
+from config import Config, EnvConfig, episode  # noqa: E402
+from policy import HFPolicy, ScriptedPolicy  # noqa: E402
 
 LABELS = {"grpo_or": "GRPO-OR", "grpo_mr": "GRPO-MR", "mt_grpo": "MT-GRPO"}
 
 
 def method_advantages(trajectories, scores: dict, G: int, lam: float | None = None, cfg: Config | None = None,
                       episodes: list[dict] | None = None) -> dict[str, torch.Tensor]:
-    """{method: (N, K) per-turn advantages} for one batch of whole groups: train.advantages itself, under
+    """{method: (N, K) per-turn advantages} for one batch of whole groups: advantages.turn_advantages itself, under
     ``cfg`` (a run's settings: lam, convention, k_turn; default Config) with each method in turn.
     ``episodes``: the question of each rollout, which --k-turn runs need."""
     cfg = dataclasses.replace(cfg or Config(), G=G, **({} if lam is None else {"lam": lam}))
-    levels = train.reward_levels(cfg, scores, trajectories, episodes)
-    return {m: train.advantages(dataclasses.replace(cfg, method=m), levels) for m in LABELS}
+    levels = advantages.reward_levels(cfg, scores, trajectories, episodes)
+    return {m: advantages.turn_advantages(dataclasses.replace(cfg, method=m), levels) for m in LABELS}
 
 
 def token_pieces(tokenizer, traj, A_row) -> list[tuple[str, float | None]]:
@@ -132,7 +135,7 @@ def render_html(tokenizer, question: str, trajectories, scores: dict, advs: dict
 # ------------------------------------------------------------------------------ groups to look at
 
 
-def scripted_group(tokenizer, index, cfg: env.EnvConfig | None = None):
+def scripted_group(tokenizer, index, cfg: EnvConfig | None = None):
     """The walkthrough's group: the demo world's first eval question, four hand-written rollouts
     (good search + right answer, good search + wrong answer, bad search + wrong answer, no search +
     right answer)."""
@@ -149,20 +152,20 @@ def scripted_group(tokenizer, index, cfg: env.EnvConfig | None = None):
              [call(q["question"]), reply(wrong, "I am not sure.")],
              [call("famous old river"), reply(wrong, "I am not sure.")],
              [reply(answer, "I think I know this.")]]
-    cfg = cfg or env_config(Config())  # the default training run's episodes
-    trajs = env.rollout(env.ScriptedPolicy(tokenizer, turns), tokenizer, [q["question"]], len(turns), index, cfg)
+    cfg = cfg or episode(Config())  # the default training run's episodes
+    trajs = env.rollout(ScriptedPolicy(tokenizer, turns), tokenizer, [q["question"]], len(turns), index, cfg)
     return q, trajs
 
 
-def sampled_group(model_dir: str, G: int, seed: int, question_index: int, index, cfg: env.EnvConfig | None = None):
+def sampled_group(model_dir: str, G: int, seed: int, question_index: int, index, cfg: EnvConfig | None = None):
     """G episodes of one demo-world eval question sampled from ``model_dir``, under ``cfg`` (the run's
     episode settings; default: Config's, as the default training run samples them)."""
     from policy import load_policy
 
     model, tokenizer = load_policy(model_dir)
     q = data.load_questions(data.demo_world()["eval"])[question_index]
-    cfg = cfg or env_config(Config())
-    trajs = env.rollout(env.HFPolicy(model.eval(), tokenizer, seed=seed), tokenizer, [q["question"]], G, index, cfg)
+    cfg = cfg or episode(Config())
+    trajs = env.rollout(HFPolicy(model.eval(), tokenizer, seed=seed), tokenizer, [q["question"]], G, index, cfg)
     return tokenizer, q, trajs
 
 
@@ -204,9 +207,9 @@ def main(argv=None) -> int:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(data.embedded_model_dir())
-        q, trajs = scripted_group(tokenizer, index, env_config(cfg))
+        q, trajs = scripted_group(tokenizer, index, episode(cfg))
     else:
-        tokenizer, q, trajs = sampled_group(path, args.G, args.seed, args.question_index, index, env_config(cfg))
+        tokenizer, q, trajs = sampled_group(path, args.G, args.seed, args.question_index, index, episode(cfg))
     scores = rewards.compute([t.messages for t in trajs], [q["aliases"]] * len(trajs))
     # the run's lam, convention and k_turn: the advantages its training would have given this group
     advs = method_advantages(trajs, scores, len(trajs), cfg=cfg, episodes=[q] * len(trajs))

@@ -1,7 +1,7 @@
 """Regenerates the numbers in WALKTHROUGH.md by running the code on one question.
 
-    python walkthrough.py            # rewrite the generated blocks of WALKTHROUGH.md
-    python walkthrough.py --check    # exit 1 if WALKTHROUGH.md no longer matches the code
+    python tools/walkthrough.py            # rewrite the generated blocks of WALKTHROUGH.md
+    python tools/walkthrough.py --check    # exit 1 if WALKTHROUGH.md no longer matches the code
 
 Every number in WALKTHROUGH.md between ``<!-- BEGIN name -->`` and ``<!-- END name -->`` comes from
 ``blocks()`` below: the demo world's first eval question, searched with bm25s, four scripted rollouts
@@ -18,13 +18,15 @@ from pathlib import Path
 
 import torch
 
-import data
-import mt_grpo
-import rewards
-import search
-import viewer
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repository's modules
 
-DOC = Path(__file__).resolve().parent / "WALKTHROUGH.md"
+import data  # noqa: E402
+import mt_grpo  # noqa: E402
+import rewards  # noqa: E402
+import search  # noqa: E402
+from tools import viewer  # noqa: E402
+
+DOC = Path(__file__).resolve().parents[1] / "WALKTHROUGH.md"
 BLOCK = re.compile(r"(<!-- BEGIN (\w+) -->\n)(.*?)(<!-- END \2 -->)", re.S)
 
 

@@ -1,4 +1,4 @@
-"""Rollouts with vLLM: the same ``generate`` contract as ``env.HFPolicy``, and a weight sync after each update.
+"""Rollouts with vLLM: the same ``generate`` contract as ``policy.HFPolicy``, and a weight sync after each update.
 
     policy = VLLMPolicy(model_dir, tokenizer, seed=0)        # built once, where the engine lives
     trajectories = env.rollout(policy, tokenizer, questions, G, index, env_cfg)
@@ -26,7 +26,7 @@ Which process (``VLLM_ENABLE_V1_MULTIPROCESSING``, unless you set it):
 
 Why the ids are exactly on-policy:
   - prompts go in as token ids (``TokensPrompt``), never re-tokenised text;
-  - each request samples exactly the asked distribution (env.Sampling: temperature, top-k, top-p), min-p
+  - each request samples exactly the asked distribution (config.Sampling: temperature, top-k, top-p), min-p
     and every penalty off, whatever the checkpoint's generation_config suggests;
   - the returned ids are cut with ``env.cut_turn``, the same cut ``HFPolicy`` makes, so stop strings,
     end-of-turn tokens and budgets end a turn at the same id;
@@ -48,7 +48,9 @@ import numpy as np
 import torch
 
 import env
-import lora
+from config import Sampling
+from infra import lora
+from policy import Sampler
 
 
 @contextlib.contextmanager
@@ -210,8 +212,8 @@ def check_gpu_budget(config, max_model_len: int, gpu_memory: float, total_bytes:
 LOGPROB_TEMPERATURE = 1.0
 
 
-class VLLMPolicy(env.Sampler):
-    """Batched sampling with a vLLM engine. ``generate`` has ``env.HFPolicy.generate``'s contract (its
+class VLLMPolicy(Sampler):
+    """Batched sampling with a vLLM engine. ``generate`` has ``policy.HFPolicy.generate``'s contract (its
     ``last_logprobs`` at LOGPROB_TEMPERATURE);
     ``calls`` counts generate calls (train.py checkpoints it), and each request's seed is derived from
     (``seed``, ``calls``, row), so a run resumed with the same counter draws the same samples.
@@ -262,7 +264,7 @@ class VLLMPolicy(env.Sampler):
         if not self.in_process:  # the weights will travel through a file: is there room for one? (ask now, not mid-run)
             weight_file_folder(self.llm.apply_model(_weight_bytes)[0])
 
-    def _sampling_params(self, row: int, max_new_tokens: int, sampling: env.Sampling, stop):
+    def _sampling_params(self, row: int, max_new_tokens: int, sampling: Sampling, stop):
         from vllm import SamplingParams
 
         # One seed per request from (seed, calls, row): vLLM gives a seeded request its own generator,
@@ -281,7 +283,7 @@ class VLLMPolicy(env.Sampler):
             stop=list(stop) or None, include_stop_str_in_output=True, stop_token_ids=self.end_ids,
             skip_special_tokens=False, spaces_between_special_tokens=False)
 
-    def generate(self, batch, max_new_tokens: int, sampling: env.Sampling, stop) -> list[list[int]]:
+    def generate(self, batch, max_new_tokens: int, sampling: Sampling, stop) -> list[list[int]]:
         if max_new_tokens < 1:  # vLLM wants max_tokens >= 1; an empty turn is what HFPolicy's cut gives
             self.calls += 1
             return [[] for _ in batch]
@@ -447,7 +449,7 @@ def sync_weights(policy, model) -> None:
         # LoRA: the merged weights W + scale * B@A, computed as copies under the plain transformers names and
         # sent like any full model's (vLLM's own LoRA adapter loading would need enable_lora, its punica
         # kernels and a new adapter id every step; a merged sync keeps one engine code path, and the
-        # trainer's frozen W is never touched). ZeRO-3 with LoRA is refused by train.validate_processes.
+        # trainer's frozen W is never touched). ZeRO-3 with LoRA is refused by infra.launch.validate_launch.
         if policy is not None:
             policy.load_weights(lora.merged_weights(model))
         return
@@ -458,3 +460,18 @@ def sync_weights(policy, model) -> None:
                 pass  # take part in the collective gathers
         return
     policy.load_weights(_named_weights(model, zero3))
+
+
+def sample_on_main(run, questions: list[str]):
+    """train.py's rollouts with vLLM: the weights synced into the engine before every rollout (so the engine samples
+    from the current policy, after --resume too), then the main process's engine samples the whole batch and
+    every process receives its trajectories. Every process calls it: under ZeRO-3 gathering each weight from
+    its shards is a collective operation."""
+    from accelerate.utils import broadcast_object_list
+
+    sync_weights(run.sampler, run.model)
+    trajectories = None
+    if run.accelerator.is_main_process:
+        trajectories = env.rollout(run.sampler, run.tokenizer, questions, 1, run.index, run.env_cfg)
+        run.sampler.sleep()  # on a GPU in sleep mode: the engine's memory goes to the update until the next sync
+    return broadcast_object_list([trajectories])[0]

@@ -1,7 +1,7 @@
 """Training curves from runs' metrics.jsonl: one PNG per metric group, several runs overlaid.
 
-    python plot.py runs/mt_grpo-seed0-X --out plots                      # one run
-    python plot.py runs/a runs/b --label MT-GRPO --label GRPO-MR --out plots   # overlaid, labelled
+    python tools/plot.py runs/mt_grpo-seed0-X --out plots                      # one run
+    python tools/plot.py runs/a runs/b --label MT-GRPO --label GRPO-MR --out plots   # overlaid, labelled
 
 A RUN is a run folder (its metrics.jsonl, one JSON row per step, as train.py writes it) or the file
 itself. Groups (GROUPS below): the rewards per level (R_T, R_O) and the six reward columns, the tool

@@ -20,10 +20,11 @@ import random
 import torch
 
 import env
-import lora
 import rewards
+from config import EnvConfig
 from data import DataError
-from policy import pack, token_logprobs
+from infra import lora
+from policy import ScriptedPolicy, pack, token_logprobs
 
 BATCH = 8          # demonstrations per step: the CPU default's 7 steps train on 56
 GRAD_CLIP = 1.0    # a supervised step's gradient is not the RL update's (whose clip is the seed's 0.1)
@@ -51,10 +52,10 @@ def demonstration_turns(question: dict) -> list[str]:
     return turns + [answer_turn(question["answer"], "The search result gives the answer.")]
 
 
-def demonstrations(tokenizer, index, questions: list[dict], env_cfg: env.EnvConfig) -> list[env.Trajectory]:
+def demonstrations(tokenizer, index, questions: list[dict], env_cfg: EnvConfig) -> list[env.Trajectory]:
     """Scripted episodes through the real environment, kept only where every search brought new
     evidence (rewards.call_rewards: it ran and found the bridge or the answer), so the answer was found."""
-    policy = env.ScriptedPolicy(tokenizer, [demonstration_turns(q) for q in questions])
+    policy = ScriptedPolicy(tokenizer, [demonstration_turns(q) for q in questions])
     trajectories = env.rollout(policy, tokenizer, [q["question"] for q in questions], 1, index, env_cfg)
     keep = []
     for t, q in zip(trajectories, questions):
@@ -75,7 +76,7 @@ def token_loss(model, ids, attn, turn, bf16: bool, n_tokens: int | None = None, 
     return -(logp * written).sum() / (written.sum() if n_tokens is None else n_tokens)
 
 
-def run(model, tokenizer, index, questions: list[dict], env_cfg: env.EnvConfig, steps: int,
+def run(model, tokenizer, index, questions: list[dict], env_cfg: EnvConfig, steps: int,
         lr: float = 5e-5, batch: int = BATCH, seed: int = 0, bf16: bool = True, micro_batch: int = 4,
         logprobs=token_logprobs, demos: list[env.Trajectory] | None = None, extra=None) -> dict:
     """``steps`` AdamW steps of next-token loss (mean over the batch's model tokens) on demonstrations, in

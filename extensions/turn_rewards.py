@@ -1,25 +1,31 @@
 """Turn-level rewards for turn 1 (the search) beyond the seed's verifiable ones: ``--turn-reward``.
 
     verifiable  rewards.py's R^T: did the tool run, did its result hold an answer alias (the seed's)
-    info_gain   how much the search turn raised the policy's belief in the gold answer (IGPO, Wang et al.
-                2025): the mean per-token log-probability of the answer appended after the context, after
-                turn 1 and its result minus before it (the prompt alone)
+    info_gain   how much the search turn raised the policy's probability of the gold answer, IGPO's turn
+                reward (Wang et al. 2025, arXiv 2510.14967): pi(a | context) = exp(mean per-token log-prob of the
+                answer appended after the context), the geometric mean of its tokens' probabilities; the reward is
+                pi after turn 1 and its result minus pi before it (the prompt alone), so it lies in [-1, 1]
+    info_gain_log  the same difference taken in log space, mean log-prob after minus before: unbounded, so where
+                R^T is added to R^O before normalising (GRPO-MR, the A^MR fallback, GiGPO) it can swamp R^O
+                (DEVIATIONS.md, item 25)
     judge       a causal LM asked whether the search result helps answer the question: P(yes) / (P(yes) +
                 P(no)) from its next-token distribution (a generative reward model, as in the MT-GRPO paper's
                 v2 and DeepSeek's GRM, at the smallest scale: any checkpoint, by default the embedded SmolLM2)
 
 A rollout whose turn 1 brought no result (no search ran) gets 0 from the model-based ones: MT-GRPO gives it
 the merged advantage anyway (mt_grpo.turn_advantages). Every process scores the whole batch, as rewards.py's.
+``build`` makes the one the run asks for; advantages.reward_levels calls it in place of rewards.py's R^T.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
 import env
 from data import DataError
-from policy import load_policy, pack, token_logprobs
+from policy import left_pad, load_policy, pack, token_logprobs
 
-TURN_REWARDS = ("verifiable", "info_gain", "judge")
 ANSWER_OPEN = "<answer>"  # written before the gold answer, as the model writes its own (env.SYSTEM_PROMPT)
 JUDGE_QUESTION = ("A search agent must answer the question: {question}\n"
                   "It searched for: {query}\n"
@@ -33,6 +39,17 @@ def single_token_ids(tokenizer, words) -> list[int]:
     """The ids of those ``words`` that the tokenizer writes as exactly one token, sorted."""
     pieces = [tokenizer(w, add_special_tokens=False)["input_ids"] for w in words]
     return sorted({ids[0] for ids in pieces if len(ids) == 1})
+
+
+def build(cfg, model, tokenizer, device):
+    """--turn-reward info_gain | judge as one function, ``(trajectories, episodes) -> R^T``, one reward a rollout:
+    the policy's information gain on the gold answer (the episode's first alias), or the judge's P(yes)."""
+    if cfg.turn_reward in ("info_gain", "info_gain_log"):
+        space = "log" if cfg.turn_reward == "info_gain_log" else "probability"
+        return lambda trajectories, episodes: info_gain(model, tokenizer, trajectories,
+                                                        [q["aliases"][0] for q in episodes], cfg.micro_batch, space)
+    judge = Judge(cfg.judge_model, device)
+    return lambda trajectories, episodes: judge(trajectories, [q["question"] for q in episodes], cfg.micro_batch)
 
 
 def before_and_after(t: env.Trajectory) -> tuple[list[int], list[int]] | None:
@@ -62,9 +79,13 @@ def answer_logprob(model, tokenizer, contexts: list[list[int]], answer: list[str
     return out
 
 
-def info_gain(model, tokenizer, trajectories, answers: list[str], micro_batch: int = 8) -> list[float]:
-    """Per rollout: mean log pi(answer | after turn 1) - mean log pi(answer | before turn 1); 0 without a result.
+def info_gain(model, tokenizer, trajectories, answers: list[str], micro_batch: int = 8,
+              space: str = "probability") -> list[float]:
+    """Per rollout, with m = the mean per-token log pi(answer | context): exp(m after turn 1) - exp(m before it)
+    (IGPO's, ``space`` "probability"), or m after - m before (``space`` "log"); 0 without a result.
     ``answers``: each rollout's gold answer (its first alias)."""
+    if space not in ("probability", "log"):
+        raise ValueError(f"unknown space {space!r}: probability or log")
     pairs = [before_and_after(t) for t in trajectories]
     have = [i for i, p in enumerate(pairs) if p is not None]
     if not have:
@@ -73,7 +94,7 @@ def info_gain(model, tokenizer, trajectories, answers: list[str], micro_batch: i
     after = answer_logprob(model, tokenizer, [pairs[i][1] for i in have], [answers[i] for i in have], micro_batch)
     gains = [0.0] * len(trajectories)
     for i, b, a in zip(have, before, after):
-        gains[i] = a - b
+        gains[i] = math.exp(a) - math.exp(b) if space == "probability" else a - b
     return gains
 
 
@@ -109,7 +130,7 @@ class Judge:
         for i in range(0, len(questions), micro_batch):
             part = slice(i, i + micro_batch)
             prompts = [self.prompt_ids(q, c, r) for q, c, r in zip(questions[part], queries[part], results[part])]
-            ids, attn = (x.to(self.model.device) for x in env.left_pad(prompts, self.pad))
+            ids, attn = (x.to(self.model.device) for x in left_pad(prompts, self.pad))
             positions = (attn.cumsum(1) - 1).clamp(min=0)  # each prompt from position 0, padding or not
             logits = self.model(input_ids=ids, attention_mask=attn, position_ids=positions).logits[:, -1]
             logp = torch.log_softmax(logits.float(), -1)

@@ -1,7 +1,7 @@
 """LoRA through peft (Hu et al. 2021): the policy trains a low-rank update B @ A beside each frozen
 target projection W, and the rest of the code sees one plain transformers model.
 
-    python train.py --lora-r 16 --lora-alpha 32 --lr 2e-4     # train.Config: lora_r, lora_alpha, ...
+    python train.py --lora-r 16 --lora-alpha 32 --lr 2e-4     # config.Config: lora_r, lora_alpha, ...
 
 Two objects, one set of weights. ``peft.get_peft_model`` injects LoRA layers into the transformers model
 in place and wraps it in a PeftModel. Training, sampling, the warm start and the weight sync use the
@@ -26,9 +26,6 @@ from pathlib import Path
 import torch
 
 ADAPTER = "default"  # peft's name for the one adapter
-# every linear projection of a Llama / Qwen2 decoder block (attention and MLP); not lm_head, which
-# SmolLM2 ties to the input embedding
-DEFAULT_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
 
 def target_list(targets: str) -> list[str]:
@@ -120,7 +117,7 @@ def merged_weights(model):
 
 
 def describe(cfg) -> dict:
-    """What a checkpoint records of the LoRA run, and --resume checks: train.Config's LoRA fields."""
+    """What a checkpoint records of the LoRA run, and --resume checks: config.Config's LoRA fields."""
     return {"r": cfg.lora_r, "alpha": cfg.lora_alpha, "target_modules": target_list(cfg.lora_target_modules),
             "dropout": cfg.lora_dropout}
 

@@ -1,11 +1,11 @@
 """What a run leaves on disk: checkpoints that --resume continues bit for bit.
 
-A checkpoint folder holds the model in ``save_pretrained`` format (loadable by transformers, evaluate.py and
+A checkpoint folder holds the model in ``save_pretrained`` format (loadable by transformers, eval.py and
 vLLM) and ``state.pt``: step, optimizer, scheduler and each process's random states. It is written to a
 temporary folder and renamed, so a kill mid-save leaves the last good one. A LoRA run (lora.py) saves the
 merged model there (so every loader still sees one plain model) and adds what --resume needs: the
 adapter (peft's save_pretrained, in ``adapter/``) and ``lora.json`` (the start model and the LoRA flags). On resume
-the rows of ``metrics.jsonl`` (tracking.py) after the checkpoint are dropped, since those steps are redone.
+the rows of ``metrics.jsonl`` (infra/tracking.py) after the checkpoint are dropped, since those steps are redone.
 """
 from __future__ import annotations
 
@@ -20,8 +20,9 @@ import torch
 from accelerate.utils import gather_object
 from torch.utils.serialization import config as serialization_config
 
-import lora
-from config import is_deepspeed, is_zero3
+from config import Config, ConfigError
+from infra import lora
+from infra.launch import is_deepspeed, is_zero3
 
 
 class CheckpointError(ValueError):
@@ -29,15 +30,15 @@ class CheckpointError(ValueError):
 
 
 def save_checkpoint(accelerator, out: Path, logprobs, model, tokenizer, optimizer, scheduler, step: int, sampler,
-                    peft_model=None, lora_record: dict | None = None, critic=None) -> None:
+                    peft_model=None, cfg: Config | None = None, critic=None) -> None:
     """Model (save_pretrained: loadable by transformers and vLLM) + everything --resume needs,
     written to a temporary folder and renamed, so a kill mid-save leaves the last good checkpoint.
     Every process calls it (the RNG states are gathered; DeepSpeed saves collectively, each process writing
     its own files into the temporary folder); the main process writes the rest and renames the folder once
     every process has finished writing. ``logprobs`` is the prepared LogProbs, ``model`` the plain policy model, ``sampler`` the
     run's (its call count seeds its draws). Under LoRA,
-    ``peft_model`` is the PeftModel around ``model`` and ``lora_record`` goes to lora.json. ``critic``: MT-PPO's
-    (estimators.ValueHead), saved in state.pt."""
+    ``peft_model`` is the PeftModel around ``model``, and lora.json records ``cfg``'s start model and LoRA flags. ``critic``: an estimator's
+    own model (MT-PPO's, extensions/estimators.py), saved in state.pt."""
     tmp, main = out / ".checkpoint-tmp", accelerator.is_main_process
     rng = gather_object([{"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
                           "sampler_calls": None if sampler is None else sampler.calls}])  # one dict per process
@@ -61,7 +62,8 @@ def save_checkpoint(accelerator, out: Path, logprobs, model, tokenizer, optimize
         if peft_model is not None:  # the merged copy W + scale * B@A under plain names; the adapter beside it
             weights = dict(lora.merged_weights(model))
             peft_model.save_pretrained(tmp / "adapter")
-            (tmp / "lora.json").write_text(json.dumps(lora_record, indent=1))
+            record = {"start_model": cfg.model, "lora": lora.describe(cfg)}
+            (tmp / "lora.json").write_text(json.dumps(record, indent=1))
         model.save_pretrained(tmp, state_dict=weights)
         tokenizer.save_pretrained(tmp)
         # no CRC-32 over the optimizer state (1 GB for SmolLM2): it was half of a CPU checkpoint's time, and
@@ -77,6 +79,22 @@ def save_checkpoint(accelerator, out: Path, logprobs, model, tokenizer, optimize
         os.replace(tmp, out / "checkpoint")
         shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()  # nobody goes on (or reads the folder) while the main process renames
+
+
+def check_resume(cfg: Config) -> None:
+    """--resume needs a checkpoint made with the same LoRA flags (before any model is loaded)."""
+    if not cfg.resume:
+        return
+    out = Path(cfg.output_dir)
+    if not (out / "checkpoint" / "state.pt").is_file():
+        raise ConfigError(f"--resume: no checkpoint in {out}/checkpoint (start without --resume)")
+    record = lora.read_record(out / "checkpoint")
+    if bool(record) != bool(cfg.lora_r):
+        raise ConfigError(f"--resume: {out}/checkpoint is a {'LoRA' if record else 'full fine-tuning'} run; "
+                          f"pass the flags it was started with ({'--lora-r ' + str(record['lora']['r']) if record else '--lora-r 0'})")
+    if record and (record["lora"] != lora.describe(cfg) or record["start_model"] != cfg.model):
+        raise ConfigError(f"--resume: {out}/checkpoint was started with --model {record['start_model']} and LoRA "
+                          f"{record['lora']}; pass the same flags")
 
 
 def load_checkpoint(accelerator, out: Path, optimizer, scheduler, sampler, critic=None) -> int:
