@@ -38,7 +38,6 @@ def turn_advantages(cfg: Config, levels: mt_grpo.Levels) -> torch.Tensor:
     split and its baselines (mt_grpo.py), or GiGPO's (extensions/estimators.py). Every group is normalised whole."""
     if cfg.method == "gigpo":  # the field's estimator, behind this entry point (extensions/estimators.py)
         from extensions import estimators
-
         return estimators.gigpo(cfg, levels)
     if cfg.k_turn:
         return mt_grpo.k_turn_advantages(levels.R_T, levels.R_O, levels.turns, cfg.G, cfg.method, lam=cfg.lam,
@@ -49,9 +48,8 @@ def turn_advantages(cfg: Config, levels: mt_grpo.Levels) -> torch.Tensor:
 
 
 def token_advantages(cfg: Config, levels: mt_grpo.Levels, trajectories, batch, rows: slice, critic=None) -> torch.Tensor:
-    """The advantage of each id of this process's rows (``batch``, policy.Batch of ``trajectories[rows]``), aligned
-    with the update's log-probs: (n, L-1), 0 on prompt, environment and padding ids. ``critic``: an estimator's
-    own model (MT-PPO's), which computes them from its values; else the method's turn advantages, spread."""
+    """The advantage of each id of this process's rows (``batch`` of ``trajectories[rows]``), (n, L-1) like the
+    update's log-probs, 0 off the model's ids: the method's turn advantages spread, or an estimator's own model's."""
     if critic is not None:
         return critic.token_advantages(levels, trajectories, batch, rows)
     return mt_grpo.token_advantages(turn_advantages(cfg, levels)[rows], batch.turn[:, 1:])[0]

@@ -51,10 +51,9 @@ def arg(default, doc: str):
 
 @dataclass(frozen=True)
 class Sampling:
-    """How a policy draws each id: softmax(logits / temperature), kept to its ``top_k`` most likely ids
-    (0 = all) and then to the smallest set whose probability reaches ``top_p``, renormalised; temperature
-    0 = greedy. Every policy reports the log-prob of a drawn id under the *whole* tempered distribution,
-    log softmax(logits / temperature), before the top-k and top-p cut: the number the trainer computes."""
+    """How a policy draws each id: softmax(logits / temperature) (0 = greedy), cut to its ``top_k`` most likely ids
+    (0 = all), then to the smallest set reaching ``top_p``, renormalised. Every policy reports a drawn id's log-prob
+    under the *whole* tempered distribution, before the cut: the number the trainer computes."""
     temperature: float = 0.9
     top_k: int = 50
     top_p: float = 1.0
@@ -75,9 +74,8 @@ class EnvConfig:
     top_k: int = arg(Sampling.top_k, "sample among the k most likely ids; 0 = all")
     top_p: float = arg(Sampling.top_p, "nucleus sampling; 1 = off")
     few_shot: bool = arg(False, "one worked exchange as prior chat turns (DEVIATIONS.md, item 11)")
-    budget: str = arg("cut", "cut: a message never passes the episode's budget and a reply that does not fit ends the "
-                             "episode; seed: messages and replies run whole, the episode ends after a message past "
-                             "the budget, its ids cut there, the rewards reading everything (DEVIATIONS.md, item 24)")
+    budget: str = arg("cut", "cut: no message passes the budget, a reply that does not fit ends the episode; seed: "
+                             "messages, replies run whole until one passes it, ids cut there (DEVIATIONS.md, item 24)")
 
     def sampling(self) -> Sampling:
         return Sampling(self.temperature, self.top_k, self.top_p)
@@ -167,9 +165,8 @@ class Config(EnvConfig):
     fast: bool = arg(True, "the speed path (fast/): the cached sampler on CPU and the update's shared-prefix "
                            "forward, the same numbers as the reference path; --no-fast runs the reference path")
     sampler_dtype: str = arg("bfloat16", "the cached sampler's copy of the weights: bfloat16 | float32")
-    rollout_backend: str = arg("hf", "hf: every process samples its rows with the transformers model; vllm: the "
-                                     "main process samples the whole batch with vLLM (infra/vllm_backend.py), its "
-                                     "weights synced from the trained model before every rollout")
+    rollout_backend: str = arg("hf", "hf: every process samples its rows with transformers; vllm: the main process "
+                                     "samples the batch with vLLM (infra/vllm_backend.py), synced before each rollout")
     vllm_device: str = arg("auto", "the engine's GPU: auto = the first GPU no training process uses, if there is "
                                    "one, else the main process's GPU, shared; or shared, or an index N")
     vllm_gpu_memory: float = arg(0.0, "the engine's share of its GPU (gpu_memory_utilization); 0 = 0.7 of a GPU of "

@@ -101,8 +101,13 @@ class Trajectory:
     tool_calls: list[str | None]       # per assistant turn: the raw <tool> content or None
     results: list[str]                 # the text inside each <result> the environment returned (not the reminders)
     truncated: bool = False
-    # per completion id: the sampler's log-prob of it, NaN on environment ids (train.py's mismatch meter)
-    sampler_logprobs: list[float] = field(default_factory=list)
+    sampler_logprobs: list[float] = field(default_factory=list)  # per completion id (NaN: environment's)
+
+    def add(self, ids: list[int], turn: int = 0, logprobs: list[float] | None = None) -> None:
+        """Append completion ids: model turn ``turn``'s with the sampler's log-probs, or the environment's (0, NaN)."""
+        self.completion_ids += ids
+        self.turn_idx += [turn] * len(ids)
+        self.sampler_logprobs += list(logprobs) if logprobs is not None else [math.nan] * len(ids)
 
     @property
     def has_result(self) -> bool:
@@ -136,8 +141,7 @@ class _Markers:
 
 @functools.lru_cache(maxsize=8)
 def _markers(tokenizer) -> _Markers:
-    """Role markers read off the tokenizer's own chat template (rendered around sentinel texts),
-    so the environment's ids are exactly what the template would produce."""
+    """Role markers read off the tokenizer's own chat template (rendered around sentinels): the ids it would write."""
     conv = [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"},
             {"role": "assistant", "content": "@MODEL@"}]
     render = functools.partial(tokenizer.apply_chat_template, tokenize=False)
@@ -198,16 +202,9 @@ def longest_prompt(tokenizer, questions: list[str], cfg: EnvConfig, candidates: 
 
 
 def call_tool(tool_text: str | None, searcher, cfg: EnvConfig, tokenizer) -> str:
-    """Run one JSON tool command; returns the text to put inside ``<result>``. Never raises:
-    the command is model output, so every failure is an ``Error: ...`` text the model can read."""
-    text = _run_tool(tool_text, searcher, cfg.passages)
-    ids = _encode(tokenizer, text, plain=True)
-    if 0 < cfg.result_max_tokens < len(ids):  # cut with the tokenizer; drop a half-cut character
-        text = _decode(tokenizer, ids[:cfg.result_max_tokens]).rstrip("\ufffd")
-    return text
-
-
-def _run_tool(tool_text, searcher, k: int) -> str:
+    """Run one JSON tool command; returns the text to put inside ``<result>``: the passages found, cut to
+    ``result_max_tokens``. Never raises: the command is model output, so every failure is an ``Error: ...`` text
+    the model can read."""
     if tool_text is None:
         return "Error: no tool command found between <tool> and </tool>."
     try:
@@ -229,12 +226,15 @@ def _run_tool(tool_text, searcher, k: int) -> str:
     if not isinstance(args["query"], str):  # the seed hands it to its search, which fails and replies this
         return "Error during search: the query is not text."  # (not "Error:": the seed's reward counts it as run)
     try:
-        hits = searcher.search(args["query"], k)  # an empty query finds nothing, as the seed's does
+        hits = searcher.search(args["query"], cfg.passages)  # an empty query finds nothing, as the seed's does
     except Exception as e:  # a broken index must not kill a training run
         return f"Error: the search failed ({type(e).__name__})."
     if not hits:
         return "No relevant passage found."  # the seed's empty answer, not an error
     text = "\n\n".join(f"{h.get('title', '')}\n{h.get('text', '')}".strip() for h in hits)
+    ids = _encode(tokenizer, text, plain=True)
+    if 0 < cfg.result_max_tokens < len(ids):  # cut with the tokenizer; drop a half-cut character
+        text = _decode(tokenizer, ids[:cfg.result_max_tokens]).rstrip("\ufffd")
     return text or "Error: the search returned empty passages."
 
 
@@ -245,66 +245,47 @@ def _step(traj: Trajectory, new: list[int], new_logprobs: list[float], tokenizer
     m = _markers(tokenizer)
     ends_turn = bool(new) and new[-1] == m.close[0]
     text = message_text(_decode(tokenizer, new[:-1] if ends_turn else new))
-    calls_run = len(traj.results)  # tool calls executed so far (each got a <result>)
-    # MT-GRPO's turn k is everything the model writes after k-1 tool results (the seed splits at the
-    # first <result>); a message answered with a format reminder instead of a result does not start a new one.
-    turn = calls_run + 1
-    traj.completion_ids += new
-    traj.turn_idx += [turn] * len(new)
-    traj.sampler_logprobs += new_logprobs
+    # MT-GRPO's turn k is everything the model writes after k-1 tool results (the seed splits at the first
+    # <result>); a message answered with a format reminder instead of a result does not start a new one.
+    traj.add(new, len(traj.results) + 1, new_logprobs)
     traj.messages.append({"role": "assistant", "content": text})
     parsed = rewards.parse(text)
     traj.tool_calls.append(parsed["tool"])
-    close = list(m.close[1:] if ends_turn else m.close)  # the model's EOS already wrote "<|im_end|>"
-
+    used = len(traj.completion_ids)
     stopped = bool(new) and (new[-1] in end_ids(tokenizer) or any(s in text for s in STOP))
-    if cfg.budget == "seed":  # the seed's: the episode ends after a message that took it past the budget
-        out_of_room = len(traj.completion_ids) > cfg.max_completion_tokens
-    else:  # the budget, not the model, ended this message
-        out_of_room = not stopped and len(traj.completion_ids) + len(m.close) >= cfg.max_completion_tokens
+    traj.truncated = (used > cfg.max_completion_tokens if cfg.budget == "seed"  # the seed's: a message went past it
+                      else not stopped and used + len(m.close) >= cfg.max_completion_tokens)  # the budget cut it
     reply = None
-    if out_of_room:
-        traj.truncated = True
-    elif parsed["answer"] is not None:
-        pass  # answered
-    elif parsed["tool"] is not None and calls_run >= cfg.max_tool_calls:
-        pass  # a call past the budget ends the episode unexecuted (the seed: is_completed runs before env_response)
-    elif parsed["tool"] is not None:
-        reply = "<result>\n" + call_tool(parsed["tool"], searcher, cfg, tokenizer) + "\n</result>"
-    else:
+    if traj.truncated or parsed["answer"] is not None:
+        pass
+    elif parsed["tool"] is None:
         reply = NO_TOOL_REPLY
+    elif len(traj.results) < cfg.max_tool_calls:  # a call past it ends the episode (the seed's is_completed)
+        reply = "<result>\n" + call_tool(parsed["tool"], searcher, cfg, tokenizer) + "\n</result>"
+    close = list(m.close[1:] if ends_turn else m.close)  # the model's EOS already wrote "<|im_end|>"
     if reply is not None:
         reply_ids = _encode(tokenizer, reply, plain=True)
-        # The message is what the ids say: a vocabulary without some byte tokens drops characters.
-        reply = _decode(tokenizer, reply_ids)
+        reply = _decode(tokenizer, reply_ids)  # what the ids say: a vocabulary without some bytes drops them
         env = close + list(m.user_open) + reply_ids + list(m.model_open)
-        # The reply must leave room for one more model token and the final close, else we stop here (the
-        # seed's budget appends it whatever its length: the next message may still answer)
-        if cfg.budget == "seed" or len(traj.completion_ids) + len(env) + 1 + len(m.close) <= cfg.max_completion_tokens:
-            traj.completion_ids += env
-            traj.turn_idx += [0] * len(env)
-            traj.sampler_logprobs += [math.nan] * len(env)
+        # room for one more model token and the close (the seed's budget appends it whatever its length)
+        if cfg.budget == "seed" or used + len(env) + 1 + len(m.close) <= cfg.max_completion_tokens:
+            traj.add(env)
             traj.messages.append({"role": "user", "content": reply})
             if reply.startswith("<result>"):
                 traj.results.append(reply[len("<result>\n"):-len("\n</result>")])
             return True
         traj.truncated = True
-    traj.completion_ids += close
-    traj.turn_idx += [0] * len(close)
-    traj.sampler_logprobs += [math.nan] * len(close)
-    if len(traj.completion_ids) > cfg.max_completion_tokens:  # (the seed's budget) train on the ids within it
-        n = cfg.max_completion_tokens
-        traj.completion_ids, traj.turn_idx, traj.sampler_logprobs = (traj.completion_ids[:n], traj.turn_idx[:n],
-                                                                     traj.sampler_logprobs[:n])
-        traj.truncated = True
+    traj.add(close)
+    n = cfg.max_completion_tokens  # (the seed's budget) train on the ids within it
+    traj.truncated |= len(traj.completion_ids) > n
+    traj.completion_ids, traj.turn_idx, traj.sampler_logprobs = (traj.completion_ids[:n], traj.turn_idx[:n],
+                                                                 traj.sampler_logprobs[:n])
     return False
 
 
 def rollout(policy, tokenizer, questions: list[str], G: int, searcher, cfg: EnvConfig) -> list[Trajectory]:
-    """G episodes per question, run in lock-step: each round, one ``policy.generate`` call over the
-    episodes still live (in episode order), then the environment's step for each. Returns
-    ``len(questions) * G`` trajectories, question-major: ``[i*G:(i+1)*G]`` belong to ``questions[i]``
-    (G = 1 with a list that already repeats each question: one episode per entry)."""
+    """G episodes per question in lock-step: a round is one ``policy.generate`` call over the live episodes, then
+    each one's environment step. ``len(questions) * G`` trajectories: ``[i*G:(i+1)*G]`` are ``questions[i]``'s."""
     close_len = len(_markers(tokenizer).close)
     if cfg.max_completion_tokens <= close_len + 1 or cfg.max_turn_tokens < 1 or G < 1:
         raise ValueError(f"need max_completion_tokens > {close_len + 1}, max_turn_tokens >= 1 and G >= 1")
@@ -320,8 +301,7 @@ def rollout(policy, tokenizer, questions: list[str], G: int, searcher, cfg: EnvC
         if len(outs) != len(live):
             raise RuntimeError(f"policy returned {len(outs)} rows for {len(live)} live episodes")
         logprobs = policy.last_logprobs or [[] for _ in outs]
-        # cut_turn again: the environment trusts no policy about stops and budgets. The cut keeps a prefix
-        # of each row, so the row's first len(ids) log-probs are those of its ids.
+        # cut_turn again: the environment trusts no policy; a cut keeps a prefix, so the first len(ids) log-probs
         cuts = [cut_turn(out, tokenizer, STOP, limit) for out, limit in zip(outs, limits)]
         live = [t for t, ids, lp in zip(live, cuts, logprobs)
                 if _step(t, ids, (list(lp) + [math.nan] * len(ids))[:len(ids)], tokenizer, searcher, cfg)]
@@ -330,12 +310,10 @@ def rollout(policy, tokenizer, questions: list[str], G: int, searcher, cfg: EnvC
 
 
 def episode_stats(trajectories: list[Trajectory], aliases: list[list[str]] | None = None) -> dict:
-    """How a batch of episodes went, beyond the rewards: the share that called the tool, calls per
-    episode, the share whose searches found an answer alias, the share cut by the budget, mean
-    completion length, and the model's own tokens in all (train.py logs these, eval.py reports them)."""
-    aliases = aliases if aliases is not None else [[] for _ in trajectories]
+    """How a batch of episodes went beyond the rewards (train.py logs it, eval.py reports it): tool-call share, calls
+    per episode, share whose searches found an alias, share cut, mean completion length, the model's tokens."""
     found = [any(a.strip() and a.lower().strip() in r.lower() for a in al for r in t.results)
-             for t, al in zip(trajectories, aliases)]
+             for t, al in zip(trajectories, aliases or [[]] * len(trajectories))]
     n = max(len(trajectories), 1)
     return {"tool_call_rate": sum(any(c is not None for c in t.tool_calls) for t in trajectories) / n,
             "calls_per_episode": sum(len(t.results) for t in trajectories) / n, "answer_found": sum(found) / n,

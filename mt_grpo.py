@@ -159,16 +159,14 @@ def policy_loss(logp_new: Tensor, logp_old: Tensor, logp_ref: Tensor | None, A_t
         loss_t  = -min(ratio_t * A_t, clip(ratio_t, 1-eps, 1+eps) * A_t) + beta * KL_t
         KL_t    = exp(logp_ref_t - logp_new_t) - (logp_ref_t - logp_new_t) - 1   (k3, GRPO eq. 4)
 
-    All tensors are (N, T) over the same tokens; turn_idx (or a bool mask) selects the model's
-    tokens (> 0). aggregation "token": sum of loss_t over the unmasked tokens / their count, so
-    every token weighs the same. "micro_batch" (the seed's, and TRL's at the commit it pins): the
-    same token mean, taken per micro-batch; train.update then averages the micro-batches' losses, so
-    a token weighs 1 / (tokens of its micro-batch). "sequence" (GRPO paper): mean over each
-    rollout's tokens, then over rollouts (a rollout with no tokens counts as 0, like TRL).
-    See DEVIATIONS.md, item 4. With one pass over a batch (mu = 1) logp_old is logp_new detached: the ratio
-    is 1 and the loss the plain policy gradient -A_t * logp_t; the clip acts on the later passes of mu > 1.
-    Returns the loss and diagnostics as python floats: clip_frac (share of tokens whose gradient
-    the clip removed) and kl (mean KL_t; only if beta > 0).
+    All tensors are (N, T) over the same tokens; turn_idx (or a bool mask) selects the model's tokens (> 0).
+    aggregation "token": the mean of loss_t over those tokens, every token weighing the same. "micro_batch" (the
+    seed's, and TRL's at the commit it pins): that mean per micro-batch, which train.update averages, so a token
+    weighs 1 / (tokens of its micro-batch). "sequence" (GRPO paper): the mean over each rollout's tokens, then over
+    rollouts (one without tokens counts as 0, like TRL). See DEVIATIONS.md, item 4. With one pass over a batch
+    (mu = 1) logp_old is logp_new detached: the ratio is 1 and the loss the plain policy gradient -A_t * logp_t;
+    the clip acts on the later passes of mu > 1. Returns the loss and, as floats, clip_frac (the share of tokens
+    whose gradient the clip removed) and kl (mean KL_t; only if beta > 0).
     """
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"unknown aggregation {aggregation!r}; valid ones are {', '.join(AGGREGATIONS)}")

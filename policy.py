@@ -2,6 +2,7 @@
 log-probabilities of the ids it wrote (packing trajectories into tensors, the update's forward)."""
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import dataclass
 
@@ -48,21 +49,6 @@ def attention_implementation(flash_attention: bool) -> str:
     return "flash_attention_2"
 
 
-def pack(trajectories, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded (input_ids, attention_mask, turn_idx), each (N, L): prompt + completion ids.
-    turn_idx is 0 on prompt, environment and padding tokens and k on the model's k-th turn."""
-    L = max(len(t.prompt_ids) + len(t.completion_ids) for t in trajectories)
-    ids = torch.full((len(trajectories), L), pad_id, dtype=torch.long)
-    attn = torch.zeros((len(trajectories), L), dtype=torch.long)
-    turn = torch.zeros((len(trajectories), L), dtype=torch.long)
-    for i, t in enumerate(trajectories):
-        seq = list(t.prompt_ids) + list(t.completion_ids)
-        ids[i, :len(seq)] = torch.tensor(seq)
-        attn[i, :len(seq)] = 1
-        turn[i, len(t.prompt_ids):len(seq)] = torch.tensor(t.turn_idx, dtype=torch.long)
-    return ids, attn, turn
-
-
 @dataclass
 class Batch:
     """One process's rollouts as tensors (``pack_batch``): what train.update trains on."""
@@ -75,40 +61,41 @@ class Batch:
 
 
 def pack_batch(trajectories, pad_id: int, prompt_lens: bool = False) -> Batch:
-    """``trajectories`` as a Batch, without advantages yet; ``prompt_lens``: for the speed path's update."""
-    ids, attn, turn = pack(trajectories, pad_id)
-    return Batch(ids, attn, turn, sampler_logp=pack_sampler_logprobs(trajectories, ids.shape[1]),
-                 prompt_lens=torch.tensor([len(t.prompt_ids) for t in trajectories]) if prompt_lens else None)
-
-
-def pack_sampler_logprobs(trajectories, width: int) -> torch.Tensor:
-    """The sampler's log-probs of the ids ``pack`` laid out, (N, width - 1) aligned with token_logprobs
-    (column t - 1 holds the log-prob of id t); NaN on prompt, environment and padding ids and where the
-    sampler reported none."""
-    out = torch.full((len(trajectories), width - 1), float("nan"))
+    """``trajectories`` as a Batch, without advantages yet; the sampler's log-probs aligned with token_logprobs (NaN
+    on prompt, environment and padding ids and where it reported none); ``prompt_lens``: for the speed path."""
+    N, L = len(trajectories), max(len(t.prompt_ids) + len(t.completion_ids) for t in trajectories)
+    b = Batch(torch.full((N, L), pad_id, dtype=torch.long), torch.zeros((N, L), dtype=torch.long),
+              torch.zeros((N, L), dtype=torch.long), sampler_logp=torch.full((N, L - 1), float("nan")))
     for i, t in enumerate(trajectories):
-        lp = list(t.sampler_logprobs) + [float("nan")] * (len(t.completion_ids) - len(t.sampler_logprobs))
-        start = len(t.prompt_ids) - 1
-        out[i, start:start + len(t.completion_ids)] = torch.tensor(lp[:len(t.completion_ids)], dtype=torch.float32)
-    return out
+        p, n = len(t.prompt_ids), len(t.prompt_ids) + len(t.completion_ids)
+        b.ids[i, :n], b.attn[i, :n] = torch.tensor(list(t.prompt_ids) + list(t.completion_ids)), 1
+        b.turn[i, p:n] = torch.tensor(t.turn_idx, dtype=torch.long)
+        logp = (list(t.sampler_logprobs) + [float("nan")] * (n - p))[:n - p]
+        b.sampler_logp[i, p - 1:n - 1] = torch.tensor(logp, dtype=torch.float32)  # column t - 1: the log-prob of id t
+    b.prompt_lens = torch.tensor([len(t.prompt_ids) for t in trajectories]) if prompt_lens else None
+    return b
+
+
+def pack(trajectories, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded (input_ids, attention_mask, turn_idx) of pack_batch, each (N, L): prompt + completion ids;
+    turn_idx is 0 on prompt, environment and padding tokens and k on the model's k-th turn."""
+    b = pack_batch(trajectories, pad_id)
+    return b.ids, b.attn, b.turn
 
 
 def mismatch_sums(logp_trainer: torch.Tensor, logp_sampler: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Sums for the sampler-trainer mismatch meter over the model's tokens where the sampler reported a
-    log-prob: [sum |d|, sum (e^d - 1 - d), count], d = log p_trainer - log p_sampler of the sampled token.
-    e^d - 1 - d is the "k3" estimator of KL(sampler || trainer) from the sampler's own samples (unbiased,
-    never negative). Both are ~0 when the trainer computes the distribution the tokens were drawn from; a
-    skipped weight sync, a wrong dtype or a template drift show at once."""
+    """The sampler-trainer mismatch meter's sums over the model's tokens with a sampler log-prob: [sum |d|,
+    sum (e^d - 1 - d), count], d = log p_trainer - log p_sampler; e^d - 1 - d is the k3 estimator of KL(sampler ||
+    trainer). Both are ~0 unless a weight sync was skipped, a dtype is wrong or the template drifted."""
     ok = mask.bool() & logp_sampler.isfinite()
     d = (logp_trainer.detach().double() - logp_sampler.double())[ok]
     return torch.stack([d.abs().sum(), (d.exp() - 1 - d).sum(), ok.sum().double()])
 
 
 class LogProbs(torch.nn.Module):
-    """token_logprobs as a module's forward, at the sampling ``temperature`` (a call may ask for another): DDP and
-    DeepSpeed hook their work (the gradient all-reduce, ZeRO-3's gathers) into the forward of what they wrap, and
-    token_logprobs calls the model's parts, so accelerate wraps this module. ``shared_prefix``: the speed path's
-    faster function of the same numbers (fast.shared_prefix_logprobs), used when a call gives ``prompt_lens``."""
+    """token_logprobs as a forward (at the sampling ``temperature`` unless a call asks for another), for accelerate
+    to wrap: DDP and DeepSpeed hook their all-reduce and ZeRO-3 gathers into a wrapped module's forward. With
+    ``prompt_lens`` the speed path's ``shared_prefix`` (fast.shared_prefix_logprobs) computes the same numbers."""
 
     def __init__(self, model, bf16: bool = True, temperature: float = 1.0, shared_prefix=None):
         super().__init__()
@@ -131,13 +118,9 @@ LOGPROB_CHUNK = 2048
 
 def token_logprobs(model, ids: torch.Tensor, attn: torch.Tensor, turn: torch.Tensor, bf16: bool = True,
                    chunk: int = LOGPROB_CHUNK, temperature: float = 1.0) -> torch.Tensor:
-    """log pi(x_t | x_<t) at every position t >= 1, shape (N, L-1); 0 where turn_idx is 0. pi is the policy
-    at the sampling temperature, softmax(logits / temperature): the distribution the ids were drawn from
-    before any top-k or top-p cut (as the seed's TRL trainer divides its logits by the temperature).
-
-    Only the model's own tokens need a log-prob, so the vocabulary projection (the largest
-    matmul: 49k x 576 for SmolLM2) runs on those positions alone, not on the prompt and padding.
-    """
+    """log pi(x_t | x_<t) at every position t >= 1, shape (N, L-1); 0 where turn_idx is 0. pi = softmax(logits /
+    temperature), the distribution the ids were drawn from before a top-k or top-p cut (as the seed's TRL trainer).
+    The vocabulary projection, the largest matmul, runs on the model's own tokens only (the rest need none)."""
     with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=bf16):
         hidden = model.base_model(input_ids=ids, attention_mask=attn).last_hidden_state[:, :-1]
     sel = turn[:, 1:] > 0
@@ -147,24 +130,18 @@ def token_logprobs(model, ids: torch.Tensor, attn: torch.Tensor, turn: torch.Ten
 
 def head_logprobs(model, h: torch.Tensor, targets: torch.Tensor, bf16: bool, chunk: int,
                   temperature: float = 1.0) -> torch.Tensor:
-    """log pi(target | h) for rows of hidden states, through the output embeddings, ``chunk`` rows at a time."""
-    head = model.get_output_embeddings()
+    """log pi(target | h) for rows of hidden states, through the output embeddings, ``chunk`` rows at a time, each
+    piece recomputed in the backward pass (checkpoint): only one piece's logits are alive, forward or backward."""
+    piece = functools.partial(selected_logprobs, model.get_output_embeddings(), bf16=bf16, temperature=temperature)
     if h.shape[0] <= chunk:  # one piece: nothing to bound
-        return selected_logprobs(head, h, targets, bf16, temperature)
-    # piece by piece, each recomputed in the backward pass (checkpoint), so that only one piece's
-    # logits are alive at a time, forward or backward
-    pieces = [checkpoint(selected_logprobs, head, h[i:i + chunk], targets[i:i + chunk], bf16, temperature,
-                         use_reentrant=False)
-              if torch.is_grad_enabled() else selected_logprobs(head, h[i:i + chunk], targets[i:i + chunk], bf16, temperature)
-              for i in range(0, h.shape[0], chunk)]
-    return torch.cat(pieces)
+        return piece(h, targets)
+    run = functools.partial(checkpoint, piece, use_reentrant=False) if torch.is_grad_enabled() else piece
+    return torch.cat([run(h[i:i + chunk], targets[i:i + chunk]) for i in range(0, h.shape[0], chunk)])
 
 
 def selected_logprobs(head, h: torch.Tensor, targets: torch.Tensor, bf16: bool, temperature: float = 1.0) -> torch.Tensor:
-    """log softmax(head(h) / temperature)[target] per row, as minus the cross-entropy: one fused log-softmax whose
-    backward is one pass over the (rows x vocabulary) logits. (The target's logit minus a separate
-    logsumexp is the same number, but its backward runs a subtraction, an exponential and a product as
-    three passes, each writing a fresh rows x vocabulary tensor: 0.8 s more of a SmolLM2 CPU update.)"""
+    """log softmax(head(h) / temperature)[target] per row, as minus the cross-entropy: a fused log-softmax whose
+    backward is one pass over the logits (a logit minus a logsumexp takes three, each a fresh rows x vocabulary)."""
     with torch.autocast(h.device.type, dtype=torch.bfloat16, enabled=bf16):
         logits = head(h)
     logits = logits.float() if temperature == 1 else logits.float() / temperature
@@ -173,12 +150,11 @@ def selected_logprobs(head, h: torch.Tensor, targets: torch.Tensor, bf16: bool, 
 
 # ----------------------------------------------------------------------------- sampling
 class Sampler:
-    """What env.rollout needs of a policy, and what a checkpoint keeps of it: HFPolicy (the reference), ScriptedPolicy
-    (tests), fast.CachedPolicy (the speed path), infra.vllm_backend.VLLMPolicy. ``calls`` counts generate calls:
-    each call's draws are seeded from (seed, calls), and a checkpoint saves it, so --resume samples what the
-    uninterrupted run would have. ``last_logprobs``: each returned id's log-prob, per row of the last call."""
+    """What env.rollout needs of a policy and a checkpoint keeps of it: HFPolicy (the reference), ScriptedPolicy
+    (tests), fast.CachedPolicy (speed), infra.vllm_backend.VLLMPolicy. ``calls`` counts generate calls: a call's
+    draws are seeded from (seed, calls), saved by a checkpoint: --resume samples what an unbroken run would."""
     calls: int = 0
-    last_logprobs: list[list[float]] | None = None
+    last_logprobs: list[list[float]] | None = None  # each returned id's log-prob, per row of the last call
 
     def start_rollout(self) -> None:
         """Before a rollout's first ``generate`` (a sampler that keeps state per rollout starts it afresh)."""
@@ -193,10 +169,9 @@ class Sampler:
 
 
 class SampledLogprobs:
-    """A ``generate`` logits processor that keeps each sampled token's log-prob under the whole tempered distribution
-    (Sampling's contract): transformers runs it before its own warpers, on the raw logits. A call sees the token
-    the previous step sampled as ``input_ids[:, -1]``; ``finish`` adds the last one. Memory: one (rows x
-    vocabulary) tensor, not one per step."""
+    """A ``generate`` logits processor keeping each sampled token's log-prob under the whole tempered distribution
+    (Sampling's contract; it runs before transformers' warpers). A call sees the token the last step sampled as
+    ``input_ids[:, -1]``; ``finish`` adds the last one. Memory: one (rows x vocabulary) tensor, not one a step."""
 
     def __init__(self, temperature: float = 1.0):
         self.prev, self.steps, self.temperature = None, [], temperature if temperature > 0 else 1.0
@@ -210,9 +185,7 @@ class SampledLogprobs:
     def finish(self, sequences: torch.Tensor, new_tokens: int) -> list[list[float]]:
         if self.prev is not None and len(self.steps) < new_tokens:
             self.steps.append(self.prev.gather(1, sequences[:, -1:]).squeeze(1))
-        if not self.steps:
-            return [[] for _ in range(sequences.shape[0])]
-        return torch.stack(self.steps, dim=1).tolist()
+        return torch.stack(self.steps, dim=1).tolist() if self.steps else [[] for _ in range(sequences.shape[0])]
 
 
 def left_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -244,31 +217,26 @@ class HFPolicy(Sampler):
 
     @torch.no_grad()
     def generate(self, batch, max_new_tokens: int, sampling: Sampling, stop) -> list[list[int]]:
-        device = self.model.device
-        ends = sorted(env.end_ids(self.tokenizer))
+        from transformers import LogitsProcessorList
+        ends, device = sorted(env.end_ids(self.tokenizer)), self.model.device
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else ends[0]
         ids, mask = left_pad(batch, pad)
-        width = ids.shape[1]
         # Exactly the asked distribution: override what a checkpoint's generation_config may add
         # (Qwen2.5-Instruct: top_k 20, repetition_penalty 1.05), or the ids would be off-policy.
-        greedy = sampling.temperature <= 0
-        kw = (dict(do_sample=False, temperature=None, top_p=None, top_k=None) if greedy else
+        kw = (dict(do_sample=False, temperature=None, top_p=None, top_k=None) if sampling.temperature <= 0 else
               dict(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k))
-        kw.update(repetition_penalty=1.0, min_p=None)
-        devices = [device] if device.type == "cuda" else []
-        from transformers import LogitsProcessorList
         record = SampledLogprobs(sampling.temperature)
-        with torch.random.fork_rng(devices=devices, enabled=self.seed is not None):
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], enabled=self.seed is not None):
             if self.seed is not None:  # one derived seed per call: reproducible, never touches global RNG
                 torch.manual_seed(self.seed * 100_003 + self.calls)
             out = self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                      max_new_tokens=max_new_tokens,
+                                      max_new_tokens=max_new_tokens, eos_token_id=ends, pad_token_id=pad,
                                       stopping_criteria=self.stop_criteria(stop) if stop else None,
-                                      eos_token_id=ends, pad_token_id=pad, logits_processor=LogitsProcessorList([record]),
-                                      use_cache=True, **kw)
+                                      logits_processor=LogitsProcessorList([record]), use_cache=True,
+                                      repetition_penalty=1.0, min_p=None, **kw)
         self.calls += 1
-        rows = [env.cut_turn(row, self.tokenizer, stop, max_new_tokens) for row in out[:, width:].tolist()]
-        self.last_logprobs = [lp[:len(row)] for lp, row in zip(record.finish(out, out.shape[1] - width), rows)]
+        rows = [env.cut_turn(row, self.tokenizer, stop, max_new_tokens) for row in out[:, ids.shape[1]:].tolist()]
+        self.last_logprobs = [lp[:len(row)] for lp, row in zip(record.finish(out, out.shape[1] - ids.shape[1]), rows)]
         return rows
 
 

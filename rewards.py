@@ -39,12 +39,10 @@ MAX_OUTCOME_REWARD = 1.9  # max R^O = 0.5 + 1.0 + 0.2 + 0.2
 
 # ----------------------------------------------------------------------------- parsing
 def find_tag(text: str, tag: str) -> str | None:
-    """Content of the first ``<tag>...</tag>`` in ``text``, whitespace-stripped; None if there is none.
-
-    Same result as the seed's ``re.search(r"<tag>\\s*(.*?)\\s*</tag>", text, re.DOTALL)``: the first
-    opening tag, up to the first closing tag after it, found with ``str.find`` because that regex
-    backtracks catastrophically on an unclosed tag (see DEVIATIONS.md, item 7).
-    """
+    """Content of the first ``<tag>...</tag>`` in ``text``, whitespace-stripped; None if there is none. The seed's
+    ``re.search(r"<tag>\\s*(.*?)\\s*</tag>", text, re.DOTALL)``: the first opening tag up to the first closing tag
+    after it, found with ``str.find``, as that regex backtracks catastrophically on an unclosed tag (DEVIATIONS.md,
+    item 7)."""
     if not isinstance(text, str):
         return None
     start = text.find(f"<{tag}>")
@@ -56,12 +54,8 @@ def find_tag(text: str, tag: str) -> str | None:
 
 
 def parse(text: str) -> dict[str, str | None]:
-    """Parse a model message into ``{"reasoning", "tool", "answer"}`` (each ``str`` or ``None``).
-
-    Each field is looked up independently (``find_tag``), so a message may hold both a tool call
-    and an answer; with duplicate tags the *first* block wins. Never raises: non-text gives Nones.
-    ``parse(msg)["tool"]`` is the JSON tool command, ``parse(msg)["answer"]`` the answer.
-    """
+    """A model message as ``{"reasoning", "tool", "answer"}`` (each ``str`` or ``None``): each field looked up on its
+    own (``find_tag``), so a message may hold a tool call and an answer; with duplicate tags the *first* wins."""
     return {field: find_tag(text, field) for field in FIELDS}
 
 
@@ -117,12 +111,9 @@ def tool_execution(conversation, aliases=None) -> float:
 
 
 def search_answer(conversation, aliases) -> float:
-    """0.5 if an alias (case-insensitive substring) is in the first tool result, else 0.
-
-    Only the environment's reply to a tool call is read, never the model's own text, so a model
-    that writes ``<result>Paris</result>`` itself gets nothing. Like the seed we take the first
-    reply that holds a ``<result>``; unlike it, an ``Error:`` result scores 0 (see DEVIATIONS.md, item 5).
-    """
+    """0.5 if an alias (case-insensitive substring) is in the first tool result, else 0. Only the environment's
+    reply to a tool call is read, so a model writing ``<result>Paris</result>`` itself gets nothing. Like the seed
+    we take the first reply holding a ``<result>``; unlike it, an ``Error:`` result scores 0 (DEVIATIONS.md, item 5)."""
     first = next((r for r in tool_results(conversation) if r is not None), None)
     if first is None or first.startswith("Error:"):
         return 0.0
@@ -153,8 +144,7 @@ def _format_score(text: str) -> float:
                   for field_set in FIELD_SETS)
     fully_parsed = any(v is not None for v in parse(text).values())
     points = present if fully_parsed else 0   # seed: only once some field parses completely
-    # The seed's "spacing" point, given to every message, even one with no tags at all
-    # (see DEVIATIONS.md, item 8).
+    # The seed's "spacing" point, given to every message, even one with no tags (DEVIATIONS.md, item 8)
     points += 1
     body = text.strip()
     points += any(body.startswith(f"<{t}>") for t in FIELD_SETS[0])   # starts with <reasoning>

@@ -30,6 +30,7 @@ import tempfile
 import threading
 from pathlib import Path
 
+import bm25s
 import numpy as np
 
 from config import STEMMERS, Config
@@ -41,7 +42,7 @@ ENGINES = ("bm25s", "rank_bm25")
 # are in the cache folder's name and the manifest (v1 folders, always k1 1.5, b 0.75, unstemmed, go unused).
 INDEX_VERSION = "v2"
 PYSTEMMER_FIX = "pip install PyStemmer==2.2.0.3 (requirements.txt)"
-_local = threading.local()  # a PyStemmer object is not thread-safe: one per thread
+_local = threading.local()  # its __dict__: this thread's stemmers, by name
 
 
 def _stemmer(name: str):
@@ -49,24 +50,25 @@ def _stemmer(name: str):
     PorterStemFilter that the seed's index uses (not Snowball's "english", a later revision)."""
     if name == "none":
         return None
+    stemmers = _local.__dict__  # this thread's: a PyStemmer object is not thread-safe
+    if name not in stemmers:
+        stemmers[name] = _new_stemmer(name)
+    return stemmers[name]
+
+
+def _new_stemmer(name: str):
     if name not in STEMMERS:
         raise DataError(f"unknown stemmer {name!r}: choose one of {', '.join(STEMMERS)}")
-    stemmer = getattr(_local, name, None)
-    if stemmer is None:
-        try:
-            import Stemmer  # PyStemmer; imported only when asked for, so unstemmed search does not need it
-        except ImportError:
-            raise DataError(f"stemmer {name!r} needs PyStemmer: {PYSTEMMER_FIX}") from None
-        stemmer = Stemmer.Stemmer(name)
-        setattr(_local, name, stemmer)
-    return stemmer
+    try:
+        import Stemmer  # PyStemmer; imported only when asked for, so unstemmed search does not need it
+    except ImportError:
+        raise DataError(f"stemmer {name!r} needs PyStemmer: {PYSTEMMER_FIX}") from None
+    return Stemmer.Stemmer(name)
 
 
 def tokenize(text: str, stemmer: str = "none") -> list[str]:
     """Lower-cased word tokens minus English stop words, stemmed if asked (passages and queries alike:
     an index stemmed one way must be queried the same way, or stemmed words never match)."""
-    import bm25s
-
     return bm25s.tokenize([text], stopwords="en", stemmer=_stemmer(stemmer), return_ids=False,
                           show_progress=False)[0]
 
@@ -102,20 +104,16 @@ def load_corpus(corpus_path: str | Path) -> list[dict]:
 
 
 def top_k(scores: np.ndarray, k: int) -> np.ndarray:
-    """Row ids of the ``k`` highest positive scores, best first; a tie goes to the lower row id. Not
-    ``np.argpartition`` (bm25s's): most scores are exactly 0, and partitioning so many ties is slow (docs/performance.md);
-    a few ``argmax`` passes are fast linear scans. For a large ``k`` the positive scores are sorted: the same order."""
-    if k <= 16:
-        scores, best = scores.copy(), []
-        for _ in range(min(k, len(scores))):
-            i = int(np.argmax(scores))  # the first (lowest) row among equal maxima
-            if not scores[i] > 0:
-                break
-            best.append(i)
-            scores[i] = -np.inf
-        return np.array(best, dtype=np.int64)
-    rows = np.flatnonzero(scores > 0)
-    return rows[np.lexsort((rows, -scores[rows]))][:k]  # by score descending, then row ascending
+    """Row ids of the ``k`` highest positive scores, best first; a tie goes to the lower row id. Found by k argmax
+    passes, fast linear scans: most scores are exactly 0, and bm25s's ``np.argpartition`` of so many ties is slow."""
+    scores, best = scores.copy(), []
+    for _ in range(min(k, len(scores))):
+        i = int(np.argmax(scores))  # the first (lowest) row among equal maxima
+        if not scores[i] > 0:  # no query word occurs in it: not a hit
+            break
+        best.append(i)
+        scores[i] = -np.inf
+    return np.array(best, dtype=np.int64)
 
 
 class Index:
@@ -129,8 +127,7 @@ class Index:
         return len(self.passages)
 
     def terms(self, query: str) -> list[str]:
-        """The query's tokens that are scored: at most the first MAX_QUERY_TOKENS, and for bm25s only
-        words of the corpus vocabulary (bm25s rejects unknown words)."""
+        """The query's scored tokens: the first MAX_QUERY_TOKENS, for bm25s those in the corpus vocabulary."""
         terms = tokenize(query if isinstance(query, str) else str(query), self.stemmer)[:MAX_QUERY_TOKENS]
         if self.engine == "bm25s":
             terms = [t for t in terms if t in self.model.vocab_dict]
@@ -140,29 +137,18 @@ class Index:
         terms = self.terms(query)
         if not terms or k < 1:
             return []
-        k = min(k, len(self.passages))
         if self.engine == "bm25s":  # the same scores as model.retrieve(), about 30x faster (see top_k)
-            all_scores = self.model.get_scores_from_ids(self.model.get_tokens_ids(terms))
-            ids = top_k(all_scores, k)
+            scores = self.model.get_scores_from_ids(self.model.get_tokens_ids(terms))
         else:
-            all_scores = self.model.get_scores(terms)
-            ids = np.argsort(-all_scores, kind="stable")[:k]
-        scores = all_scores[ids]
-        hits = []
-        for i, s in zip(ids, scores):
-            if s <= 0:  # no query word occurs in it: not a hit
-                continue
-            p = self.passages[int(i)]
-            hits.append({"id": p["id"], "title": p["title"], "text": p["text"], "score": float(s)})
-        return hits
+            scores = self.model.get_scores(terms)
+        return [{"id": self.passages[i]["id"], "title": self.passages[i]["title"], "text": self.passages[i]["text"],
+                 "score": float(scores[i])} for i in top_k(scores, k).tolist()]
 
 
 def _build_bm25s(passages: list[dict], folder: Path, settings: dict) -> None:
     """Index and save atomically: a crash mid-build leaves no folder that looks complete, and a process that
     indexes the same corpus at the same time finds one whole index (data.publish_dir). ``settings``: k1, b and
     stemmer, also written to the manifest so that a load can check them."""
-    import bm25s
-
     texts = [f"{p['title']}. {p['text']}" for p in passages]
     model = bm25s.BM25(k1=settings["k1"], b=settings["b"])  # method "lucene": Lucene's idf and tf terms
     tokens = bm25s.tokenize(texts, stopwords="en", stemmer=_stemmer(settings["stemmer"]), show_progress=False)
@@ -177,8 +163,6 @@ def _build_bm25s(passages: list[dict], folder: Path, settings: dict) -> None:
 
 
 def _load_bm25s(folder: Path, settings: dict):
-    import bm25s
-
     manifest = json.loads((folder / "manifest.json").read_text())
     if {key: manifest.get(key) for key in ("version", *settings)} != {"version": INDEX_VERSION, **settings}:
         raise ValueError(f"it was built with other settings: {manifest}")  # never rank with the wrong k1, b

@@ -83,17 +83,14 @@ def batch_questions(cfg: Config, questions: list[dict], step: int) -> list[dict]
 
 
 def sample_batch(cfg: Config, run: Run, episodes: list[dict]):
-    """The trajectories of the whole global batch (``episodes``: one question row per rollout, question-major), in
-    row order, on every process: each process samples its own rows (one episode each: the rows already repeat
-    each question) and gather_object concatenates them in process order; with vLLM, the main process's engine."""
+    """The whole global batch's trajectories (``episodes``: a question row per rollout), in row order, on every
+    process: each samples its own rows and gather_object joins them; with vLLM, the main process's engine does."""
     questions = [q["question"] for q in episodes]
     if cfg.rollout_backend == "vllm":
         from infra import vllm_backend
-
         return vllm_backend.sample_on_main(run, questions)
     with sampling_autocast(cfg, run.accelerator.device):
-        trajectories = env.rollout(run.sampler, run.tokenizer, questions[run.my_rows], 1, run.index, run.env_cfg)
-    return gather_object(trajectories)
+        return gather_object(env.rollout(run.sampler, run.tokenizer, questions[run.my_rows], 1, run.index, run.env_cfg))
 
 
 def sampling_autocast(cfg: Config, device: torch.device):
@@ -105,13 +102,11 @@ def sampling_autocast(cfg: Config, device: torch.device):
 # ------------------------------------------------------------------------------------------ the update
 def update(cfg: Config, logprobs, optimizer, scheduler, accelerator, batch: Batch, ref_model=None,
            sampler_temperature: float | None = None) -> dict:
-    """mu passes of the clipped objective (mt_grpo.policy_loss) over this process's rows, one optimizer step per
-    pass. Each micro-batch's loss is weighted by its share of the *global* batch's model tokens (rollouts for
-    aggregation "sequence"; 1 / the global number of micro-batches for "micro_batch"), so the gradients of all
-    micro-batches of all processes add up to the loss of the whole batch. With mu 1 logp_old is logp itself,
-    detached: the ratio is 1 and the loss is the plain policy gradient. Logged beside loss, clip fraction, KL,
-    gradient norm and learning rate: each turn's mean token advantage and the mismatch meter, the trainer's
-    log-probs against the sampler's (``batch.sampler_logp``, at ``sampler_temperature``; None: the sampling one)."""
+    """mu passes of the clipped objective (mt_grpo.policy_loss) over this process's rows, an optimizer step a pass.
+    A micro-batch's loss is weighted by its share of the *global* batch's model tokens (rollouts for "sequence", 1 /
+    the global count of micro-batches for "micro_batch"): all processes' gradients add up to the whole batch's.
+    Logs loss, clip fraction, KL, gradient norm, lr, each turn's mean advantage and the mismatch meter (the
+    trainer's log-probs against ``batch.sampler_logp``, at ``sampler_temperature``; None: the sampling one)."""
     device = accelerator.device
     ids, attn, turn, A_tok = (x.to(device) for x in (batch.ids, batch.attn, batch.turn, batch.A))
     turn_t = turn[:, 1:]  # the turn of each predicted token, aligned with token_logprobs and A_tok
@@ -119,20 +114,16 @@ def update(cfg: Config, logprobs, optimizer, scheduler, accelerator, batch: Batc
     groups = None
     if batch.prompt_lens is not None:  # the speed path computes each distinct prompt of a micro-batch once
         from fast import prompt_groups
-
         groups = prompt_groups(ids, batch.prompt_lens)
     chunks = micro_batches(attn, cfg.micro_batch, groups, keep_order=cfg.aggregation == "micro_batch")
-    if len(chunks) % accelerator.gradient_accumulation_steps:
-        raise ValueError(f"{len(chunks)} micro-batches per pass do not fill whole accumulation rounds of "
-                         f"{accelerator.gradient_accumulation_steps} (prepare() was given another row count)")
+    assert len(chunks) % accelerator.gradient_accumulation_steps == 0, "prepare() was given another row count"
     # the weights' denominators count the whole global batch, over all processes
     counts = accelerator.reduce(torch.stack([mask.sum(), *torch.tensor([ids.shape[0], len(chunks)], device=device)]), "sum")
     n_tokens, n_rows, n_chunks = counts[0].clamp(min=1), int(counts[1]), int(counts[2])
     weight = {"token": lambda c: mask[c].sum() / n_tokens, "sequence": lambda c: len(c) / n_rows,
               "micro_batch": lambda c: 1 / n_chunks}[cfg.aggregation]
-    # Distributed, in one line: DDP and DeepSpeed *average* the processes' gradients, and accelerator.backward
-    # divides each loss by the accumulation steps; our weighted losses already *sum* to the global batch's
-    # loss, so multiplying by both turns that average back into the plain sum.
+    # Distributed, in one line: DDP and DeepSpeed *average* the processes' gradients and accelerator.backward divides
+    # by the accumulation steps; our weighted losses already *sum* to the global loss, so undo both.
     scale = accelerator.num_processes * accelerator.gradient_accumulation_steps
     with torch.no_grad():
         cut = [(ids[c, :n], attn[c, :n], turn[c, :n]) + (() if batch.prompt_lens is None else (batch.prompt_lens[c],))
@@ -154,11 +145,12 @@ def update(cfg: Config, logprobs, optimizer, scheduler, accelerator, batch: Batc
             sums["loss"] += float(loss.detach() * w) / cfg.mu
             sums["clip_frac"] += s["clip_frac"] * float(w) / cfg.mu
             sums["kl"] += s.get("kl", 0.0) * float(w) / cfg.mu
-            if p == 0 and batch.sampler_logp is not None:  # the weights the batch was sampled with
-                mismatch += mismatch_sums(meter_logprobs(logprobs, cut[j], old, cfg, sampler_temperature),
-                                          batch.sampler_logp[c, :n - 1].to(device), mask[c, :n - 1])
-        # the norm of the summed gradient (under DeepSpeed: the one its step clipped, from its config)
-        norm = accelerator.clip_grad_norm_(logprobs.parameters(), cfg.max_grad_norm)
+            if p == 0 and batch.sampler_logp is not None:  # the meter: the weights the batch was sampled with
+                T = sampler_temperature  # vLLM reports raw log-probs (T 1): one more forward at that temperature
+                with torch.no_grad():
+                    mine = old if T in (None, cfg.temperature) else logprobs(*cut[j], temperature=T)
+                mismatch += mismatch_sums(mine, batch.sampler_logp[c, :n - 1].to(device), mask[c, :n - 1])
+        norm = accelerator.clip_grad_norm_(logprobs.parameters(), cfg.max_grad_norm)  # DeepSpeed: its step's clip
         sums["grad_norm"] += (float("nan") if norm is None else float(norm)) / cfg.mu
         lr = scheduler.get_last_lr()[0]  # the rate this optimizer step uses
         optimizer.step()
@@ -170,33 +162,19 @@ def update(cfg: Config, logprobs, optimizer, scheduler, accelerator, batch: Batc
 
 def micro_batches(attn: torch.Tensor, size: int, groups: torch.Tensor | None = None,
                   keep_order: bool = False) -> list[tuple[torch.Tensor, int]]:
-    """(row indices, columns) of each micro-batch of ``size`` rows, each cut to its own longest row (right-padded
-    rows). The loss is a weighted sum over rows, so the grouping only orders the additions: rows of similar length
-    go together (padding is compute for nothing: bench/bench_padding.py), and with the speed path's ``groups`` the
-    rows of one prompt first. ``keep_order``: consecutive rows, the seed's micro-batches (aggregation "micro_batch",
-    where the grouping changes the loss)."""
-    order = torch.arange(attn.shape[0], device=attn.device)
-    if not keep_order:
-        order = attn.sum(1).argsort(descending=True, stable=True)
-        if groups is not None:  # by prompt, then longest first within it
-            order = order[groups[order].argsort(stable=True)]
-    chunks = [order[i:i + size] for i in range(0, attn.shape[0], size)]
-    return [(c, int(attn[c].sum(1).max())) for c in chunks]
-
-
-def meter_logprobs(logprobs, inputs: tuple, own: torch.Tensor, cfg: Config, sampler_temperature: float | None):
-    """The trainer's log-probs to compare with the sampler's: ``own`` (at the sampling temperature), or for a
-    sampler that reports them at another temperature (vLLM's raw ones) one more forward at that one."""
-    if sampler_temperature is None or sampler_temperature == cfg.temperature:
-        return own
-    with torch.no_grad():
-        return logprobs(*inputs, temperature=sampler_temperature)
+    """(row indices, columns) of each micro-batch of ``size`` rows, cut to its longest row. The loss is a weighted
+    sum over rows, so the grouping only orders the additions: longest first (padding is wasted compute), with the
+    speed path's ``groups`` one prompt's rows first. ``keep_order``: the seed's consecutive rows ("micro_batch")."""
+    order = (torch.arange(len(attn), device=attn.device) if keep_order
+             else attn.sum(1).argsort(descending=True, stable=True))
+    if groups is not None and not keep_order:  # by prompt, then longest first within it
+        order = order[groups[order].argsort(stable=True)]
+    return [(c, int(attn[c].sum(1).max())) for c in order.split(size)]
 
 
 def global_stats(sums: dict, mismatch: torch.Tensor, accelerator, with_kl: bool) -> tuple[dict, dict]:
-    """Each process's loss, clip fraction and KL are its parts of globally weighted sums, and its mismatch sums
-    (policy.mismatch_sums) its part of the batch's: add them up. The gradient norm is already global. Returns the
-    loss's stats and the meter's (none when the sampler reported no log-probs: a scripted policy)."""
+    """The processes' parts of the globally weighted loss, clip fraction, KL and mismatch sums, added up (the
+    gradient norm is already global): the loss's stats and the meter's (none without sampler log-probs)."""
     keys = ["loss", "clip_frac"] + (["kl"] if with_kl else [])
     totals = accelerator.reduce(torch.cat([torch.tensor([sums[k] for k in keys], dtype=torch.float64,
                                                         device=accelerator.device), mismatch]), "sum").tolist()
@@ -206,8 +184,7 @@ def global_stats(sums: dict, mismatch: torch.Tensor, accelerator, with_kl: bool)
 
 
 def turn_advantage_means(A_tok: torch.Tensor, turn_t: torch.Tensor, accelerator) -> dict:
-    """adv_mean/turn{k}: the mean advantage of turn k's tokens over the global batch. Under GRPO-OR and
-    GRPO-MR every turn gets one trajectory-level number; MT-GRPO's turn 1 carries the turn reward on top."""
+    """adv_mean/turn{k}: the mean advantage of turn k's tokens over the global batch (MT-GRPO's turn credit)."""
     K = int(accelerator.gather(turn_t.max().reshape(1)).max())  # the most turns any process's rows have
     sums = A_tok.new_zeros(K, 2)
     for k in range(1, K + 1):

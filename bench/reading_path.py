@@ -10,11 +10,12 @@ reference one (policy.HFPolicy: transformers' generate runs for real, and what i
 search and an answer), so the environment runs the tool (search.py) and the turn split is MT-GRPO's.
 Counted, once each, by the lines of their source (docstrings and comments included: a reader reads them too):
   - every function of the repository the step enters (a comprehension or lambda counts with its function);
-  - every class of the repository whose instance the step touches (an argument, a local, ``self``), and its
-    bases: its own lines, without the methods, which count as functions when they run. These are the data
-    definitions a reader needs (Trajectory, Batch, Levels, ...). Of a settings class (config.py's Config and
-    EnvConfig: one field per flag of --help) a reader of one step needs the settings the step reads: its
-    header and docstring count, and each field the step read (recorded as it ran), at its full length.
+  - every class of the repository whose instance the step touches (an argument, a local, a return value,
+    ``self``), and its bases: its own lines, without the methods, which count as functions when they run. These
+    are the data definitions a reader needs (Trajectory, Batch, Levels, ...). Of a record with many fields
+    (config.py's Config and EnvConfig, one field per flag of --help, and infra/assemble.py's Run, all a run
+    holds) a reader of one step needs the fields the step reads: its header and docstring count, and each
+    field the step read (recorded as it ran), at its full length.
 Set-up (model loading, the data, the index: infra/assemble.py) is not part of it. It fails if the step entered
 the speed path (fast/) or an extension (extensions/), which the paper's step must keep out of.
 """
@@ -37,15 +38,15 @@ OFF_PATH = ("fast/", "extensions/")  # speed-only and extension-only code
 NOT_READ = ("bench/", "tests/")      # the tracer's own scaffolding
 
 
-SETTINGS = ("Config", "EnvConfig")  # config.py's settings classes: counted by the fields the step reads
-READ: dict[str, set] = defaultdict(set)  # settings class -> the fields the step read
+SETTINGS = ("Config", "EnvConfig", "Run")  # records of many fields: counted by the fields the step reads
+READ: dict[type, set] = defaultdict(set)  # recorded class -> the fields the step read
 
 
 def recording(obj):
     """``obj`` (a settings instance) as an instance of a subclass that records which fields are read."""
     def getattribute(self, name):
         if not name.startswith("_"):
-            READ[type(obj).__name__].add(name)
+            READ[type(obj)].add(name)
         return object.__getattribute__(self, name)
 
     rec = type(f"Recorded{type(obj).__name__}", (type(obj),), {"__getattribute__": getattribute})
@@ -81,7 +82,7 @@ def READ_BY_CLASS(cls) -> set:
     """The fields of ``cls`` the step read, through any recorded instance of it or of a subclass (a field read on
     a Config that EnvConfig declares counts in EnvConfig)."""
     own = {f for f in getattr(cls, "__dataclass_fields__", {})}
-    return {f for name, fields in READ.items() for f in fields} & own
+    return {f for recorded, fields in READ.items() if issubclass(recorded, cls) for f in fields} & own
 
 
 def ours(filename: str) -> bool:
@@ -93,14 +94,19 @@ def trace_step(step) -> tuple[set, set]:
     seen, classes = set(), set()
 
     def tracer(frame, event, arg):
-        if event == "call" and ours(frame.f_code.co_filename):
+        if not ours(frame.f_code.co_filename):
+            return None
+        if event == "call":
             seen.add((frame.f_code.co_filename, frame.f_code.co_firstlineno))
-            for value in frame.f_locals.values():
+            frame.f_trace_lines = False
+            return tracer  # to see the frame return: its locals (arguments and the rest) are all set by then
+        if event == "return":
+            for value in [*frame.f_locals.values(), arg]:
                 for cls in type(value).__mro__:  # a reader of a class reads its bases too (Config: EnvConfig)
                     module = sys.modules.get(cls.__module__)
                     if module is not None and ours(getattr(module, "__file__", "") or ""):
                         classes.add(cls)
-        return None  # calls only: no line events
+        return tracer
 
     sys.settrace(tracer)
     try:
@@ -130,7 +136,6 @@ def one_step(folder: Path):
     """A callable that runs one training step of a tiny model on the demo world, with --no-fast; every rollout
     searches for its question's subject, then answers."""
     import config
-    import env
     import train
     from infra import assemble
     from policy import HFPolicy
@@ -141,9 +146,10 @@ def one_step(folder: Path):
         def generate(self, batch, max_new_tokens, sampling, stop):
             super().generate(batch, max_new_tokens, sampling, stop)
             searched = ["<result>" in self.tokenizer.decode(row).rsplit("<|im_start|>user", 1)[-1] for row in batch]
-            texts = ["<answer>x</answer>" if s else "<reasoning>I will search.</reasoning>\n<tool>"
-                     + env.tool_command("the river of the town") + "</tool>" for s in searched]
-            rows = [env._encode(self.tokenizer, t) for t in texts]
+            # written here, not through env.py, whose functions the tracer would count as the step's
+            call = '<tool>{"name": "wiki_search", "args": {"query": "the river of the town"}}</tool>'
+            texts = ["<answer>x</answer>" if s else "<reasoning>I will search.</reasoning>\n" + call for s in searched]
+            rows = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
             self.last_logprobs = [[-1.0] * len(r) for r in rows]
             return rows
 
@@ -153,8 +159,9 @@ def one_step(folder: Path):
     config.validate(cfg)
     run = assemble.setup(cfg)
     run.sampler = SearchThenAnswer(run.model, run.tokenizer, seed=0)
-    run.env_cfg, cfg = recording(run.env_cfg), recording(cfg)  # which settings the step reads
-    return lambda: train.train_step(cfg, run, 0), run
+    recorded = recording(run)  # which of the run's fields and settings the step reads
+    recorded.env_cfg, cfg = recording(run.env_cfg), recording(cfg)
+    return lambda: train.train_step(cfg, recorded, 0), run
 
 
 def measure() -> tuple[dict, int, int, list[str]]:

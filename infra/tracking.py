@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import resource
 from pathlib import Path
 
 from config import check_report_to
@@ -68,11 +69,7 @@ def format_line(row: dict) -> str:
     return f"step {row['step']:>3} " + " ".join(f"{short.get(k, k)}={row[k]:.3f}" for k in keys if k in row)
 
 
-def peak_rss_gb() -> float:
-    """Peak resident memory of this process so far (Linux reports ru_maxrss in KiB); the main process's
-    when there are several."""
-    import resource
-
+def peak_rss_gb() -> float:  # this process's peak resident memory so far (Linux reports ru_maxrss in KiB)
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 

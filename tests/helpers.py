@@ -164,10 +164,10 @@ def make_bigram(model, chain):
 def mismatch(model, trajectories, bf16: bool, temperature: float = Sampling.temperature) -> tuple[float, float, int]:
     """The sampler-trainer mismatch meter as train.update computes it, for ``model`` as the trainer at the
     sampling ``temperature``: (mean |log p_trainer - log p_sampler|, KL estimate, tokens compared)."""
-    from policy import mismatch_sums, pack, pack_sampler_logprobs, token_logprobs
+    from policy import mismatch_sums, pack_batch, token_logprobs
 
-    ids, attn, turn = pack(trajectories, 0)
-    sampler = pack_sampler_logprobs(trajectories, ids.shape[1])
+    packed = pack_batch(trajectories, 0)
+    ids, attn, turn, sampler = packed.ids, packed.attn, packed.turn, packed.sampler_logp
     with torch.no_grad():
         trainer = token_logprobs(model, ids, attn, turn, bf16=bf16, temperature=temperature)
     abs_sum, k3, count = mismatch_sums(trainer, sampler, turn[:, 1:] > 0).tolist()

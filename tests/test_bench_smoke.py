@@ -132,12 +132,14 @@ def test_bench_two_hop(tmp_path, tiny_model_dir):
 
 
 def test_reading_path_traces_a_step_outside_the_speed_path(capsys):
-    """bench/reading_path.py: one --no-fast step enters the algorithm's files and no file of fast/, and what a
-    reader must follow stays about one sitting long (the counted lines of the functions it runs)."""
-    assert reading_path.main([]) == 0
+    """bench/reading_path.py: one --no-fast step whose first turn searches enters the algorithm's files, search.py
+    included, and no file of fast/ or extensions/; what a reader must follow, data definitions included, stays at
+    most 900 lines; and the README's figure is the count (--check)."""
+    assert reading_path.main(["--check"]) == 0
     out = capsys.readouterr().out
-    total = int(out.split(": ")[1].split(" lines")[0])
+    m = reading_path.FIGURE.search(out)
+    total, functions, data = (int(m.group(i)) for i in (1, 2, 3))
     files = {line.split()[0] for line in out.splitlines()[1:]}
-    assert {"train.py", "env.py", "mt_grpo.py", "rewards.py", "policy.py"} <= files and not any(
-        f.startswith("fast/") for f in files)
-    assert 500 < total <= 900
+    assert {"train.py", "env.py", "mt_grpo.py", "rewards.py", "policy.py", "search.py", "advantages.py"} <= files
+    assert not any(f.startswith(("fast/", "extensions/")) for f in files)
+    assert total == functions + data and data > 50 and total <= 900

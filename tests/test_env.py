@@ -295,6 +295,9 @@ def test_search_results_top_k_and_token_budget(tok, searcher, passages):
     for budget in (1, 7, 20):
         out = env.call_tool(tool("Bram Stoker Dracula Irish"), searcher, EnvConfig(passages=3, result_max_tokens=budget), tok)
         assert 0 < len(enc(tok, out)) <= budget + 1  # re-tokenising a cut text may merge differently by 1
+    # the budget cuts passages, never an error text: cut to "Error", it would count as a call that ran
+    for bad in ("{not json", '{"name": "google", "args": {"query": "x"}}'):
+        assert env.call_tool(bad, searcher, EnvConfig(result_max_tokens=1), tok).startswith("Error: ")
     # result_max_tokens 0: no cut of its own (the seed returns the whole article)
     whole = env.call_tool(tool("Bram Stoker Dracula Irish"), searcher, EnvConfig(passages=3, result_max_tokens=0), tok)
     assert whole == "\n\n".join(f"{p['title']}\n{p['text']}" for p in (passages[0], passages[3]))

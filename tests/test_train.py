@@ -217,11 +217,11 @@ def test_the_mismatch_meter_reads_the_samplers_temperature(tok, tiny_model_dir, 
     """The meter compares like with like: sampler log-probs at the sampling temperature (ours) against the
     trainer's at it, ~0; log-probs at temperature 1 (vLLM's raw ones) against the trainer's at 1, through one
     more forward, ~0 too; and the wrong pairing shows."""
-    from policy import pack_sampler_logprobs, token_logprobs
+    from policy import pack_batch, token_logprobs
 
     model, trajs, *_ = ragged_batch(tok, tiny_model_dir, searcher)
-    ids, attn, turn = pack(trajs, tok.pad_token_id)
-    at_sampling = pack_sampler_logprobs(trajs, ids.shape[1])
+    packed = pack_batch(trajs, tok.pad_token_id)
+    ids, attn, turn, at_sampling = packed.ids, packed.attn, packed.turn, packed.sampler_logp
     with torch.no_grad():
         raw = token_logprobs(model, ids, attn, turn, bf16=False, temperature=1.0)
     raw = torch.where(at_sampling.isfinite(), raw, at_sampling)  # vLLM's: the same ids, at temperature 1
