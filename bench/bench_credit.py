@@ -28,10 +28,12 @@ mt_grpo.turn_normalise). A second search on a one-hop question is a turn it does
 
 Part "workbench" (``--part workbench``; K = 2, the credit part's questions and episode): MT-GRPO beside the
 field's other turn-level estimators and turn rewards, each through train.py's own loop: GRPO-OR, GRPO-MR,
-GiGPO (``--method gigpo``: step groups by identical search result), MT-PPO (``--method mt_ppo``: a linear
-least-squares critic, GAE over turns), and MT-GRPO with R^T from the policy's information gain on the gold
-answer (``--turn-reward info_gain``) or from a judge, the embedded SmolLM2-135M asked whether the result helps
-(``--turn-reward judge``). Its design, fixed here before it ran: 8 seeds x 20 steps x 32 rollouts, the credit
+GiGPO (``--method gigpo``: step groups by similar search result), MT-PPO (``--method mt_ppo``: a critic model
+trained beside the policy, token-level GAE; its lr scaled as the policy's, ``critic_lr``), and MT-GRPO with R^T
+from the policy's information gain on the gold answer (``--turn-reward info_gain``) or from a judge, the
+embedded SmolLM2-135M asked whether the result helps (``--turn-reward judge``). (The workbench files written
+before MT-PPO had a trained critic, GiGPO its discounted step returns and info gain IGPO's probabilities
+measured the earlier versions, as their commits say.) Its design, fixed here before it ran: 8 seeds x 20 steps x 32 rollouts, the credit
 part's held-out evaluation; every arm paired against MT-GRPO (a - MT-GRPO, 95% bootstrap CI, MDE); the share
 of seeds that collapsed (held-out EM below COLLAPSED at step 20) beside every mean. The MDE floor below (~5 EM
 points at n = 8) applies: differences smaller than that are not claims either way.
@@ -54,6 +56,23 @@ instrument instead (seeds 0-7, the base run's, rebuilt with 1 thread as that run
 
     python bench/bench_credit.py --part workbench --variant ordered --methods mt_grpo grpo_or grpo_mr gigpo mt_ppo \
         --out runs/bench-credit --jobs 2 --threads 1        # and --variant one_town
+
+SEVERAL BUILDS (``--builds N``): the instrument is rebuilt with build seeds 0, 1, ... (instrument_seed: its
+initial weights, drill rows and demonstrations), and each build's start is measured first (start_properties,
+seed 0's warm start sampled as the runs sample) against REGIME, bounds written before any build was checked
+against them; a build outside is recorded (builds.json) and replaced by the next build seed, and with fewer
+than N inside after --max-builds the run stops before measuring anything. The headline comparison, its design
+fixed here before it ran: world 0, 3 builds inside the regime x 8 paired seeds (0-7) x 6 arms (MT-GRPO,
+GRPO-OR, GRPO-MR, GiGPO, MT-PPO, MT-GRPO with IGPO's info gain as R^T), K = 2, 20 steps of 32 rollouts, held-
+out greedy EM on 192 questions; sampled as every training preset samples, the seed's temperature 0.9 and
+top-k 50 (the earlier runs' temperature 1 without top-k was the instrument's own choice, kept as the default so
+their commands still reproduce them). Reported per build and pooled over builds with the build a blocking
+factor (each arm minus MT-GRPO; per build a bootstrap CI and MDE over its 8 seeds, pooled the mean of the
+builds' means with seeds resampled within builds and the MDE from within-build variances), and for each
+difference whether it holds on every build; a claim is made only where it does:
+
+    python bench/bench_credit.py --part workbench --builds 3 --methods mt_grpo grpo_or grpo_mr gigpo mt_ppo \
+        mt_grpo_ig --temperature 0.9 --top-k 50 --out runs/wb-builds --jobs 2 --threads 1
 
 THE INSTRUMENT. SmolLM2-135M takes 76 s a 16-rollout step on this CPU (THE REALISTIC CHECK): far too slow for
 the power below.
@@ -172,9 +191,13 @@ class Part:
     training: list = field(default_factory=list)  # metrics.jsonl keys drawn as training curves
 
 
-# the instrument samples at temperature 1 with no top-k (its design; the seed's 0.9 / top-k 50 is train.py's default)
+# The world's search: bm25s's own BM25 (k1 1.5, b 0.75, unstemmed), which the world was designed with and on
+# which every right query finds its subject (tests/test_credit.py); Porter stemming, train.py's default, merges
+# some works' names ("the epic Israelite" then finds another person).
+WORLD_SEARCH = {"bm25_k1": 1.5, "bm25_b": 0.75, "stemmer": "none"}
+# the parts' episodes; their sampling (temperature 1, no top-k by default) is --temperature / --top-k: episode()
 CREDIT_ENV = {"max_tool_calls": 1, "max_turn_tokens": 80, "max_completion_tokens": 224, "passages": 1,
-              "result_max_tokens": 96, "temperature": 1.0, "top_k": 0}
+              "result_max_tokens": 96, "temperature": 1.0, "top_k": 0, **WORLD_SEARCH}
 K3_ENV = {**CREDIT_ENV, "max_tool_calls": 2, "max_completion_tokens": 320}
 PARTS = {
     "credit": Part("credit", "Credit assignment, K = 2 (the credit world)", "train", "eval", CREDIT_ENV, [],
@@ -341,7 +364,6 @@ def world_tokenizer(paths: dict, seed: int):
     if (cached / "tokenizer.json").is_file():
         return AutoTokenizer.from_pretrained(cached)
     import env
-    import search
     from common import tokenizer
     from credit.demonstrator import credit_turns
 
@@ -349,7 +371,7 @@ def world_tokenizer(paths: dict, seed: int):
     corpus = data.read_jsonl(paths["corpus"])
     questions = [q for key in ("train", "eval", "hops_train", "hops_eval") for q in data.load_questions(paths[key])]
     names = sorted({w.strip(".,") for c in corpus for w in c["text"].split() if w[:1].isupper()})
-    index, rng = search.load_index(paths["corpus"]), random.Random(seed)
+    index, rng = world_index(paths), random.Random(seed)
     guesses = sorted({q["answer"] for q in questions})
     texts = [env.SYSTEM_PROMPT] * 50 + [c["text"] for c in corpus] + [q["question"] for q in questions]
     texts += [" " + n for n in names for _ in range(2)]  # so even a name read once is merged whole
@@ -372,6 +394,20 @@ def world_tokenizer(paths: dict, seed: int):
     return tok
 
 
+def instrument_seed(args) -> int:
+    """The seed of an instrument build's draws (initial weights, drill rows, demonstrations): build 0 is the
+    world seed itself (every instrument before builds existed), build b the world seed + 1000 b."""
+    return args.world_seed + 1000 * args.build
+
+
+def world_index(paths: dict):
+    """The world's passages under its search (WORLD_SEARCH)."""
+    import search
+
+    return search.load_index(paths["corpus"], k1=WORLD_SEARCH["bm25_k1"], b=WORLD_SEARCH["bm25_b"],
+                             stemmer=WORLD_SEARCH["stemmer"])
+
+
 def build_drilled(args, paths: dict) -> Path:
     """out/drilled: a small Llama trained from scratch on the copy drill alone (with the tokenizer of
     --vocab), the stage both the instrument and experiments with other demonstrations start from."""
@@ -386,8 +422,8 @@ def build_drilled(args, paths: dict) -> Path:
 
         t0 = time.time()
         tok = world_tokenizer(paths, args.world_seed) if args.vocab == "world" else tokenizer()
-        model = random_llama(tok, args.hidden, args.layers, seed=args.world_seed).train()
-        drill, t_drill = copy_drill(tok, args.world_seed), time.time()
+        model = random_llama(tok, args.hidden, args.layers, seed=instrument_seed(args)).train()
+        drill, t_drill = copy_drill(tok, instrument_seed(args)), time.time()
         optimizer = torch.optim.AdamW(model.parameters(), lr=args.drill_lr)
         for step in range(args.drill_steps):
             loss = warmstart.token_loss(model, *drill(step), False)  # fp32: see FP32
@@ -412,7 +448,6 @@ def build_instrument(args, paths: dict) -> Path:
         return folder
     drilled = build_drilled(args, paths)
     with logged(Path(args.out) / "logs" / "instrument.log"):
-        import search
         from credit.demonstrator import warm_start_demos
         from extensions import warmstart
         from policy import load_policy
@@ -421,20 +456,27 @@ def build_instrument(args, paths: dict) -> Path:
         model, tok = load_policy(str(drilled))
         env_cfg = config.episode(config.Config(**K3_ENV))
         questions = data.load_questions(paths["train"]) + data.load_questions(paths["hops_train"])
-        index = search.load_index(paths["corpus"])
+        index = world_index(paths)
         ws = warmstart.run(model.train(), tok, index, questions, env_cfg, steps=args.instrument_steps,
-                           lr=args.instrument_lr, batch=16, seed=args.world_seed, bf16=False, micro_batch=4,
+                           lr=args.instrument_lr, batch=16, seed=instrument_seed(args), bf16=False, micro_batch=4,
                            demos=warm_start_demos(tok, index, questions, env_cfg, args.instrument_steps, 16,
-                                                  args.world_seed),
-                           extra=copy_drill(tok, args.world_seed + 1, rows=32, ramp=0, lookup=0.5,
+                                                  instrument_seed(args)),
+                           extra=copy_drill(tok, instrument_seed(args) + 1, rows=32, ramp=0, lookup=0.5,
                                             prefix=prompt_head(tok, env_cfg), prefixed=1.0)
                            if args.drill_steps else None)  # kept up alongside, at full gaps, always after the prompt
         print(f"demonstrations: {ws}", flush=True)
         drill_info = json.loads((drilled / "stage.json").read_text())
         save_model(model, tok, folder, {**drill_info, "instrument_steps": args.instrument_steps, "warm_start": ws,
+                                        "build": args.build,
                                         "demo_seconds": time.time() - t0,
                                         "minutes": drill_info["minutes"] + (time.time() - t0) / 60})
     return folder
+
+
+def episode(args, part: Part) -> dict:
+    """The part's episode (config.Config fields) at this run's sampling: --temperature and --top-k (default 1 and
+    0, the instrument's design since it was built; the seed's 0.9 and top-k 50 with --seed-sampling)."""
+    return {**part.env, "temperature": args.temperature, "top_k": args.top_k}
 
 
 def part_root(args, part_name: str) -> Path:
@@ -456,7 +498,6 @@ def seed_start(job) -> str:
     folder = part_root(args, part.name) / f"warmstart-seed{seed}"
     with logged(Path(args.out) / "logs" / f"{part_root(args, part.name).name}-warmstart-seed{seed}.log"):
         if not (folder / "stage.json").is_file():
-            import search
             from credit.demonstrator import warm_start_demos
             from extensions import warmstart
             from infra import assemble
@@ -467,7 +508,7 @@ def seed_start(job) -> str:
             model, tok = load_policy(str(policy_start(args)))
             ws = {"steps": 0}
             if args.warmstart_steps:
-                index, questions = search.load_index(paths["corpus"]), data.load_questions(paths[part.train_key])
+                index, questions = world_index(paths), data.load_questions(paths[part.train_key])
                 env_cfg = config.episode(config.Config(**part.env))
                 ws = warmstart.run(model, tok, index, questions, env_cfg, steps=args.warmstart_steps,
                                    lr=args.warmstart_lr, batch=16, seed=1000 + seed, micro_batch=4, bf16=False,
@@ -491,12 +532,11 @@ def evaluate_point(args, part: Part, model_dir: Path, path: Path, step: int, pat
     import torch
 
     import eval as ev
-    import search
     from fast import CachedPolicy
     from policy import load_policy
 
     rows = data.load_questions(paths[part.eval_key])[:args.eval_n]
-    index = search.load_index(paths["corpus"])
+    index = world_index(paths)
     env_cfg = dataclasses.replace(config.episode(config.Config(**part.env)), temperature=0.0)
     model, tok = load_policy(str(model_dir))
     policy = CachedPolicy(model.eval(), tok, seed=0, dtype=torch.float32)
@@ -531,6 +571,13 @@ def eval_points(args) -> list[int]:
     return sorted({*range(args.eval_every, args.steps, args.eval_every), args.steps})
 
 
+def critic_lr(args) -> float:
+    """MT-PPO's critic lr: veRL's (config.Config.critic_lr), scaled as the policy's --lr is scaled from train.py's
+    (the instrument's 2e-4 is 10x SmolLM2's 2e-5, so its critic learns at 1e-4): a 1M-parameter critic at an LLM's
+    rate would barely move in 20 steps."""
+    return config.Config.critic_lr * args.lr / config.Config.lr
+
+
 def checkpoint_step(folder: Path) -> int:
     """The step a run folder's checkpoint holds (0: none)."""
     state = folder / "checkpoint" / "state.pt"
@@ -563,10 +610,11 @@ def rl_run(job) -> str:
             if checkpoint_step(folder) > point:
                 raise RuntimeError(f"{folder}: the checkpoint is past step {point}, whose evaluation is missing; "
                                    f"delete the folder to redo the run")
-            argv = [*part.flags, *as_flags(part.env), "--questions", str(paths[part.train_key]),
+            argv = [*part.flags, *as_flags(episode(args, part)), "--questions", str(paths[part.train_key]),
                     "--corpus", str(paths["corpus"]), "--model", str(start), "--warmstart-steps", "0",
                     "--method", train_method, *extra, "--seed", str(seed), "--max-steps", str(point),
                     "--G", str(args.G), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
+                    "--critic-lr", str(critic_lr(args)),  # used by MT-PPO alone
                     "--save-every", str(args.eval_every), "--sample-every", "0", "--threads", str(args.threads),
                     "--no-bf16", "--sampler-dtype", "float32",
                     "--output-dir", str(folder)]
@@ -682,7 +730,8 @@ def report(args, part: Part, minutes: float | None = None) -> str:
                   "questions and sampling seed)."]
     step1 = [training[methods[0]][s][0] for s in seeds if methods and s in training.get(methods[0], {})]
     if step1:
-        lines += [f"At the start of RL (step-1 rollouts, sampled at temperature 1, {args.batch_size} per seed): "
+        lines += [f"At the start of RL (step-1 rollouts, sampled at temperature {args.temperature:g}"
+                  f"{f', top-k {args.top_k}' if args.top_k else ''}, {args.batch_size} per seed): "
                   f"EM {cell([r['exact_match'] for r in step1])}, tool-call rate {cell([r['tool_call_rate'] for r in step1])}, "
                   f"search found the answer {cell([r['search_answer'] / 0.5 for r in step1])}."]
     primary = part.metrics[0]
@@ -714,20 +763,23 @@ def setup_text(args, part: Part, paths: dict) -> str:
                   f"steps on the part's varied demonstrations at lr {args.warmstart_lr:g}, float32.")
     else:
         info = json.loads((Path(args.out) / "instrument" / "stage.json").read_text())
-        policy = (f"Instrument: Llama {info['hidden']} x {info['layers']} from scratch, {info['drill_steps']} copy-drill "
-                  f"steps, {info['instrument_steps']} steps on varied demonstrations; per seed {args.warmstart_steps} more.")
+        policy = (f"Instrument (build {info.get('build', 0)}): Llama {info['hidden']} x {info['layers']} from scratch, "
+                  f"{info['drill_steps']} copy-drill steps, {info['instrument_steps']} steps on varied demonstrations; "
+                  f"per seed {args.warmstart_steps} more. {regime_text(args)}")
     variant = f", variant \"{args.variant}\" (credit.world.WORLD_VARIANTS)" if args.variant else ""
     return (f"World seed {args.world_seed}{variant}: {len(data.read_jsonl(paths[part.train_key])):,} training questions, "
             f"the first {min(args.eval_n, n_held)} of {n_held} held-out ones (people never "
             f"trained on), {len(data.read_jsonl(paths['corpus']))} passages. {policy} RL: {args.steps} steps of "
-            f"{args.batch_size} rollouts (G {args.G}), lr {args.lr:g}, `train.py {' '.join(part.flags + as_flags(part.env))}`.")
+            f"{args.batch_size} rollouts (G {args.G}), lr {args.lr:g}, `train.py {' '.join(part.flags + as_flags(episode(args, part)))}`.")
 
 
 def results_name(args, stem: str) -> str:
-    """A results file's name: ``stem``, then _w<seed> for a world other than 0, _<variant> and _smollm2, so
-    that no run's files overwrite another's."""
+    """A results file's name: ``stem``, then _w<seed> for a world other than 0, _<variant>, _smollm2, and _b<build>
+    for an instrument build other than 0 or one of several, so that no run's files overwrite another's."""
+    build = getattr(args, "build", 0)
     return (stem + (f"_w{args.world_seed}" if args.world_seed else "") + (f"_{args.variant}" if args.variant else "")
-            + ("_smollm2" if args.policy == "smollm2" else ""))
+            + ("_smollm2" if args.policy == "smollm2" else "")
+            + (f"_b{build}" if build or getattr(args, "builds", 1) > 1 else ""))
 
 
 def write_results(args, part: Part, paths: dict, minutes: float) -> str:
@@ -792,6 +844,168 @@ def timing(args, full=None) -> str:
     return "\n".join(lines)
 
 
+# ------------------------------------------------------------------------------------------ several builds
+
+
+def for_build(args, build: int):
+    """``args`` for instrument build ``build``: its stages under --out (build 0, as before builds existed) or
+    --out/build<b>, its draws from instrument_seed."""
+    b = argparse.Namespace(**vars(args))
+    b.build, b.out = build, args.out if build == 0 else str(Path(args.out) / f"build{build}")
+    return b
+
+
+def regime_text(args) -> str:
+    """What the results say of the build's regime: checked and inside it, or not checked."""
+    record = Path(args.root) / "builds.json"
+    rows = [r for r in json.loads(record.read_text()) if r["build"] == args.build] if record.is_file() else []
+    if rows and rows[0]["checked"]:
+        return f"Its start is inside the regime (bench_credit.REGIME, checked first: {record.name})."
+    return "Its start was NOT checked against the regime (--regime off)."
+
+
+def select_builds(args, paths: dict) -> list:
+    """The builds the runs use (``for_build`` args): build seeds 0, 1, ... are built and their starts measured
+    (start_properties) until --builds of them are inside REGIME; a build outside it is recorded and the next
+    build seed is tried, at most --max-builds in all. Every build tried, its properties and verdict go to
+    <out>/builds.json. Too few inside: [] (the caller stops; nothing is measured). --regime off: builds 0 ..
+    --builds - 1, unchecked, and the results say so."""
+    record, chosen = [], []
+    for b in range(args.max_builds):
+        if len(chosen) == args.builds:
+            break
+        bargs = for_build(args, b)
+        build_instrument(bargs, paths)
+        if args.regime == "off":
+            record.append({"build": b, "checked": False})
+            chosen.append(bargs)
+            continue
+        cached = Path(bargs.out) / f"regime-t{args.temperature:g}-k{args.top_k}-n{args.property_n}.json"
+        if not cached.is_file():
+            m = start_properties(bargs, paths)
+            write_json(cached, {k: v for k, v in m.items() if k not in ("instrument", "first_turns")})
+        m = json.loads(cached.read_text())
+        problems = regime_problems(m)
+        record.append({"build": b, "checked": True, "in_regime": not problems, "problems": problems,
+                       **{k: m[k] for k in ("em", "em_ci", "tool_call_rate", "tool_call_ci", "right_query", "found",
+                                            "right_given_found")}})
+        if problems:
+            print(f"build {b} starts outside the regime ({'; '.join(problems)}): trying build seed {b + 1}", flush=True)
+        else:
+            chosen.append(bargs)
+    write_json(Path(args.out) / "builds.json", record)
+    return chosen if len(chosen) == args.builds else []
+
+
+def stratified_ci(diffs: dict, resamples: int = 10_000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile bootstrap CI of the mean over builds of each build's mean paired difference (``diffs``:
+    build -> per-seed differences), resampling seeds within each build: the build is a blocking factor."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    per_build = [np.asarray(d, dtype=float) for d in diffs.values() if len(d) > 1]
+    if not per_build:
+        return math.nan, math.nan
+    means = np.mean([d[rng.integers(0, len(d), (resamples, len(d)))].mean(axis=1) for d in per_build], axis=0)
+    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def stratified_mde(diffs: dict) -> float:
+    """The MDE (80% power, two-sided 0.05) of that mean over builds: 2.8 x its standard error,
+    sqrt(sum_b var_b / n_b) / B, the between-seed variance taken within each build."""
+    per_build = [d for d in diffs.values() if len(d) > 1]
+    if not per_build:
+        return math.nan
+    var = [sum((x - sum(d) / len(d)) ** 2 for x in d) / (len(d) - 1) / len(d) for d in per_build]
+    return 2.8 * math.sqrt(sum(var)) / len(per_build)
+
+
+def builds_report(args, part: Part, chosen: list) -> str:
+    """The several-builds results: the builds tried and their regime, then per build and pooled over builds
+    (the build a blocking factor) each arm's paired difference from MT-GRPO at the last step, 95% CIs and MDEs,
+    and whether it holds on every build (each build's CI on the same side of 0)."""
+    record = json.loads((Path(args.out) / "builds.json").read_text())
+    lines = ["Instrument builds tried, in order (build seed b: bench_credit.instrument_seed; the start of seed 0, "
+             f"sampled on {args.property_n} training questions; REGIME: EM {REGIME['em']}, tool-call rate "
+             f"{REGIME['tool_call_rate']} by 95% interval, right query >= {REGIME['right_query_min']}, right after a "
+             f"good search <= {REGIME['right_given_found_max']}):", "",
+             "| build | EM (95% CI) | tool-call rate (95% CI) | right query | search found it | right when found | regime |",
+             "|---|---|---|---|---|---|---|"]
+    for r in record:
+        if not r["checked"]:
+            lines.append(f"| {r['build']} | - | - | - | - | - | not checked (--regime off) |")
+            continue
+        lines.append(f"| {r['build']} | {r['em']:.3f} ({r['em_ci'][0]:.3f}-{r['em_ci'][1]:.3f}) | {r['tool_call_rate']:.3f} "
+                     f"({r['tool_call_ci'][0]:.3f}-{r['tool_call_ci'][1]:.3f}) | {r['right_query']:.3f} | {r['found']:.3f} | "
+                     f"{r['right_given_found']:.3f} | {'in' if r['in_regime'] else 'OUT: ' + '; '.join(r['problems'])} |")
+    final = args.steps
+    per_build = {}  # build -> (evals, seeds)
+    for bargs in chosen:
+        evals, _ = load_part(bargs, part)
+        methods = [m for m in args.methods_of[part.name] if m in evals]
+        per_build[bargs.build] = (evals, sorted(set.intersection(*(set(evals[m]) for m in methods))) if methods else [])
+
+    def value(evals, m, seed, key):
+        rows = [r for r in evals.get(m, {}).get(seed, []) if r["step"] == final]
+        return rows[0][key] if rows else math.nan
+
+    methods = [m for m in args.methods_of[part.name] if all(m in ev for ev, _ in per_build.values())]
+    lines += ["", f"Held-out greedy {part.metrics[0][1]} at step {final}, mean ± 95% t-interval over each build's seeds, "
+                  "and collapsed seeds (below " + f"{COLLAPSED}):", "",
+              "| | " + " | ".join(f"build {b}" for b in per_build) + " |", "|---" * (len(per_build) + 1) + "|"]
+    key = part.metrics[0][0]
+    for m in ["start"] + methods:
+        cells = []
+        for b, (evals, seeds) in per_build.items():
+            v = [value(evals, m, s, key) if m != "start" else evals["start"][s][0][key] for s in seeds]
+            cells.append(cell(v) + ("" if m == "start" else f" ({sum(x < COLLAPSED for x in v)}/{len(v)})"))
+        lines.append(f"| {'start (warm start)' if m == 'start' else part.methods[m][0]} | " + " | ".join(cells) + " |")
+    for k, label in part.metrics[:2]:
+        lines += ["", f"Paired differences of held-out {label} at step {final} (a - MT-GRPO per seed; per build: mean "
+                      "[95% bootstrap CI] and MDE; pooled: the mean over builds, CI resampling seeds within builds, MDE "
+                      "from the within-build variances):", "",
+                  "| a - MT-GRPO | " + " | ".join(f"build {b}" for b in per_build) + " | pooled | on every build |",
+                  "|---" * (len(per_build) + 3) + "|"]
+        for m in methods:
+            if m == "mt_grpo" or "mt_grpo" not in methods:
+                continue
+            diffs = {b: [x for x in (value(ev, m, s, k) - value(ev, "mt_grpo", s, k) for s in seeds) if not math.isnan(x)]
+                     for b, (ev, seeds) in per_build.items()}
+            cells, sides = [], []
+            for b, d in diffs.items():
+                lo, hi = bootstrap_ci(d)
+                cells.append(f"{sum(d) / max(1, len(d)):+.3f} [{fmt(lo)}, {fmt(hi)}], MDE {fmt(mde(d))}")
+                sides.append(1 if lo > 0 else -1 if hi < 0 else 0)
+            all_d = [x for d in diffs.values() for x in d]
+            lo, hi = stratified_ci(diffs)
+            pooled = (f"{sum(sum(d) / len(d) for d in diffs.values() if d) / max(1, sum(1 for d in diffs.values() if d)):+.3f} "
+                      f"[{fmt(lo)}, {fmt(hi)}], MDE {fmt(stratified_mde(diffs))}, n = {len(all_d)}")
+            every = ("above MT-GRPO" if sides and all(x == 1 for x in sides) else
+                     "below MT-GRPO" if sides and all(x == -1 for x in sides) else
+                     f"no ({sum(x == 1 for x in sides)} above, {sum(x == -1 for x in sides)} below, "
+                     f"{sum(x == 0 for x in sides)} inside the CI)")
+            lines.append(f"| {part.methods[m][0]} | " + " | ".join(cells) + f" | {pooled} | {every} |")
+    return "\n".join(lines)
+
+
+def write_builds_results(args, part: Part, paths: dict, chosen: list, minutes: float) -> str:
+    """<results>/<name>_builds.md: builds_report, then each build's own results file (write_results)."""
+    for bargs in chosen:
+        write_results(bargs, part, paths, minutes)
+    name = results_name(argparse.Namespace(**{**vars(args), "build": 0, "builds": 1}),
+                        {"credit": "credit", "k3": "credit_k3", "workbench": "credit_workbench"}[part.name]) + "_builds"
+    body = builds_report(args, part, chosen)
+    command = "python bench/bench_credit.py " + " ".join(sys.argv[1:])
+    per_build = ", ".join(f"[build {b.build}]({results_name(b, name[:-len('_builds')])}.md)" for b in chosen)
+    text = (f"# {part.title}: {len(chosen)} instrument builds\n\n`{command}`\n\n{setup_text(chosen[0], part, paths)}\n\n"
+            f"{body}\n\nEach build's own tables, curves and compute: {per_build}. Wall time of this invocation: "
+            f"{minutes:.0f} min.\n")
+    results = Path(args.results)
+    results.mkdir(parents=True, exist_ok=True)
+    (results / f"{name}.md").write_text(text)
+    return body
+
+
 # ------------------------------------------------------------------------------------------ properties
 
 
@@ -820,12 +1034,11 @@ def wilson(k: float, n: int, z: float = 1.96) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def properties(args, paths: dict) -> str:
-    """(a)-(c) of the credit task, measured: the hit rates of the queries (no model), and the seed-0 start's
-    behaviour (builds the instrument and that warm start when they are missing)."""
-    import search
+def start_properties(args, paths: dict) -> dict:
+    """(a)-(c) of the credit task, measured: the hit rates of the queries (no model), and the behaviour of seed 0's
+    start, sampled as the runs sample (builds the instrument and that warm start when they are missing)."""
 
-    index = search.load_index(paths["corpus"])
+    index = world_index(paths)
     train_rows = data.load_questions(paths["train"])
 
     def hit(q, query):
@@ -833,17 +1046,14 @@ def properties(args, paths: dict) -> str:
         return bool(hits) and hits[0]["id"] == f"person-{q['person']}"
 
     decoy = [q for q in train_rows if q["decoy"]]
-    lines = [f"The credit world, world seed {args.world_seed}: {len(train_rows)} training questions, "
-             f"{len(data.read_jsonl(paths['corpus']))} passages.",
-             f"(b) top-1 hit rate (the subject's passage first), over the training questions: the question as the "
-             f"query {sum(hit(q, q['question']) for q in train_rows) / len(train_rows):.3f} (with a decoy, "
-             f"{len(decoy) / len(train_rows):.0%} of them: {sum(hit(q, q['question']) for q in decoy) / max(1, len(decoy)):.3f}); "
-             f"the right query (\"the <kind> <work>\") {sum(hit(q, q['query']) for q in train_rows) / len(train_rows):.3f}; "
-             f"the decoy's name {sum(hit(q, q['decoy']) for q in decoy) / max(1, len(decoy)):.3f}."]
     towns = [len([k for k in credit_facts(p["text"]) if k in CREDIT_RELATIONS]) for p in data.read_jsonl(paths["corpus"])
              if p["id"].startswith("person-")]
-    lines.append(f"(a) every person's passage names {min(towns)}-{max(towns)} towns, one per relation: after a perfect "
-                 f"search a uniform pick is right 1/3 of the time, and R^O is then 0 for the other 2/3.")
+    m = {"questions": len(train_rows), "passages": len(data.read_jsonl(paths["corpus"])), "towns": (min(towns), max(towns)),
+         "question_hit": sum(hit(q, q["question"]) for q in train_rows) / len(train_rows),
+         "decoy_share": len(decoy) / len(train_rows),
+         "question_hit_decoy": sum(hit(q, q["question"]) for q in decoy) / max(1, len(decoy)),
+         "right_query_hit": sum(hit(q, q["query"]) for q in train_rows) / len(train_rows),
+         "decoy_name_hit": sum(hit(q, q["decoy"]) for q in decoy) / max(1, len(decoy))}
     build_instrument(args, paths)
     seed_start((args, "credit", 0, paths))
     import torch
@@ -856,34 +1066,79 @@ def properties(args, paths: dict) -> str:
     model, tok = load_policy(str(Path(args.out) / "credit" / "warmstart-seed0"))
     policy = CachedPolicy(model.eval(), tok, seed=0, dtype=torch.float32)
     rows = random.Random(0).sample(train_rows, min(args.property_n, len(train_rows)))
-    cfg = config.episode(config.Config(**CREDIT_ENV))
+    cfg = config.episode(config.Config(**episode(args, PARTS["credit"])))
     trajs = env.rollout(policy, tok, [q["question"] for q in rows], 1, index, cfg)
     scores = rewards.compute([t.messages for t in trajs], [q["aliases"] for q in rows])
-    stats = env.episode_stats(trajs, [q["aliases"] for q in rows])
     found = [s > 0 for s in scores["search_answer"]]
-    em = scores["exact_match"]
-    right_query = [any(c and q["query"] in c for c in t.tool_calls) for t, q in zip(trajs, rows)]
-    n = len(rows)
-    lines.append(f"(a, measured) the seed-0 start, sampled at temperature 1 on {n} training questions: the search found "
-                 f"the answer in {sum(found) / n:.3f} of the episodes, and of those the answer was right in "
-                 f"{sum(e for e, f in zip(em, found) if f) / max(1, sum(found)):.3f} (R^O's exact match 0 in the rest).")
-    lines.append(f"(c) at the start of RL (the same rollouts): EM {sum(em) / n:.3f} (95% Wilson interval "
-                 f"{'-'.join(f'{x:.3f}' for x in wilson(sum(em), n))}), tool-call rate {stats['tool_call_rate']:.3f}, "
-                 f"the right query in {sum(right_query) / n:.3f} of the episodes.")
-    lines.append(f"    copying, teacher-forced on {len(rows)} varied demonstrations: {name_loss(model, tok, index, rows, cfg):.2f} "
-                 f"nats per name token the demonstration writes (a name read in the question or a result; "
-                 f"0 is a perfect copy, ln {len(tok):,} = {math.log(len(tok)):.1f} a uniform guess over the vocabulary; "
-                 f"the guesses and wrong picks among them cannot be copied, so part of it is irreducible)")
-    info = json.loads((Path(args.out) / "instrument" / "stage.json").read_text())
-    lines.append(f"    the instrument: Llama {info['hidden']} x {info['layers']}, {info['drill_steps']} copy-drill steps, "
-                 f"{info['instrument_steps']} demonstration steps (loss {info['warm_start']['first_loss']:.2f} -> "
-                 f"{info['warm_start']['last_loss']:.2f}), then {args.warmstart_steps} seed-0 steps; its first two "
-                 f"sampled episodes' first turns: " + " | ".join(repr(t.messages[0]["content"][:160]) for t in trajs[:2]))
+    n, em = len(rows), sum(scores["exact_match"])
+    calls = env.episode_stats(trajs, [q["aliases"] for q in rows])["tool_call_rate"] * n
     greedy = evaluate_point(args, PARTS["credit"], Path(args.out) / "credit" / "warmstart-seed0",
                             Path(args.out) / "credit" / "warmstart-seed0" / "eval-step0.json", 0, paths)
-    lines.append(f"    held out, greedy ({args.eval_n} questions): EM {greedy['exact_match']:.3f}, tool-call rate "
-                 f"{greedy['tool_call_rate']:.3f}, search found it {greedy['found']:.3f}.")
-    return "\n".join(lines)
+    m.update(n=n, found=sum(found) / n, right_given_found=sum(e for e, f in zip(scores["exact_match"], found) if f)
+             / max(1, sum(found)), em=em / n, em_ci=wilson(em, n), tool_call_rate=calls / n, tool_call_ci=wilson(calls, n),
+             right_query=sum(any(c and q["query"] in c for c in t.tool_calls) for t, q in zip(trajs, rows)) / n,
+             name_loss=name_loss(model, tok, index, rows, cfg), vocab=len(tok), greedy=greedy,
+             first_turns=[t.messages[0]["content"][:160] for t in trajs[:2]],
+             instrument=json.loads((Path(args.out) / "instrument" / "stage.json").read_text()))
+    return m
+
+
+# THE REGIME, written before any build was checked against it: the bounds a build's start must meet for a run
+# on it to measure the estimators. (c) is the docstring's target for the start of RL, each checked as "its
+# 95% Wilson interval reaches the range" (128 episodes cannot place an EM of 0.04 more finely); the other two
+# are the failures seen: world 1's first build wrote the right query in 1.6% of its episodes (world 0's 15.6%),
+# so no estimator's search rose above the floor; a start that answers right nearly whenever its search found
+# the answer leaves turn 2 nothing to learn, and R^O already pays for every good search (property (a)).
+REGIME = {"em": (0.05, 0.20), "tool_call_rate": (0.30, 0.60), "right_query_min": 0.05, "right_given_found_max": 0.60}
+
+
+def regime_problems(m: dict) -> list[str]:
+    """What puts a build's start (start_properties) outside REGIME; empty: in its regime."""
+    out = []
+    for key, ci in (("em", "em_ci"), ("tool_call_rate", "tool_call_ci")):
+        lo, hi = REGIME[key]
+        if m[ci][1] < lo or m[ci][0] > hi:
+            out.append(f"{key.replace('_', ' ')} {m[key]:.3f} (95% CI {m[ci][0]:.3f}-{m[ci][1]:.3f}) misses {lo}-{hi}")
+    if m["right_query"] < REGIME["right_query_min"]:
+        out.append(f"the right query in {m['right_query']:.3f} of the episodes, below {REGIME['right_query_min']}")
+    if m["found"] == 0 or m["right_given_found"] > REGIME["right_given_found_max"]:
+        out.append(f"right after a search that found it: {m['right_given_found']:.3f} of {m['found']:.3f} found, "
+                   f"above {REGIME['right_given_found_max']} or none found")
+    return out
+
+
+def properties(args, paths: dict) -> str:
+    """start_properties as the properties file's text, with the regime's verdict."""
+    m = start_properties(args, paths)
+    info, problems = m["instrument"], regime_problems(m)
+    return "\n".join([
+        f"The credit world, world seed {args.world_seed}: {m['questions']} training questions, {m['passages']} passages.",
+        f"(b) top-1 hit rate (the subject's passage first), over the training questions: the question as the "
+        f"query {m['question_hit']:.3f} (with a decoy, {m['decoy_share']:.0%} of them: {m['question_hit_decoy']:.3f}); "
+        f"the right query (\"the <kind> <work>\") {m['right_query_hit']:.3f}; the decoy's name {m['decoy_name_hit']:.3f}.",
+        f"(a) every person's passage names {m['towns'][0]}-{m['towns'][1]} towns, one per relation: after a perfect "
+        f"search a uniform pick is right 1/3 of the time, and R^O is then 0 for the other 2/3.",
+        f"(a, measured) the seed-0 start, sampled at temperature {args.temperature:g}"
+        f"{f' with top-k {args.top_k}' if args.top_k else ''} on {m['n']} training questions: the search found the "
+        f"answer in {m['found']:.3f} of the episodes, and of those the answer was right in {m['right_given_found']:.3f} "
+        f"(R^O's exact match 0 in the rest).",
+        f"(c) at the start of RL (the same rollouts): EM {m['em']:.3f} (95% Wilson interval "
+        f"{m['em_ci'][0]:.3f}-{m['em_ci'][1]:.3f}), tool-call rate {m['tool_call_rate']:.3f}, the right query in "
+        f"{m['right_query']:.3f} of the episodes.",
+        f"    copying, teacher-forced on {m['n']} varied demonstrations: {m['name_loss']:.2f} nats per name token the "
+        f"demonstration writes (a name read in the question or a result; 0 is a perfect copy, ln {m['vocab']:,} = "
+        f"{math.log(m['vocab']):.1f} a uniform guess over the vocabulary; the guesses and wrong picks among them cannot "
+        f"be copied, so part of it is irreducible)",
+        f"    the instrument (build {info.get('build', 0)}): Llama {info['hidden']} x {info['layers']}, "
+        f"{info['drill_steps']} copy-drill steps, {info['instrument_steps']} demonstration steps (loss "
+        f"{info['warm_start']['first_loss']:.2f} -> {info['warm_start']['last_loss']:.2f}), then {args.warmstart_steps} "
+        f"seed-0 steps; its first two sampled episodes' first turns: " + " | ".join(map(repr, m["first_turns"])),
+        f"    held out, greedy ({args.eval_n} questions): EM {m['greedy']['exact_match']:.3f}, tool-call rate "
+        f"{m['greedy']['tool_call_rate']:.3f}, search found it {m['greedy']['found']:.3f}.",
+        f"Regime (bench_credit.REGIME: EM {REGIME['em'][0]}-{REGIME['em'][1]}, tool-call rate "
+        f"{REGIME['tool_call_rate'][0]}-{REGIME['tool_call_rate'][1]}, each by its 95% interval; the right query in at "
+        f"least {REGIME['right_query_min']}; right after a good search at most {REGIME['right_given_found_max']}): "
+        + ("in it." if not problems else "OUTSIDE it: " + "; ".join(problems) + ".")])
 
 
 # ------------------------------------------------------------------------------------------ CLI
@@ -928,17 +1183,31 @@ def parse_args(argv=None):
     ap.add_argument("--warmstart-lr", type=float, help="their lr (default: --instrument-lr for the instrument, "
                                                        "train.py's --warmstart-lr for SmolLM2)")
     ap.add_argument("--property-n", type=int, default=128, help="sampled episodes behind properties (a) and (c)")
+    ap.add_argument("--builds", type=int, default=1, help="instrument builds to measure on, each inside REGIME (the "
+                    "build a blocking factor of the results); a build outside it is replaced by the next build seed")
+    ap.add_argument("--max-builds", type=int, help="build seeds tried at most (default: --builds + 2); too few inside "
+                                                   "REGIME stops the run before any measurement")
+    ap.add_argument("--regime", choices=("check", "off"), default="check",
+                    help="check: every build's start is measured against REGIME first; off: not (tests, pilots), "
+                         "and the results say so")
+    ap.add_argument("--temperature", type=float, default=1.0, help="the runs' sampling temperature (the seed's: 0.9)")
+    ap.add_argument("--top-k", type=int, default=0, help="the runs' top-k, 0 = all (the seed's: 50)")
     ap.add_argument("--out", default="runs/bench-credit")
     ap.add_argument("--results", help="where the tables and plots go (default bench/results)")
     ap.add_argument("--jobs", type=int, default=2, help="runs at a time (one process each)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per run")
     args = ap.parse_args(argv)
+    args.build = 0
+    args.max_builds = args.max_builds if args.max_builds is not None else args.builds + 2
+    if args.builds < 1 or args.max_builds < args.builds:
+        ap.error("--builds must be >= 1 and --max-builds >= --builds")
     if args.pilot:
         for k, v in PILOT.items():
             setattr(args, k, v)
         args.out = str(Path(args.out) / "pilot")
         args.results = args.results or str(Path(args.out) / "results")
     args.results = args.results or str(ROOT / "bench" / "results")
+    args.root = args.out  # the builds' record (builds.json); build b > 0 lives in <root>/build<b>
     smol = args.policy == "smollm2"
     args.lr = args.lr if args.lr is not None else config.Config.lr if smol else 2e-4
     if args.warmstart_lr is None:
@@ -970,12 +1239,18 @@ def main(argv=None) -> int:
         write_result(Path(args.results) / f"{results_name(args, 'credit_properties')}.txt", f"{command}\n\n{properties(args, paths)}\n")
         return 0
     t0 = time.time()
+    chosen = [args]
     if args.policy == "instrument":
-        build_instrument(args, credit_world(args.world_seed))  # the base world's, whatever the variant
+        chosen = select_builds(args, credit_world(args.world_seed))  # the base world's, whatever the variant
+        if not chosen:
+            print(f"error: fewer than {args.builds} of the {args.max_builds} instrument builds tried start inside the "
+                  f"regime (bench_credit.REGIME; each build's properties: {Path(args.out) / 'builds.json'}); nothing "
+                  f"was measured. Raise --max-builds, or revisit the instrument's recipe.", file=sys.stderr)
+            return 2
     print(f"{args.policy} ready ({(time.time() - t0) / 60:.1f} min)", flush=True)
     parts = [p for p in args.methods_of if args.methods_of[p]]
-    starts = [(args, p, s, paths) for p in parts for s in args.seeds]
-    runs = [(args, p, m, s, paths) for p in parts for s in args.seeds for m in args.methods_of[p]]  # seed-major
+    starts = [(b, p, s, paths) for b in chosen for p in parts for s in args.seeds]
+    runs = [(b, p, m, s, paths) for b in chosen for p in parts for s in args.seeds for m in args.methods_of[p]]
     # spawn: a fresh interpreter per worker (torch's thread pools do not survive a fork); one job: in-process
     pool = ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn"), initializer=init_worker,
                                initargs=(args.threads,)) if args.jobs > 1 else None
@@ -986,8 +1261,11 @@ def main(argv=None) -> int:
         for folder in run_map(rl_run, runs):
             print(f"run: {folder} ({(time.time() - t0) / 60:.1f} min)", flush=True)
     for p in parts:
-        print(f"\n## {PARTS[p].title}\n\n{write_results(args, PARTS[p], paths, (time.time() - t0) / 60)}")
-    print(f"\n## Timing\n\n{timing(args)}")
+        minutes = (time.time() - t0) / 60
+        body = (write_builds_results(args, PARTS[p], paths, chosen, minutes) if args.builds > 1
+                else write_results(chosen[0], PARTS[p], paths, minutes))
+        print(f"\n## {PARTS[p].title}\n\n{body}")
+    print(f"\n## Timing\n\n{timing(chosen[0])}")
     return 0
 
 

@@ -12,8 +12,6 @@ import credit.world as world_module
 import data
 import env
 import rewards
-import search
-from config import EnvConfig
 from credit.demonstrator import varied_demonstrations
 from tools import plot
 
@@ -25,7 +23,7 @@ def world(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def index(world):
-    return search.load_index(world["corpus"])
+    return bench_credit.world_index(world)
 
 
 def test_the_world_is_a_function_of_its_seed_and_its_names_are_one_token(tok):
@@ -141,7 +139,7 @@ def test_the_copy_drill_trains_the_repeat_and_the_lookups_value(world_tok):
 
 
 def test_the_varied_demonstrator_does_every_thing_some_of_the_time(tok, world, index):
-    cfg = EnvConfig(**bench_credit.K3_ENV)
+    cfg = config.episode(config.Config(**bench_credit.K3_ENV))
     rows = random.Random(0).choices(data.read_jsonl(world["train"]), k=120)
     demos = varied_demonstrations(tok, index, rows, cfg, seed=0)
     assert len(demos) == len(rows)  # every episode kept (none cut by the budget)
@@ -180,7 +178,7 @@ def test_statistics():
 
 TINY = ["--seeds", "0", "--steps", "2", "--eval-every", "1", "--eval-n", "4", "--G", "2", "--batch-size", "4",
         "--hidden", "64", "--layers", "1", "--drill-steps", "2", "--instrument-steps", "2", "--warmstart-steps", "1",
-        "--jobs", "1", "--threads", "1"]
+        "--jobs", "1", "--threads", "1", "--regime", "off"]
 
 
 def test_the_script_runs_end_to_end_and_writes_its_results(tmp_path, capsys):
@@ -209,8 +207,9 @@ def test_properties_are_measured_and_written(tmp_path):
     text = (results / "credit_properties.txt").read_text()
     assert text.startswith("python bench/bench_credit.py ") and "--properties" in text.splitlines()[0]
     for label in ("(b) top-1 hit rate", "(a) every person's passage names 3-3 towns", "(a, measured)", "(c) at the start of RL",
-                  "the instrument: Llama 64 x 1"):
-        assert label in text, label
+                  "the instrument (build 0): Llama 64 x 1", "Regime (bench_credit.REGIME", "OUTSIDE it: ",
+                  "the right query in 0.000 of the episodes, below 0.05"):
+        assert label in text, label  # a 2-step instrument starts outside the regime, and the file says so
     assert float(text.split("the right query (\"the <kind> <work>\") ")[1].split(";")[0]) == 1.0  # (b) on this world
 
 
@@ -249,7 +248,7 @@ def test_the_workbench_runs_every_estimator_and_turn_reward(tmp_path, tiny_model
                  "| MT-GRPO, judge R^T - MT-GRPO |", "Collapsed (held-out EM below 0.01 at step 2): MT-GRPO ",
                  "R^O) are identical across the methods in 1 of 1 seeds"):  # paired, whatever R^T each arm uses
         assert text in md, text
-    assert "critic_loss" in plot.load_run(str(out / "workbench" / "mt_ppo-seed0"))[0]
+    assert {"critic/value_loss", "critic/explained_variance"} <= set(plot.load_run(str(out / "workbench" / "mt_ppo-seed0"))[0])
 
 
 def test_a_world_variant_runs_on_the_worlds_own_instrument_and_reports_apart(tmp_path):
@@ -271,3 +270,62 @@ def test_a_world_variant_runs_on_the_worlds_own_instrument_and_reports_apart(tmp
     for bad in (["--variant", "ordered", "--part", "k3"], ["--variant", "ordered", "--properties", "--part", "credit"]):
         with pytest.raises(SystemExit):
             bench_credit.parse_args(bad)
+
+
+def in_regime(**changes) -> dict:
+    """A start's properties inside bench_credit.REGIME, with ``changes``."""
+    m = {"em": 0.10, "em_ci": (0.06, 0.16), "tool_call_rate": 0.45, "tool_call_ci": (0.37, 0.54), "right_query": 0.16,
+         "found": 0.20, "right_given_found": 0.30}
+    return {**m, **changes}
+
+
+def test_the_regime_names_what_puts_a_start_outside_it():
+    assert bench_credit.regime_problems(in_regime()) == []
+    # a 95% interval that reaches the range is in it: 5 of 128 (0.039, 0.017-0.088), world 0's committed start
+    assert bench_credit.regime_problems(in_regime(em=5 / 128, em_ci=bench_credit.wilson(5, 128))) == []
+    for changes, word in [({"em": 0.01, "em_ci": (0.0, 0.04)}, "em 0.010"),
+                          ({"em": 0.5, "em_ci": (0.41, 0.59)}, "em 0.500"),
+                          ({"tool_call_rate": 0.95, "tool_call_ci": (0.9, 0.98)}, "tool call rate 0.950"),
+                          ({"right_query": 0.016}, "the right query in 0.016"),  # world 1's first build
+                          ({"right_given_found": 0.9}, "right after a search that found it: 0.900"),
+                          ({"found": 0.0, "right_given_found": 0.0}, "none found")]:
+        problems = bench_credit.regime_problems(in_regime(**changes))
+        assert len(problems) == 1 and word in problems[0], (changes, problems)
+
+
+def test_a_build_outside_the_regime_is_never_measured(tmp_path, capsys):
+    """A deliberately broken build (2 drill and 2 demonstration steps: it never writes the right query) is
+    checked before any run: it is recorded, the next build seed is built and checked, and with none inside the
+    regime the run stops with one clear error, no RL run started and no results written."""
+    out, results = tmp_path / "runs", tmp_path / "results"
+    argv = [a for a in TINY if a not in ("--regime", "off")]
+    argv += ["--part", "workbench", "--methods", "mt_grpo", "grpo_or", "--out", str(out), "--results", str(results),
+             "--max-builds", "2", "--property-n", "4"]
+    assert bench_credit.main(argv) == 2
+    assert "fewer than 1 of the 2 instrument builds tried start inside the regime" in capsys.readouterr().err
+    record = json.loads((out / "builds.json").read_text())
+    assert [(r["build"], r["checked"], r["in_regime"]) for r in record] == [(0, True, False), (1, True, False)]
+    assert all(r["problems"] for r in record)
+    first, second = (json.loads((o / "instrument" / "stage.json").read_text()) for o in (out, out / "build1"))
+    assert (first["build"], second["build"]) == (0, 1)  # the next build seed: other draws, another instrument
+    assert not (out / "workbench").exists() and not (out / "build1" / "workbench").exists() and not results.exists()
+
+
+def test_several_builds_are_reported_per_build_and_pooled(tmp_path):
+    """--builds 2 (unchecked here: a tiny instrument is never in the regime): each build has its own runs and
+    results file, and the pooled file pairs every arm with MT-GRPO per build and over builds, saying whether
+    the difference holds on every build, and that the regime was not checked."""
+    out, results = tmp_path / "runs", tmp_path / "results"
+    argv = [*TINY, "--part", "workbench", "--methods", "mt_grpo", "grpo_or", "--builds", "2", "--out", str(out),
+            "--results", str(results), "--temperature", "0.9", "--top-k", "50"]
+    assert bench_credit.main(argv) == 0
+    assert sorted(p.name for p in results.glob("*.md")) == ["credit_workbench_b0.md", "credit_workbench_b1.md",
+                                                          "credit_workbench_builds.md"]
+    pooled = (results / "credit_workbench_builds.md").read_text()
+    for text in ("| a - MT-GRPO | build 0 | build 1 | pooled | on every build |", "| GRPO-OR | ",
+                 "not checked (--regime off)", "n = 2"):
+        assert text in pooled, text
+    b1 = (results / "credit_workbench_b1.md").read_text()
+    assert "Instrument (build 1)" in b1 and "NOT checked against the regime" in b1 and "--temperature 0.9" in b1
+    run = json.loads((out / "build1" / "workbench" / "grpo_or-seed0" / "config.json").read_text())
+    assert (run["temperature"], run["top_k"], run["stemmer"]) == (0.9, 50, "none")  # the seed's sampling, the world's search
