@@ -30,12 +30,12 @@ SHARED_DATA = Path(__file__).resolve().parent.parent / "shared" / "data"
 METHODS = {"mt_grpo": "the paper's: turn 1 gets its own turn advantage on top of the outcome's",
            "grpo_or": "GRPO with outcome rewards only (the paper's baseline)",
            "grpo_mr": "GRPO with merged rewards: one trajectory-level advantage (the paper's baseline)",
-           "gigpo": "GiGPO: step groups by identical search result (extensions/estimators.py)",
-           "mt_ppo": "MT-PPO: a critic instead of groups (extensions/estimators.py)"}
+           "gigpo": "GiGPO: episode and step groups, steps grouped by similar search result (extensions/estimators.py)",
+           "mt_ppo": "MT-PPO: a critic trained beside the policy, token-level GAE (extensions/estimators.py)"}
 TURN_REWARDS = ("verifiable", "info_gain", "info_gain_log", "judge")
-EPISODE_NORMS = ("steps", "trajectories")
+EPISODE_NORMS = ("steps", "trajectories")  # GiGPO's episode term: over each group's steps, or its rollouts
 STEMMERS = ("none", "porter")  # how the search tokenises passages and queries (search.py)
-BUDGETS = ("cut", "seed")  # what the episode's token budget does (env.py)  # GiGPO's episode term: over each group's steps, or its rollouts
+BUDGETS = ("cut", "seed")  # what the episode's token budget does (env.py)
 CONVENTIONS = ("seed", "paper")  # which advantage lambda multiplies on turn 1 (mt_grpo.turn_advantages)
 AGGREGATIONS = ("token", "micro_batch", "sequence")  # how the per-token loss is averaged (mt_grpo.policy_loss)
 NORMALISATIONS = ("masked", "naive")  # how a K-turn run normalises turn k's reward (mt_grpo.turn_normalise)
@@ -231,7 +231,7 @@ SEED = {  # in the recipe table's order
     "bf16": Seed(True, "verifiers/utils/config_utils.py"),
     "gradient_checkpointing": Seed(True, "verifiers/utils/config_utils.py", 13),
     "lora_r": Seed(0, "verifiers/examples/triviaqa_search.py", 18, "0 (every weight)"),
-    "max_tool_calls": Seed(1, "verifiers/envs/tool_env.py", None, "1 (ToolEnv max_steps=2)"),
+    "max_tool_calls": Seed(1, "verifiers/examples/triviaqa_search.py", None, "1 (ToolEnv max_steps=2)"),
     "max_turn_tokens": Seed(1024, f"{TRL} max_tokens = max_completion_length", 13),
     "max_completion_tokens": Seed(1024, "verifiers/envs/multiturn_env.py", 13),
     "passages": Seed(1, "verifiers/tools/local_wiki_search.py", 9, "1 (the top-1 article)"),

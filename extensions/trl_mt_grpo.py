@@ -10,8 +10,9 @@
 ``rollout_func`` and can mask the environment's tokens out of the loss (``env_mask``), but gives every token
 of a completion one advantage. MTGRPOTrainer changes two things, and nothing else:
 
-  the rollouts     env.rollout's episodes: token-exact, the seed's protocol and prompt, the search tool; the
-                   environment's tokens are masked out of the loss
+  the rollouts     env.rollout's episodes, token-exact: the protocol, prompt and search tool train.py runs
+                   (the seed's, but where DEVIATIONS.md says otherwise); the environment's tokens are masked
+                   out of the loss
   the advantages   every completion token gets its turn's advantage: advantages.turn_advantages (mt_grpo.py's)
                    of rewards.py's two reward levels, spread over the tokens by mt_grpo.token_advantages,
                    through the same entry point as train.py

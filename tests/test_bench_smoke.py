@@ -9,19 +9,22 @@ import json
 
 import pytest
 
+import bench_budget
 import bench_cpu_step
+import bench_critic
 import bench_learning
 import bench_long_inputs
 import bench_lora
 import bench_lora_learning
 import bench_padding
+import bench_retriever
 import bench_rollout
 import bench_search
 import bench_step
 import bench_two_hop
 import bench_vllm_rollout
 import reading_path
-from helpers import FAKE_PASSAGES, tiny_args, tiny_llama
+from helpers import FAKE_PASSAGES, need_shared_data, tiny_args, tiny_llama
 
 TINY = ["--hidden", "64", "--layers", "1", "--threads", "1"]
 
@@ -143,3 +146,25 @@ def test_reading_path_traces_a_step_outside_the_speed_path(capsys):
     assert {"train.py", "env.py", "mt_grpo.py", "rewards.py", "policy.py", "search.py", "advantages.py"} <= files
     assert not any(f.startswith(("fast/", "extensions/")) for f in files)
     assert total == functions + data and data > 50 and total <= 900
+
+
+def test_bench_critic(tmp_path, tiny_model_dir):
+    out = tmp_path / "critic.txt"
+    assert bench_critic.main(["--rounds", "1", "--steps", "1", "--threads", "1", "--model", str(tiny_model_dir),
+                              "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "| mt_grpo |" in text and "| mt_ppo |" in text and "ratio MT-PPO / MT-GRPO: peak RSS" in text
+
+
+def test_bench_budget(tmp_path, tiny_model_dir):
+    out = tmp_path / "budget.md"
+    assert bench_budget.main(["--batches", "1", "--threads", "1", "--model", str(tiny_model_dir),
+                              "--warmstart-steps", "1", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "| seed | cut |" in text and "The decision rule (written before the run)" in text and "CPU default is **" in text
+
+
+def test_bench_retriever(capsys):
+    need_shared_data()  # it compares BM25 settings on the real questions and passages
+    assert bench_retriever.main(["--quick", "--limit", "20"]) == 0
+    assert "top-3" in capsys.readouterr().out

@@ -23,7 +23,7 @@ def test_every_config_field_is_compared_or_bookkeeping():
     assert not set(config.SEED) & config.BOOKKEEPING
 
 
-def test_the_paper_preset_is_the_seeds_run_but_for_the_corpus():
+def test_every_paper_preset_setting_is_the_seeds_but_the_corpus():
     cfg = config.Config(**config.PRESETS["paper"])
     differ = [(name, why) for name, _, _, agrees, why, _ in recipe.compare(cfg) if agrees == "no"]
     assert differ == [("corpus", "DEVIATIONS.md, item 9")]  # no KILT index ships with the repository
