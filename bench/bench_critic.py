@@ -22,12 +22,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from common import ROOT, write_result  # first: puts the repo root on sys.path
+from common import ROOT, fresh_process, write_result  # first: puts the repo root on sys.path
 
 METHODS = ("mt_grpo", "mt_ppo")
 
@@ -49,14 +48,6 @@ def worker(args) -> dict:
             "explained_variance": rows[-1].get("critic/explained_variance")}
 
 
-def measure(method: str, argv: list[str]) -> dict:
-    p = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", method, *argv], cwd=ROOT,
-                       capture_output=True, text=True)
-    if p.returncode:
-        raise SystemExit(f"worker {method} failed:\n{p.stderr[-3000:]}")
-    return json.loads(p.stdout.strip().splitlines()[-1])
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=2, help="fresh processes per method, alternating")
@@ -73,7 +64,7 @@ def main(argv=None) -> int:
     runs = {m: [] for m in METHODS}
     for r in range(args.rounds):
         for m in METHODS:
-            runs[m].append(measure(m, passed))
+            runs[m].append(fresh_process(__file__, m, passed))
             print(f"round {r + 1} {m}: peak {runs[m][-1]['peak_gb']:.2f} GB, {runs[m][-1]['step_seconds']:.1f} s/step",
                   flush=True)
 

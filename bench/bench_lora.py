@@ -20,13 +20,12 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
 import sys
 import time
-from pathlib import Path
 
 from common import (  # first: the repo root
     ROOT,
+    fresh_process,
     mean,
     quiet_transformers,
     random_llama,
@@ -82,14 +81,6 @@ def worker(args) -> dict:
             "total": sum(p.numel() for p in model.parameters())}
 
 
-def measure(mode: str, argv: list[str]) -> dict:
-    p = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", mode, *argv], cwd=ROOT,
-                       capture_output=True, text=True)
-    if p.returncode:
-        raise SystemExit(f"worker {mode} failed:\n{p.stderr[-3000:]}")
-    return json.loads(p.stdout.strip().splitlines()[-1])
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=3, help="measurements per mode, alternating LoRA / full")
@@ -114,7 +105,7 @@ def main(argv=None) -> int:
     runs = {"lora": [], "full": []}
     for r in range(args.rounds):
         for mode in ("lora", "full"):
-            runs[mode].append(measure(mode, passed))
+            runs[mode].append(fresh_process(__file__, mode, passed))
             print(f"round {r + 1} {mode}: {runs[mode][-1]['seconds']:.2f} s/update, peak {runs[mode][-1]['peak_gb']:.2f} GB",
                   flush=True)
     model = f"random Llama hidden {args.hidden} x {args.layers} layers" if args.hidden else "SmolLM2-135M"

@@ -27,13 +27,12 @@ import json
 import os
 import random
 import resource
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import common  # noqa: F401  (first: puts the repo root on sys.path)
+from common import fresh_process  # first: puts the repo root on sys.path
 import data
 WIKIPEDIA_PASSAGES = 21_000_000
 TARGET_MS, TARGET_RATIO, TARGET_LOAD_S = 3.0, 300.0, 5.0
@@ -124,13 +123,9 @@ def worker(args) -> dict:
 
 
 def run_worker(mode: str, corpus: Path, cache: Path, args) -> dict:
-    cmd = [sys.executable, __file__, "--worker", mode, "--corpus", str(corpus), "--questions", str(args.questions),
-           "--cache-dir", str(cache), "--queries", str(args.queries), "--rank-sample", str(args.rank_sample),
-           "--k", str(args.k)]
-    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **SINGLE_THREAD})
-    if done.returncode != 0:
-        sys.exit(f"worker {mode} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    argv = ["--corpus", str(corpus), "--questions", str(args.questions), "--cache-dir", str(cache),
+            "--queries", str(args.queries), "--rank-sample", str(args.rank_sample), "--k", str(args.k)]
+    return fresh_process(__file__, mode, argv, env={**os.environ, **SINGLE_THREAD})
 
 
 # --------------------------------------------------------------------------- the scale-up corpus

@@ -12,6 +12,19 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
+def fresh_process(script: str, mode: str, argv: list[str], env: dict | None = None) -> dict:
+    """``script --worker mode argv`` in a fresh Python process (so its peak memory is its own) and the JSON object
+    its last line prints; a failed worker ends the benchmark with its error."""
+    import json
+    import subprocess
+
+    done = subprocess.run([sys.executable, str(script), "--worker", mode, *argv], cwd=ROOT, capture_output=True,
+                          text=True, env=env)
+    if done.returncode:
+        raise SystemExit(f"worker {mode} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 class NullSearcher:
     """The search tool for a random model, which never writes a valid call: no side pays for a search."""
 

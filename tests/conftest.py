@@ -45,3 +45,13 @@ def fake_searcher():
 @pytest.fixture()
 def searcher():
     return FakeSearcher()
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """accelerate keeps one process-wide state (its mixed precision among it): an Accelerator a test builds must
+    not inherit the one an earlier test built (a bf16 state makes a later ``Accelerator(cpu=True)`` autocast)."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)

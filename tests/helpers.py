@@ -23,6 +23,29 @@ def need_shared_data():
     if not SHARED.is_dir():
         pytest.skip(f"real data folder {SHARED} is absent (it lives beside the repo, never inside it)")
 
+# TRL-style questions (a prompt and its aliases) and the episodes a ScriptedPolicy plays for them, question-major,
+# G = 4 a question: good search and answer; good search, wrong answer; bad search, right answer; no search at
+# all. R^T and R^O disagree within each group, so MT-GRPO's two turns get different advantages.
+# (tests/test_trl.py and tests/trl_worker.py)
+TRL_QUESTIONS = [{"prompt": "Who wrote Dracula?", "aliases": ["Bram Stoker"]},
+                 {"prompt": "Which river runs through Paris?", "aliases": ["Seine", "the Seine"]}]
+
+
+def search_turn(query: str) -> str:
+    return f"<reasoning>I will search.</reasoning>\n<tool>{env.tool_command(query)}</tool>"
+
+
+def answer_turn(text: str) -> str:
+    return f"<reasoning>So.</reasoning>\n<answer>{text}</answer>"
+
+
+TRL_SCRIPTS = [[search_turn("Dracula novel author"), answer_turn("Bram Stoker")],
+               [search_turn("Dracula novel author"), answer_turn("Paris")],
+               [search_turn("Everest"), answer_turn("Bram Stoker")], [answer_turn("I do not know")],
+               [search_turn("Paris capital France Seine"), answer_turn("Seine")],
+               [search_turn("Paris capital France Seine"), answer_turn("Rhine")],
+               [search_turn("Dracula"), answer_turn("the Seine")], [answer_turn("Seine")]]
+
 FAKE_PASSAGES = [
     {"id": "p0", "title": "Dracula", "text": "Dracula is an 1897 Gothic horror novel by the Irish author Bram Stoker."},
     {"id": "p1", "title": "Paris", "text": "Paris is the capital and largest city of France, on the river Seine."},

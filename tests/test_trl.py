@@ -17,12 +17,11 @@ import torch
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func is experimental in TRL 1.16: we know
 
 import config  # noqa: E402
-import env  # noqa: E402
 import mt_grpo  # noqa: E402
 import rewards  # noqa: E402
 import train  # noqa: E402
 from config import EnvConfig  # noqa: E402
-from helpers import FakeSearcher, tiny_llama  # noqa: E402
+from helpers import TRL_QUESTIONS, TRL_SCRIPTS, FakeSearcher, tiny_llama  # noqa: E402
 from infra import assemble  # noqa: E402
 from policy import Batch, ScriptedPolicy, pack  # noqa: E402
 
@@ -30,25 +29,7 @@ trl = pytest.importorskip("trl")  # an extra: `make test` installs it
 from extensions.trl_mt_grpo import MTGRPOTrainer  # noqa: E402
 
 G = 4
-QUESTIONS = [{"prompt": "Who wrote Dracula?", "aliases": ["Bram Stoker"]},
-             {"prompt": "Which river runs through Paris?", "aliases": ["Seine", "the Seine"]}]
-
-
-def call(query):
-    return f"<reasoning>I will search.</reasoning>\n<tool>{env.tool_command(query)}</tool>"
-
-
-def answer(text):
-    return f"<reasoning>So.</reasoning>\n<answer>{text}</answer>"
-
-
-# per episode, in the order TRL asks for them (the dataset in order, each question G times): good search and
-# answer; good search, wrong answer; bad search, right answer; no search at all. R^T and R^O disagree within a
-# group, so MT-GRPO's two turns get different advantages.
-SCRIPTS = [[call("Dracula novel author"), answer("Bram Stoker")], [call("Dracula novel author"), answer("Paris")],
-           [call("Everest"), answer("Bram Stoker")], [answer("I do not know")],
-           [call("Paris capital France Seine"), answer("Seine")], [call("Paris capital France Seine"), answer("Rhine")],
-           [call("Dracula"), answer("the Seine")], [answer("Seine")]]
+QUESTIONS, SCRIPTS = TRL_QUESTIONS, TRL_SCRIPTS  # per episode, in the order TRL asks for them (question-major)
 
 
 def trl_args(tmp_path, **overrides):

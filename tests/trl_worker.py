@@ -29,31 +29,17 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 import torch  # noqa: E402
 
 import env  # noqa: E402
-from helpers import FakeSearcher  # noqa: E402
+from helpers import TRL_QUESTIONS, TRL_SCRIPTS, FakeSearcher  # noqa: E402
+from helpers import answer_turn as answer  # noqa: E402
+from helpers import search_turn as call  # noqa: E402
 from policy import ScriptedPolicy  # noqa: E402
 
 G = 4
-QUESTIONS = [{"prompt": "Who wrote Dracula?", "aliases": ["Bram Stoker"]},
-             {"prompt": "Which river runs through Paris?", "aliases": ["Seine", "the Seine"]},
-             {"prompt": "What is Earth's highest mountain?", "aliases": ["Mount Everest", "Everest"]}]
-
-
-def call(query):
-    return f"<reasoning>I will search.</reasoning>\n<tool>{env.tool_command(query)}</tool>"
-
-
-def answer(text):
-    return f"<reasoning>So.</reasoning>\n<answer>{text}</answer>"
-
-
+QUESTIONS = TRL_QUESTIONS + [{"prompt": "What is Earth's highest mountain?", "aliases": ["Mount Everest", "Everest"]}]
 # One script per global row, question-major (rows 4-7 are the second question's group): R^T and R^O vary
 # within every group, so normalising half a group would give other advantages than the whole one
-SCRIPTS = [[call("Dracula novel author"), answer("Bram Stoker")], [call("Dracula"), answer("Paris")],
-           [call("Everest"), answer("Bram Stoker")], [answer("I do not know")],
-           [call("Paris capital France Seine"), answer("Seine")], [call("Paris capital France Seine"), answer("Rhine")],
-           [call("Dracula"), answer("the Seine")], [answer("Seine")],
-           [call("Mount Everest highest"), answer("Everest")], [call("weather"), answer("K2")],
-           [call("Mount Everest"), answer("no idea")], ["I will not use the tool", answer("Everest")]]
+SCRIPTS = TRL_SCRIPTS + [[call("Mount Everest highest"), answer("Everest")], [call("weather"), answer("K2")],
+                         [call("Mount Everest"), answer("no idea")], ["I will not use the tool", answer("Everest")]]
 
 
 def trl_args(out: Path, per_device: int, **overrides):
