@@ -20,6 +20,7 @@ update, and the critic's fit for MT-PPO), and the ratios MT-PPO / MT-GRPO.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import statistics
 import sys
@@ -72,7 +73,9 @@ def main(argv=None) -> int:
         return statistics.mean(x[key] for x in runs[m])
 
     model = args.model or "SmolLM2-135M-Instruct"
-    lines = [f"bench_critic: the CPU default run ({model}, demo world, no warm start), {args.steps} steps "
+    command = "python bench/bench_critic.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    lines = [f"{command}  ({datetime.date.today()})",
+             f"bench_critic: the CPU default run ({model}, demo world, no warm start), {args.steps} steps "
              f"a process, {args.threads} threads; {args.rounds} fresh processes per method, alternating",
              "| method | peak RSS GB (mean) | s/step (median, mean over processes) | update s (incl. the critic's fit) |",
              "|---|---|---|---|"]
