@@ -475,7 +475,7 @@ def build_instrument(args, paths: dict) -> Path:
 
 def episode(args, part: Part) -> dict:
     """The part's episode (config.Config fields) at this run's sampling: --temperature and --top-k (default 1 and
-    0, the instrument's design since it was built; the seed's 0.9 and top-k 50 with --seed-sampling)."""
+    0, the instrument's design since it was built; the seed's: --temperature 0.9 --top-k 50)."""
     return {**part.env, "temperature": args.temperature, "top_k": args.top_k}
 
 
@@ -916,8 +916,7 @@ def stratified_mde(diffs: dict) -> float:
     per_build = [d for d in diffs.values() if len(d) > 1]
     if not per_build:
         return math.nan
-    var = [sum((x - sum(d) / len(d)) ** 2 for x in d) / (len(d) - 1) / len(d) for d in per_build]
-    return 2.8 * math.sqrt(sum(var)) / len(per_build)
+    return math.sqrt(sum(mde(d) ** 2 for d in per_build)) / len(per_build)  # mde(d) = 2.8 x build d's standard error
 
 
 def builds_report(args, part: Part, chosen: list) -> str:

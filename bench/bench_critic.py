@@ -45,8 +45,7 @@ def worker(args) -> dict:
         rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
     return {"method": args.worker, "peak_gb": rows[-1]["peak_rss_gb"],
             "step_seconds": statistics.median(r["step_seconds"] for r in rows),
-            "update_seconds": statistics.median(r["update_seconds"] for r in rows),
-            "explained_variance": rows[-1].get("critic/explained_variance")}
+            "update_seconds": statistics.median(r["update_seconds"] for r in rows)}
 
 
 def main(argv=None) -> int:
